@@ -1,0 +1,57 @@
+"""Input and config validation shared by the models: clear errors at trace time, never at run time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+
+def check_config(name: str, hidden_size: int, num_heads: int, depth: int, patch_size: int) -> None:
+    if hidden_size % num_heads:
+        raise ValueError(f"{name}: hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    if depth < 1 or patch_size < 1:
+        raise ValueError(f"{name}: depth and patch_size must be >= 1, got {depth} and {patch_size}")
+    if hidden_size % 4:
+        raise ValueError(f"{name}: hidden_size must be divisible by 4 (2-D sin-cos positions)")
+
+
+def check_latents(name: str, x: Any, in_channels: int, patch_size: int) -> tuple[int, int]:
+    """Latents must be NHWC with ``in_channels`` channels and a side the patch size divides."""
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != 4:
+        raise ValueError(
+            f"{name}: x must be NHWC latents of shape (B, H, W, {in_channels}), got shape {shape}"
+        )
+    _, h, w, c = shape
+    if c != in_channels:
+        raise ValueError(
+            f"{name}: x must have {in_channels} channels in the last axis (NHWC), got shape {shape}"
+        )
+    if h % patch_size or w % patch_size:
+        raise ValueError(
+            f"{name}: latent height and width must be multiples of patch_size {patch_size}, "
+            f"got {h}x{w}"
+        )
+    return h // patch_size, w // patch_size
+
+
+def check_vector(name: str, arg: str, v: Any, shape: tuple[int, ...], integer: bool = False) -> None:
+    got = tuple(getattr(v, "shape", ()))
+    if got != shape:
+        raise ValueError(f"{name}: {arg} must have shape {shape}, got {got}")
+    if integer and not jnp.issubdtype(v.dtype, jnp.integer):
+        raise ValueError(f"{name}: {arg} must be integer class ids, got dtype {v.dtype}")
+
+
+def check_context(
+    name: str, context: Any, mask: Any, batch: int, caption_channels: int
+) -> None:
+    shape = tuple(getattr(context, "shape", ()))
+    if len(shape) != 3 or shape[0] != batch or shape[2] != caption_channels:
+        raise ValueError(
+            f"{name}: context must be text features of shape ({batch}, L, {caption_channels}), "
+            f"got {shape}"
+        )
+    if mask is not None:
+        check_vector(name, "context_mask", mask, (batch, shape[1]))

@@ -1,0 +1,194 @@
+"""PixArt-α and PixArt-Σ: text-conditioned DiTs with adaLN-single and cross-attention.
+
+One module covers both: α-1024 adds micro-conditions (image size and aspect ratio); Σ uses
+300-token captions and optionally compresses self-attention keys/values in chosen blocks
+(``kv_compress``), with optional QK-norm. Weight names and quirks: ``docs/models.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jdit.models.checks import check_config, check_context, check_latents, check_vector
+from jdit.nn.attention import KV_COMPRESS_MODES, CrossAttention, SelfAttention
+from jdit.nn.embeddings import PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
+from jdit.nn.layers import Array, DType, Mlp, layer_norm, modulate, normal, zeros
+from jdit.nn.modulation import AdaLNModulation, FinalLayer, scale_shift_table
+from jdit.nn.stack import run_blocks
+
+
+class PixArtBlock(nn.Module):
+    """Self-attention, cross-attention (no norm, no gate: a PixArt quirk) and MLP."""
+
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float
+    grid_hw: tuple[int, int]
+    kv_compress: str | None = None
+    kv_compress_ratio: int = 1
+    qk_norm: bool = False
+    attention_impl: str = "xla"
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    precision: jax.lax.Precision | None = None
+
+    @nn.compact
+    def __call__(
+        self, x: Array, context: Array, context_mask: Array | None, t0: Array
+    ) -> tuple[Array, None]:
+        d, dt = self.hidden_size, self.dtype
+        common = dict(dtype=dt, param_dtype=self.param_dtype, precision=self.precision)
+        mods = scale_shift_table(self, 6, d, self.param_dtype)[None] + t0
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            mods[:, i : i + 1] for i in range(6)
+        )
+        h = modulate(layer_norm(x, 1e-6), shift_msa, scale_msa).astype(dt)
+        h = SelfAttention(
+            self.num_heads, d // self.num_heads, qk_norm=self.qk_norm,
+            kv_compress=self.kv_compress, kv_compress_ratio=self.kv_compress_ratio,
+            grid_hw=self.grid_hw, attention_impl=self.attention_impl, name="attn", **common,
+        )(h)
+        x = x + gate_msa * h.astype(jnp.float32)
+        h = CrossAttention(
+            self.num_heads, d // self.num_heads, out_init=zeros,
+            attention_impl=self.attention_impl, name="cross_attn", **common,
+        )(x.astype(dt), context, context_mask)
+        x = x + h.astype(jnp.float32)
+        h = modulate(layer_norm(x, 1e-6), shift_mlp, scale_mlp).astype(dt)
+        h = Mlp(int(d * self.mlp_ratio), d, name="mlp", **common)(h)
+        return x + gate_mlp * h.astype(jnp.float32), None
+
+
+class PixArt(nn.Module):
+    """PixArt-α / Σ transformer. ``apply(vars, x, t, context=c, context_mask=m)``.
+
+    x: (B, H, W, in_channels) NHWC latents; t: (B,) DDPM timesteps (may be fractional);
+    context: (B, L, caption_channels) text features; context_mask: (B, L), 1 keeps a token.
+    With ``micro_condition``: resolution (B, 2) as [height, width] in pixels and
+    aspect_ratio (B, 1). Returns (B, H, W, out_channels) float32; with ``learn_sigma`` the
+    first ``in_channels`` channels are ε and the rest the variance interpolation v.
+    """
+
+    input_size: int = 128  # latent side at the training resolution: base_size = input_size // p
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    caption_channels: int = 4096
+    learn_sigma: bool = True
+    pe_interpolation: float = 1.0
+    micro_condition: bool = False
+    kv_compress: str | None = None  # "conv" | "ave" | "uniform" | "uniform_every"
+    kv_compress_ratio: int = 2
+    kv_compress_layers: tuple[int, ...] = ()
+    qk_norm: bool = False
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+    dtype: DType = jnp.float32  # compute dtype; softmax, norms and conditioning stay float32
+    param_dtype: DType = jnp.float32
+    precision: jax.lax.Precision | None = None
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    def per_layer(self) -> list[dict[str, Any]]:
+        """Block settings that vary with depth (the KV-compression ratio)."""
+        layers = set(self.kv_compress_layers) if self.kv_compress else set()
+        return [
+            {"kv_compress_ratio": self.kv_compress_ratio if i in layers else 1}
+            for i in range(self.depth)
+        ]
+
+    def example_inputs(self, batch: int = 1, caption_length: int = 8) -> dict[str, Array]:
+        """Zero inputs of the training shape, for ``init`` and ``jax.eval_shape``."""
+        s = self.input_size
+        inputs = dict(
+            x=jnp.zeros((batch, s, s, self.in_channels)),
+            t=jnp.zeros((batch,)),
+            context=jnp.zeros((batch, caption_length, self.caption_channels)),
+            context_mask=jnp.ones((batch, caption_length), jnp.int32),
+        )
+        if self.micro_condition:
+            inputs["resolution"] = jnp.full((batch, 2), 8.0 * s)
+            inputs["aspect_ratio"] = jnp.ones((batch, 1))
+        return inputs
+
+    def check_config(self) -> None:
+        check_config("PixArt", self.hidden_size, self.num_heads, self.depth, self.patch_size)
+        if self.micro_condition and self.hidden_size % 3:
+            raise ValueError("PixArt: micro_condition needs hidden_size divisible by 3")
+        if self.kv_compress is not None:
+            if self.kv_compress not in KV_COMPRESS_MODES:
+                raise ValueError(
+                    f"PixArt: kv_compress must be None or one of {KV_COMPRESS_MODES}, "
+                    f"got {self.kv_compress!r}"
+                )
+            bad = [i for i in self.kv_compress_layers if not 0 <= i < self.depth]
+            if bad or self.kv_compress_ratio < 1:
+                raise ValueError(
+                    f"PixArt: kv_compress_layers must lie in [0, {self.depth}) and the ratio be "
+                    f">= 1, got layers {bad} and ratio {self.kv_compress_ratio}"
+                )
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        t: Array,
+        context: Array,
+        context_mask: Array | None = None,
+        resolution: Array | None = None,
+        aspect_ratio: Array | None = None,
+    ) -> Array:
+        self.check_config()
+        grid = check_latents("PixArt", x, self.in_channels, self.patch_size)
+        b = x.shape[0]
+        check_vector("PixArt", "t", t, (b,))
+        check_context("PixArt", context, context_mask, b, self.caption_channels)
+        if self.micro_condition:
+            if resolution is None or aspect_ratio is None:
+                raise ValueError("PixArt: this model needs resolution (B, 2) and aspect_ratio (B, 1)")
+            check_vector("PixArt", "resolution", resolution, (b, 2))
+            check_vector("PixArt", "aspect_ratio", aspect_ratio, (b, 1))
+        elif resolution is not None or aspect_ratio is not None:
+            raise ValueError("PixArt: resolution/aspect_ratio given but micro_condition is False")
+
+        d, p = self.hidden_size, self.patch_size
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        cond = dict(param_dtype=self.param_dtype, precision=self.precision)
+
+        tokens = PatchEmbed(d, p, name="patch_embed", **common)(x).astype(jnp.float32)
+        tokens = tokens + sincos_pos_embed_2d(d, grid, self.input_size // p, self.pe_interpolation)
+
+        temb = TimestepEmbedder(d, name="t_embedder", **cond)(t)
+        if self.micro_condition:
+            size = TimestepEmbedder(d // 3, out_axis=None, name="resolution_embedder", **cond)
+            ratio = TimestepEmbedder(d // 3, out_axis=None, name="aspect_ratio_embedder", **cond)
+            temb = temb + jnp.concatenate([size(resolution), ratio(aspect_ratio)], axis=-1)
+        t0 = AdaLNModulation(6, d, kernel_init=normal(0.02), name="t_block", **cond)(temb)
+
+        y = Mlp(
+            d, d, in_axis="caption", fc1_init=normal(0.02), fc2_init=normal(0.02),
+            name="caption_projection", **common,
+        )(context)
+
+        shared = dict(
+            hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, grid_hw=grid,
+            kv_compress=self.kv_compress, qk_norm=self.qk_norm,
+            attention_impl=self.attention_impl, **common,
+        )
+        h = run_blocks(
+            PixArtBlock, self.per_layer(), shared, tokens, y, context_mask, t0,
+            scan=self.scan_layers, remat=self.remat_policy,
+        )
+        out = FinalLayer(d, p * p * self.out_channels, "adaln_single", name="final_layer",
+                         **common)(h, temb)
+        return unpatchify(out.astype(jnp.float32), grid, p, self.out_channels)

@@ -1,0 +1,35 @@
+"""Shared layers: the building blocks every jdit model is composed from."""
+
+from jdit.nn.attention import (
+    ATTENTION_IMPLS,
+    KV_COMPRESS_MODES,
+    CrossAttention,
+    KVCompress,
+    SelfAttention,
+    compressed_length,
+    dot_product_attention,
+    register_attention_impl,
+    xla_attention,
+)
+from jdit.nn.embeddings import (
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    sincos_pos_embed_2d,
+    sincos_pos_embed_factors,
+    timestep_sinusoid,
+    unpatchify,
+)
+from jdit.nn.layers import LOGICAL_AXES, AffineLayerNorm, Dense, Mlp, layer_norm, modulate
+from jdit.nn.modulation import AdaLNModulation, FinalLayer, scale_shift_table
+from jdit.nn.stack import REMAT_POLICIES, run_blocks, stack_params, unstack_params
+
+__all__ = [
+    "ATTENTION_IMPLS", "KV_COMPRESS_MODES", "LOGICAL_AXES", "REMAT_POLICIES",
+    "AdaLNModulation", "AffineLayerNorm", "CrossAttention", "Dense", "FinalLayer", "KVCompress",
+    "LabelEmbedder", "Mlp", "PatchEmbed", "SelfAttention", "TimestepEmbedder",
+    "compressed_length", "dot_product_attention", "layer_norm", "modulate",
+    "register_attention_impl", "run_blocks", "scale_shift_table", "sincos_pos_embed_2d",
+    "sincos_pos_embed_factors", "stack_params", "timestep_sinusoid", "unpatchify",
+    "unstack_params", "xla_attention",
+]

@@ -1,0 +1,216 @@
+"""Multi-head self- and cross-attention, key masks, and PixArt-Σ KV token compression.
+
+Attention itself is dispatched by name (``attention_impl``) through :data:`ATTENTION_IMPLS`, so a
+Pallas kernel can be registered later under the same signature without touching the models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jdit.nn.layers import AffineLayerNorm, Array, Dense, DType, Initializer, xavier_uniform
+
+# fn(q, k, v, kv_mask, precision) -> out. q (B, Lq, H, D); k, v (B, Lkv, H, D); kv_mask (B, Lkv).
+AttentionFn = Callable[[Array, Array, Array, Array | None, jax.lax.Precision | None], Array]
+
+
+def xla_attention(
+    q: Array, k: Array, v: Array, kv_mask: Array | None = None,
+    precision: jax.lax.Precision | None = None,
+) -> Array:
+    """Softmax attention in plain XLA; logits and softmax in float32.
+
+    Masked keys get the most negative float32 logit, so a row whose keys are all masked
+    attends uniformly instead of producing NaN.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum(
+        "bqhd,bkhd->bhqk", q, k, precision=precision, preferred_element_type=jnp.float32
+    ) * scale
+    if kv_mask is not None:
+        logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=precision)
+
+
+ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": xla_attention}
+
+
+def register_attention_impl(name: str, fn: AttentionFn) -> None:
+    """Make ``attention_impl=name`` available to every model (e.g. a Pallas kernel)."""
+    ATTENTION_IMPLS[name] = fn
+
+
+def dot_product_attention(
+    q: Array, k: Array, v: Array, kv_mask: Array | None = None, *,
+    impl: str = "xla", precision: jax.lax.Precision | None = None,
+) -> Array:
+    """Scaled dot-product attention; ``kv_mask`` (B, Lkv) is True/1 for keys to keep."""
+    try:
+        fn = ATTENTION_IMPLS[impl]
+    except KeyError:
+        raise ValueError(
+            f"unknown attention_impl {impl!r}; available: {sorted(ATTENTION_IMPLS)}"
+        ) from None
+    if kv_mask is not None:
+        kv_mask = kv_mask.astype(bool)
+    return fn(q, k, v, kv_mask, precision)
+
+
+KV_COMPRESS_MODES = ("conv", "ave", "uniform", "uniform_every")
+
+
+def compressed_length(mode: str, ratio: int, grid_hw: tuple[int, int]) -> int:
+    """Number of key/value tokens left after compression; raises where the official code fails."""
+    h, w = grid_hw
+    if mode not in KV_COMPRESS_MODES:
+        raise ValueError(f"unknown kv_compress mode {mode!r}; expected one of {KV_COMPRESS_MODES}")
+    if ratio == 1:
+        return h * w
+    if mode == "uniform_every":
+        if (h * w) % ratio:
+            raise ValueError(f"kv_compress 'uniform_every' needs h*w={h * w} divisible by {ratio}")
+        return h * w // ratio
+    if mode == "uniform" and (h % ratio or w % ratio):
+        raise ValueError(f"kv_compress 'uniform' needs the token grid {grid_hw} divisible by {ratio}")
+    # 'conv' (stride = kernel) and 'ave' (nearest resize) drop a remainder row/column.
+    return (h // ratio) * (w // ratio)
+
+
+class KVCompress(nn.Module):
+    """PixArt-Σ KV token compression, applied with the same parameters to K and to V.
+
+    ``conv``: depthwise ``ratio×ratio`` convolution with stride ``ratio`` and bias, initialised as
+    an average pool, then an affine LayerNorm (eps 1e-5). The parameter-free modes of the official
+    code: ``ave`` (nearest-neighbour downsampling, despite the name), ``uniform`` (strided 2-D
+    slice) and ``uniform_every`` (every ``ratio``-th token of the flattened sequence).
+    """
+
+    mode: str
+    ratio: int
+    grid_hw: tuple[int, int]
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, k: Array, v: Array) -> tuple[Array, Array]:
+        compressed_length(self.mode, self.ratio, self.grid_hw)  # validates the grid
+        if self.mode == "conv":
+            d = k.shape[-1]
+            r = self.ratio
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(
+                    nn.initializers.constant(1.0 / r**2), (None, None, "embed")
+                ),
+                (r, r, d),
+                self.param_dtype,
+            )
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+                (d,),
+                self.param_dtype,
+            )
+            norm = AffineLayerNorm(eps=1e-5, param_dtype=self.param_dtype, name="norm")
+
+            def compress(x: Array) -> Array:
+                y = self._depthwise_conv(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
+                return norm(y)
+
+        else:
+            compress = self._subsample
+        return compress(k), compress(v)
+
+    def _grid(self, x: Array) -> Array:
+        h, w = self.grid_hw
+        r = self.ratio
+        x = x.reshape(x.shape[0], h, w, x.shape[-1])
+        return x[:, : h // r * r, : w // r * r]
+
+    def _depthwise_conv(self, x: Array, kernel: Array) -> Array:
+        b, d = x.shape[0], x.shape[-1]
+        r = self.ratio
+        g = self._grid(x)
+        hh, ww = g.shape[1] // r, g.shape[2] // r
+        g = g.reshape(b, hh, r, ww, r, d)
+        return jnp.einsum("bhpwqd,pqd->bhwd", g, kernel).reshape(b, hh * ww, d)
+
+    def _subsample(self, x: Array) -> Array:
+        b, d = x.shape[0], x.shape[-1]
+        r = self.ratio
+        if self.mode == "uniform_every":
+            return x[:, ::r]
+        g = self._grid(x)[:, ::r, ::r]
+        return g.reshape(b, -1, d)
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with a fused QKV projection, optional QK-norm and KV compression.
+
+    QK-norm (PixArt-Σ option) is an affine LayerNorm (eps 1e-5) over the full width of q and k,
+    before splitting heads and before compression, as in the official ``AttentionKVCompress``.
+    """
+
+    num_heads: int
+    head_dim: int
+    qk_norm: bool = False
+    kv_compress: str | None = None
+    kv_compress_ratio: int = 1
+    grid_hw: tuple[int, int] | None = None
+    attention_impl: str = "xla"
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    precision: jax.lax.Precision | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, n, width = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        qkv = Dense((3, heads, hd), ("embed",), (None, "heads", "kv"), name="qkv", **common)(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.qk_norm:
+            q = AffineLayerNorm(1e-5, self.param_dtype, name="q_norm")(q.reshape(b, n, -1))
+            k = AffineLayerNorm(1e-5, self.param_dtype, name="k_norm")(k.reshape(b, n, -1))
+            q, k = q.reshape(b, n, heads, hd), k.reshape(b, n, heads, hd)
+        if self.kv_compress is not None and self.kv_compress_ratio > 1:
+            if self.grid_hw is None:
+                raise ValueError("KV compression needs the token grid (grid_hw)")
+            k, v = KVCompress(
+                self.kv_compress, self.kv_compress_ratio, self.grid_hw, self.param_dtype,
+                name="kv_compress",
+            )(k.reshape(b, n, -1), v.reshape(b, n, -1))
+            k, v = k.reshape(b, -1, heads, hd), v.reshape(b, -1, heads, hd)
+        o = dot_product_attention(q, k, v, impl=self.attention_impl, precision=self.precision)
+        return Dense(width, ("heads", "kv"), ("embed",), name="out", **common)(o)
+
+
+class CrossAttention(nn.Module):
+    """Attention from image tokens to caption tokens, padded caption tokens masked out."""
+
+    num_heads: int
+    head_dim: int
+    out_init: Initializer = xavier_uniform
+    attention_impl: str = "xla"
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    precision: jax.lax.Precision | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array, context_mask: Array | None) -> Array:
+        width = x.shape[-1]
+        heads, hd = self.num_heads, self.head_dim
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        q = Dense((heads, hd), ("embed",), ("heads", "kv"), name="q", **common)(x)
+        kv = Dense((2, heads, hd), ("embed",), (None, "heads", "kv"), name="kv", **common)(context)
+        o = dot_product_attention(
+            q, kv[:, :, 0], kv[:, :, 1], context_mask,
+            impl=self.attention_impl, precision=self.precision,
+        )
+        return Dense(
+            width, ("heads", "kv"), ("embed",), kernel_init=self.out_init, name="out", **common
+        )(o)

@@ -1,0 +1,162 @@
+"""Dense projections and norms with logical axis names on every parameter.
+
+Every parameter is created through :func:`flax.linen.with_logical_partitioning`, so a model can
+be sharded by a rule table (``jdit.parallel``, a later issue) without touching model code. The
+logical names used across jdit are listed in :data:`LOGICAL_AXES`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Array = jax.Array
+DType = Any
+Initializer = Callable[..., Array]
+
+# Logical axis names. A rule table maps each one to mesh axes (or to None: replicated).
+LOGICAL_AXES: dict[str, str] = {
+    "embed": "the model width D (residual stream)",
+    "mlp": "hidden width of MLPs and of the conditioning embedders",
+    "heads": "attention heads",
+    "kv": "per-head feature dimension",
+    "modulation": "the n*D output of adaLN modulation layers",
+    "caption": "input width of caption features (e.g. 4096 for T5-XXL)",
+    "classes": "rows of a class-label embedding table",
+    "layers": "the stacked layer axis of scanned blocks",
+}
+
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+ones = nn.initializers.ones_init()
+
+
+def normal(stddev: float) -> Initializer:
+    return nn.initializers.normal(stddev=stddev)
+
+
+def scaled_randn(scale: float) -> Initializer:
+    """Standard normal times ``scale`` (PixArt's ``randn(n, D) / sqrt(D)`` tables)."""
+
+    def init(key: Array, shape: Sequence[int], dtype: DType = jnp.float32) -> Array:
+        return jax.random.normal(key, shape, dtype) * scale
+
+    return init
+
+
+class Dense(nn.Module):
+    """``y = x · kernel + bias`` contracting the last ``len(in_axes)`` input dims.
+
+    ``features`` is the output shape (an int or a tuple, e.g. ``(3, heads, head_dim)`` for a fused
+    QKV projection); the kernel has shape ``input_dims + features`` and the logical names
+    ``in_axes + out_axes``. The initializer sees the flattened ``(fan_in, fan_out)`` shape, so
+    Xavier bounds match a PyTorch ``nn.Linear`` of the same fused size.
+    """
+
+    features: int | tuple[int, ...]
+    in_axes: tuple[str | None, ...]
+    out_axes: tuple[str | None, ...]
+    use_bias: bool = True
+    kernel_init: Initializer = xavier_uniform
+    bias_init: Initializer = zeros
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    precision: jax.lax.Precision | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        if len(features) != len(self.out_axes):
+            raise ValueError(f"{self.name}: features {features} need {len(features)} out_axes")
+        n_in = len(self.in_axes)
+        in_shape = tuple(x.shape[-n_in:])
+        fan_in, fan_out = math.prod(in_shape), math.prod(features)
+
+        def kernel_init(key: Array, shape: Sequence[int], dtype: DType = jnp.float32) -> Array:
+            return self.kernel_init(key, (fan_in, fan_out), dtype).reshape(shape)
+
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(kernel_init, self.in_axes + self.out_axes),
+            in_shape + features,
+            self.param_dtype,
+        )
+        x = x.astype(self.dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(
+            x, kernel.astype(self.dtype), (contract, ((), ())), precision=self.precision
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(self.bias_init, self.out_axes),
+                features,
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def layer_norm(x: Array, eps: float) -> Array:
+    """Parameter-free LayerNorm over the last axis, computed and returned in float32."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+class AffineLayerNorm(nn.Module):
+    """LayerNorm with a learned scale and bias (PyTorch ``nn.LayerNorm`` default eps 1e-5)."""
+
+    eps: float = 1e-5
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(ones, ("embed",)), (d,), self.param_dtype
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(zeros, ("embed",)), (d,), self.param_dtype
+        )
+        y = layer_norm(x, self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+    """adaLN modulation ``x * (1 + scale) + shift`` (shift/scale broadcast over tokens)."""
+    return x * (1.0 + scale) + shift
+
+
+class Mlp(nn.Module):
+    """``fc2(gelu_tanh(fc1(x)))``: the transformer MLP and PixArt's caption projection."""
+
+    hidden_features: int
+    out_features: int
+    in_axis: str | None = "embed"
+    hidden_axis: str | None = "mlp"
+    out_axis: str | None = "embed"
+    fc1_init: Initializer = xavier_uniform
+    fc2_init: Initializer = xavier_uniform
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    precision: jax.lax.Precision | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        h = Dense(
+            self.hidden_features, (self.in_axis,), (self.hidden_axis,),
+            kernel_init=self.fc1_init, name="fc1", **common,
+        )(x)
+        h = jax.nn.gelu(h, approximate=True)
+        return Dense(
+            self.out_features, (self.hidden_axis,), (self.out_axis,),
+            kernel_init=self.fc2_init, name="fc2", **common,
+        )(h)

@@ -1,0 +1,118 @@
+"""Read and write safetensors files (single or sharded) as numpy arrays, bfloat16 included.
+
+The format is an 8-byte little-endian header length, a JSON header mapping names to
+``{dtype, shape, data_offsets}``, then the raw little-endian data. Reading memory-maps the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of one ``.safetensors`` file (read-only views of a memory map)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ValueError(f"{path}: not a safetensors file (too short)")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    n = int.from_bytes(buf[:8], "little")
+    if n > size - 8:
+        raise ValueError(f"{path}: corrupt safetensors header length {n}")
+    try:
+        header = json.loads(bytes(buf[8 : 8 + n]))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    data_start, data_len = 8 + n, size - 8 - n
+    out: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        shape = tuple(int(s) for s in info["shape"])
+        begin, end = (int(o) for o in info["data_offsets"])
+        if not 0 <= begin <= end <= data_len or end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name!r} has inconsistent data offsets")
+        out[name] = np.frombuffer(
+            buf, dtype=dtype, count=math.prod(shape), offset=data_start + begin
+        ).reshape(shape)
+    return out
+
+
+def read_safetensors_folder(folder: str | Path, stem: str) -> dict[str, np.ndarray]:
+    """``{stem}.safetensors`` or the shards listed in ``{stem}.safetensors.index.json``."""
+    folder = Path(folder)
+    single = folder / f"{stem}.safetensors"
+    index = folder / f"{stem}.safetensors.index.json"
+    if single.exists():
+        return read_safetensors(single)
+    if not index.exists():
+        raise FileNotFoundError(f"{folder}: neither {single.name} nor {index.name} exists")
+    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    out: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors = read_safetensors(folder / shard)
+        out.update({k: v for k, v in tensors.items() if weight_map.get(k) == shard})
+    missing = sorted(set(weight_map) - set(out))
+    if missing:
+        raise ValueError(f"{index}: tensors listed in the index but absent from shards: {missing}")
+    return out
+
+
+def write_safetensors(
+    path: str | Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write atomically: a temporary file in the same folder, then an atomic rename."""
+    path = Path(path)
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    arrays = []
+    offset = 0
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        if arr.dtype not in _NAMES:
+            little = arr.dtype.newbyteorder("<")
+            if little not in _NAMES:
+                raise ValueError(f"cannot store {name!r} of dtype {arr.dtype} in safetensors")
+            arr = arr.astype(little)
+        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        arrays.append(arr)
+        offset += arr.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for arr in arrays:
+                f.write(arr.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

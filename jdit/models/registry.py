@@ -57,12 +57,26 @@ def _family(family: str) -> type[nn.Module]:
 
 
 def preset(name: str) -> ml_collections.ConfigDict:
-    """A published architecture as a ConfigDict (``family`` plus the model's fields)."""
+    """A published architecture as a ConfigDict: ``family`` plus every model field.
+
+    Fields the preset does not set carry the family's defaults, so a config can override any
+    of them; dtypes are given by name.
+    """
     try:
-        fields = PRESETS[name]
+        fields = dict(PRESETS[name])
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}") from None
-    return ml_collections.ConfigDict(dict(fields))
+    family = fields.pop("family")
+    full: dict[str, Any] = {"family": family}
+    for f in dataclasses.fields(_family(family)):
+        if f.name in ("parent", "name", "precision"):
+            continue
+        value = fields.pop(f.name, f.default)
+        if f.name in ("dtype", "param_dtype"):
+            value = jnp.dtype(value).name
+        full[f.name] = value
+    assert not fields, f"preset {name} sets unknown fields {sorted(fields)}"
+    return ml_collections.ConfigDict(full)
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

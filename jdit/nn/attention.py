@@ -22,19 +22,26 @@ def xla_attention(
     q: Array, k: Array, v: Array, kv_mask: Array | None = None,
     precision: jax.lax.Precision | None = None,
 ) -> Array:
-    """Softmax attention in plain XLA; logits and softmax in float32.
+    """Softmax attention in plain XLA; logits, softmax and the normaliser in float32.
 
-    Masked keys get the most negative float32 logit, so a row whose keys are all masked
-    attends uniformly instead of producing NaN.
+    Works head-major (B, H, L, D) so both products are plain batched matmuls, and divides the
+    (L, D) output by the softmax denominator instead of the (L, L) probabilities: several times
+    faster on CPU than the textbook einsum form, identical math. Masked keys get the most negative
+    float32 logit, so a row whose keys are all masked attends uniformly instead of giving NaN.
     """
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum(
-        "bqhd,bkhd->bhqk", q, k, precision=precision, preferred_element_type=jnp.float32
-    ) * scale
+    # Scaling q (L·D values) rather than the logits (L·L) keeps XLA from materialising a
+    # broadcast of the scale over the whole logit tensor.
+    qh = jnp.swapaxes(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), 1, 2)
+    kh, vh = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)
+    logits = jnp.matmul(qh, kh, precision=precision, preferred_element_type=jnp.float32)
     if kv_mask is not None:
         logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=precision)
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.exp(logits - peak)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.matmul(weights.astype(v.dtype), vh, precision=precision,
+                     preferred_element_type=jnp.float32) / denom
+    return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
 
 ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": xla_attention}

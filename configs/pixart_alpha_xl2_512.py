@@ -1,0 +1,15 @@
+"""PixArt-α XL/2 at 512 px (PixArt-XL-2-512x512)."""
+
+import ml_collections
+
+from jdit.models import preset
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = preset("pixart_alpha_xl2_512")
+    config.model.scan_layers = True  # one compiled block per segment: fast compiles at depth 28
+    config.resolution = 512  # pixels; latents are resolution // 8
+    config.caption_length = 120  # T5 tokens
+    config.latent_scale = 0.18215  # SD VAE (sd-vae-ft-ema) scaling factor
+    return config

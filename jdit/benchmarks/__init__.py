@@ -1,0 +1,1 @@
+"""Benchmarks behind ``jdit bench``; figures are recorded in BENCHMARKS.md."""

@@ -93,9 +93,18 @@ _REQUIRED_OFFICIAL = {
 }
 
 
+def _converting(sd: StateDict, convert: Converter) -> Callable[[nn.Module], Tree]:
+    def load(module: nn.Module) -> Tree:
+        tree = convert(sd, module)
+        sd.finish()
+        return tree
+
+    return load
+
+
 def _resolve(path: Path, state_dict_key: str | None, overrides: dict[str, Any]
-             ) -> tuple[str, dict[str, Any], StateDict | Tree, Converter | None]:
-    """``(family, fields, weights, converter)``; converter None means jdit-named parameters."""
+             ) -> tuple[str, dict[str, Any], Callable[[nn.Module], Tree]]:
+    """``(family, fields, load)``: ``load(module)`` returns the jdit-named parameter tree."""
     if path.is_dir():
         if (path / "model_index.json").exists():
             if not (path / "transformer").is_dir():
@@ -103,7 +112,7 @@ def _resolve(path: Path, state_dict_key: str | None, overrides: dict[str, Any]
             path = path / "transformer"
         if is_jdit_checkpoint(path):
             arch, params = read_checkpoint(path)
-            return arch.pop("family"), arch, params, None
+            return arch.pop("family"), arch, lambda module: params
         cfg_file = path / "config.json"
         if not cfg_file.exists():
             raise FileNotFoundError(f"{path}: no config.json (not a diffusers or jdit model folder)")
@@ -111,7 +120,7 @@ def _resolve(path: Path, state_dict_key: str | None, overrides: dict[str, Any]
         family = _diffusers_family(cfg, path)
         weights = dit_weights if family == "dit" else pixart_weights
         sd = StateDict(_read_diffusers_tensors(path), str(path))
-        return family, weights.config_from_diffusers(cfg), sd, weights.convert_diffusers
+        return family, weights.config_from_diffusers(cfg), _converting(sd, weights.convert_diffusers)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     if path.suffix == ".safetensors":
@@ -133,7 +142,7 @@ def _resolve(path: Path, state_dict_key: str | None, overrides: dict[str, Any]
             + ". Pass them to from_pretrained, e.g. from_pretrained(path, "
             + ", ".join(f"{k}=..." for k in missing) + ")"
         )
-    return family, fields, sd, weights.convert_official
+    return family, fields, _converting(sd, weights.convert_official)
 
 
 def from_pretrained(
@@ -154,14 +163,10 @@ def from_pretrained(
     ``.pth`` that holds the weights (default: ``state_dict``, ``ema``, ``model``, ``module``).
     """
     path = Path(path)
-    family, fields, weights, convert = _resolve(path, state_dict_key, overrides)
+    family, fields, load = _resolve(path, state_dict_key, overrides)
     module = registry.build(family, **{**fields, **overrides, "dtype": dtype,
                                        "param_dtype": param_dtype})
-    if convert is not None:
-        tree = convert(weights, module)
-        weights.finish()
-    else:
-        tree = weights
+    tree = load(module)
     check_tree(tree, param_shapes(module), str(path))
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype=param_dtype), tree)
     if module.scan_layers:

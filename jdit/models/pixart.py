@@ -169,7 +169,7 @@ class PixArt(nn.Module):
         tokens = tokens + sincos_pos_embed_2d(d, grid, self.input_size // p, self.pe_interpolation)
 
         temb = TimestepEmbedder(d, name="t_embedder", **cond)(t)
-        if self.micro_condition:
+        if resolution is not None and aspect_ratio is not None:  # micro-conditions (checked)
             size = TimestepEmbedder(d // 3, out_axis=None, name="resolution_embedder", **cond)
             ratio = TimestepEmbedder(d // 3, out_axis=None, name="aspect_ratio_embedder", **cond)
             temb = temb + jnp.concatenate([size(resolution), ratio(aspect_ratio)], axis=-1)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jdit.nn.layers import Array, Dense, DType, Initializer, Mlp, normal, xavier_uniform
+from jdit.nn.layers import Array, Dense, DType, Initializer, normal, xavier_uniform
 
 
 def timestep_sinusoid(

@@ -103,8 +103,9 @@ def config_from_official(sd: StateDict, num_heads: int | None = None) -> dict[st
         fields["num_heads"] = hidden // 72  # PixArt-XL: 1152 / 72 = 16 heads
     compressed = [i for i in range(depth) if f"blocks.{i}.attn.sr.weight" in sd]
     if compressed:
+        sr = sd.shape(f"blocks.{compressed[0]}.attn.sr.weight") or ()
         fields.update(kv_compress="conv", kv_compress_layers=tuple(compressed),
-                      kv_compress_ratio=sd.shape(f"blocks.{compressed[0]}.attn.sr.weight")[-1])
+                      kv_compress_ratio=sr[-1])
     pos = sd.shape("pos_embed")
     if pos is not None:
         grid = int(round(np.sqrt(pos[1])))

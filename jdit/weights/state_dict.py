@@ -70,12 +70,11 @@ class StateDict:
     def stacked_linears(self, prefixes: list[str], in_dim: int, out_shape: tuple[int, ...]) -> Tree | None:
         """Several ``nn.Linear`` (e.g. to_q, to_k, to_v) fused on a new axis after the input."""
         parts = [self.linear(p, (in_dim,), out_shape) for p in prefixes]
-        if any(p is None for p in parts):
+        kernels = [p["kernel"] for p in parts if p is not None]
+        biases = [p["bias"] for p in parts if p is not None]
+        if len(kernels) < len(parts):
             return None
-        return {
-            "kernel": np.stack([p["kernel"] for p in parts], axis=1),
-            "bias": np.stack([p["bias"] for p in parts], axis=0),
-        }
+        return {"kernel": np.stack(kernels, axis=1), "bias": np.stack(biases, axis=0)}
 
     def layer_norm(self, prefix: str, dim: int) -> Tree | None:
         scale = self.take(f"{prefix}.weight", (dim,))

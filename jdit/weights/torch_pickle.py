@@ -61,7 +61,7 @@ def _check_bounds(numel: int, offset: int, size: tuple[int, ...], stride: tuple[
         raise pickle.UnpicklingError(f"invalid tensor geometry {size} / {stride} / {offset}")
     if 0 in size:
         return
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if last >= numel:
         raise pickle.UnpicklingError(
             f"tensor view {size} stride {stride} offset {offset} exceeds storage of {numel}"

@@ -1,6 +1,6 @@
 """jdit: diffusion transformers in JAX/Flax."""
 
-from jdit import models, nn, weights
+from jdit import diffusion, models, nn, sampling, weights
 
 __version__ = "0.1.0"
-__all__ = ["models", "nn", "weights", "__version__"]
+__all__ = ["diffusion", "models", "nn", "sampling", "weights", "__version__"]

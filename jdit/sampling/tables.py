@@ -1,0 +1,69 @@
+"""Static sampling grids: the timesteps and σ of each solver, as its diffusers scheduler makes them.
+
+Everything here is numpy at trace time; the compiled loop only sees the resulting constants.
+Each function names the diffusers scheduler (default settings) whose discretisation it follows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jdit.diffusion.schedules import DDPMSchedule, FlowSchedule
+
+
+def leading_timesteps(num_train: int, num_steps: int, offset: int = 0) -> np.ndarray:
+    """``timestep_spacing="leading"`` (DDPMScheduler, DDIMScheduler): 0, k, 2k, ... reversed."""
+    ratio = num_train // num_steps
+    return (np.arange(num_steps) * ratio).round()[::-1].astype(np.int64) + offset
+
+
+def _interp_sigmas(schedule: DDPMSchedule, timesteps: np.ndarray) -> np.ndarray:
+    k = schedule.karras_sigmas
+    return np.interp(timesteps, np.arange(len(k)), k)
+
+
+def dpm_vp(schedule: DDPMSchedule, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """DPMSolverMultistepScheduler: integer timesteps (linspace spacing) and VE σ, final σ = 0."""
+    t = np.linspace(0, schedule.num_train_timesteps - 1, num_steps + 1).round()[::-1][:-1]
+    t = t.astype(np.int64)
+    sigmas = np.concatenate([_interp_sigmas(schedule, t), [0.0]]).astype(np.float32)
+    return t, sigmas
+
+
+def dpm_flow(flow: FlowSchedule, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift).
+
+    The model receives ``int(1000 σ)``: diffusers stores these timesteps as int64.
+    """
+    n_train = flow.num_train_timesteps
+    alphas = np.linspace(1, 1 / n_train, num_steps + 1)
+    sigmas = np.flip(flow.shift_sigma(1.0 - alphas))[:-1].copy()
+    t = (sigmas * n_train).astype(np.int64)
+    return t, np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+
+def karras_vp(schedule: DDPMSchedule, num_steps: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """EulerDiscreteScheduler / HeunDiscreteScheduler: float timesteps (linspace), VE σ.
+
+    Returns ``(timesteps, sigmas with a final 0, init_noise_sigma)``.
+    """
+    t = np.linspace(0, schedule.num_train_timesteps - 1, num_steps, dtype=np.float32)[::-1].copy()
+    sigmas = np.concatenate([_interp_sigmas(schedule, t), [0.0]]).astype(np.float32)
+    return t, sigmas, float(sigmas.max())
+
+
+def flow_match(flow: FlowSchedule, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """FlowMatchEulerDiscreteScheduler / FlowMatchHeunDiscreteScheduler: ``(1000 σ, σ + [0])``.
+
+    The grid runs from the largest to the smallest *training* σ, then is shifted; with a static
+    shift the smallest training σ is already shifted, so it is shifted twice (a diffusers quirk
+    kept for parity).
+    """
+    n_train = flow.num_train_timesteps
+    train = (np.linspace(1, n_train, n_train, dtype=np.float32)[::-1] / n_train).astype(np.float32)
+    if not flow.dynamic:
+        train = flow.shift_sigma(train).astype(np.float32)
+    sigma_max, sigma_min = float(train[0]), float(train[-1])
+    t = np.linspace(sigma_max * n_train, sigma_min * n_train, num_steps)
+    sigmas = flow.shift_sigma(t / n_train).astype(np.float32)
+    return sigmas * np.float32(n_train), np.concatenate([sigmas, [0.0]]).astype(np.float32)

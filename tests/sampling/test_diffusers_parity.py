@@ -1,0 +1,190 @@
+"""Every solver's trajectory against its diffusers scheduler, same schedule and step count.
+
+Both sides are driven by the same deterministic nonlinear model function, written once in jnp
+(NHWC) and once in torch (NCHW); stochastic solvers get the same noise.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, HeunDiscreteScheduler,
+)
+from diffusers.schedulers import scheduling_ddpm
+
+import jdit
+from jdit.diffusion import DDPMSchedule, FlowSchedule
+
+TOL = 1e-5
+C = 3
+MIX = np.random.default_rng(7).standard_normal((C, C)).astype(np.float32) * 0.8
+SHAPE = (2, 6, 5, C)
+DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction", "sample": "sample",
+                        "flow": "flow_prediction"}
+
+
+def jnp_model(x, t, learned_sigma=False, x0_prediction=False):
+    s = (t / 1000.0)[:, None, None, None]
+    h = jnp.einsum("bhwc,cd->bhwd", x, jnp.asarray(MIX))
+    out = jnp.tanh(h) * (0.5 + s) + 0.2 * jnp.sin(3.0 * s) * x
+    if x0_prediction:  # a plausible denoiser: x0 -> x as t -> 0
+        out = x + s * out
+    if learned_sigma:
+        out = jnp.concatenate([out, 0.9 * jnp.tanh(0.7 * x + s)], axis=-1)
+    return out
+
+
+def torch_model(x, t, learned_sigma=False, x0_prediction=False):
+    s = (t.float() / 1000.0)[:, None, None, None]
+    h = torch.einsum("bchw,cd->bdhw", x, torch.from_numpy(MIX))
+    out = torch.tanh(h) * (0.5 + s) + 0.2 * torch.sin(3.0 * s) * x
+    if x0_prediction:
+        out = x + s * out
+    if learned_sigma:
+        out = torch.cat([out, 0.9 * torch.tanh(0.7 * x + s)], dim=1)
+    return out
+
+
+def start_noise(seed=0):
+    return np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
+
+
+def to_torch(x):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def run_diffusers(scheduler, steps, learned_sigma=False, step_kwargs=None, set_kwargs=None):
+    scheduler.set_timesteps(steps, **(set_kwargs or {}))
+    x = to_torch(start_noise()) * getattr(scheduler, "init_noise_sigma", 1.0)
+    x0_prediction = getattr(scheduler.config, "prediction_type", None) in ("sample", "original_sample")
+    path = []
+    for i, t in enumerate(scheduler.timesteps):
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        out = torch_model(x_in, t.expand(SHAPE[0]), learned_sigma, x0_prediction)
+        kwargs = step_kwargs(i) if step_kwargs else {}
+        x = scheduler.step(out, t, x, **kwargs).prev_sample
+        path.append(x.permute(0, 2, 3, 1).numpy())
+    return path
+
+
+def run_jdit(solver, steps, schedule, prediction, learned_sigma=False, **kw):
+    model = jax.tree_util.Partial(jnp_model, learned_sigma=learned_sigma,
+                                  x0_prediction=prediction == "sample")
+    x, path = jdit.sampling.sample(model, jnp.asarray(start_noise()), solver=solver,
+                                   num_steps=steps, schedule=schedule, prediction=prediction,
+                                   trajectory=True, **kw)
+    return np.asarray(x), np.asarray(path)
+
+
+def assert_same_path(ours, theirs, final):
+    ours_path = [p for p in ours[1]]
+    if len(theirs) != len(ours_path):  # Heun: diffusers reports both half steps
+        theirs = theirs[1::2] + [theirs[-1]] if len(theirs) == 2 * len(ours_path) - 1 else theirs
+    assert len(theirs) == len(ours_path)
+    for i, (a, b) in enumerate(zip(ours_path, theirs, strict=True)):
+        err = np.max(np.abs(a - b)) / np.max(np.abs(b))
+        assert err <= TOL, f"step {i}: relative error {err:.2e}"
+    np.testing.assert_array_equal(ours[0], ours_path[-1])
+    assert final is None or np.max(np.abs(ours[0] - final)) / np.max(np.abs(final)) <= TOL
+
+
+SCHEDULES = {
+    "linear": (DDPMSchedule.linear(), dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)),
+    "scaled_linear": (DDPMSchedule.scaled_linear(),
+                      dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)),
+    "squaredcos_cap_v2": (DDPMSchedule.squaredcos_cap_v2(), dict(beta_schedule="squaredcos_cap_v2")),
+}
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "sample"])
+@pytest.mark.parametrize("order,steps", [(1, 10), (2, 10), (2, 25), (3, 12), (3, 25)])
+def test_dpm_solver_pp_vp(prediction, order, steps):
+    sched, cfg = SCHEDULES["linear"]
+    ref = run_diffusers(DPMSolverMultistepScheduler(
+        solver_order=order, prediction_type=DIFFUSERS_PREDICTION[prediction], **cfg), steps)
+    assert_same_path(run_jdit(f"dpm++{order}{'s' if order == 1 else 'm'}", steps, sched,
+                              prediction), ref, ref[-1])
+
+
+@pytest.mark.parametrize("name", ["scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("solver", ["dpm++2m", "euler", "heun", "ddim"])
+def test_other_beta_schedules(name, solver):
+    sched, cfg = SCHEDULES[name]
+    make = {"dpm++2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+            "heun": HeunDiscreteScheduler,
+            "ddim": lambda **c: DDIMScheduler(clip_sample=False, **c)}[solver]
+    ref = run_diffusers(make(**cfg), 15)
+    assert_same_path(run_jdit(solver, 15, sched, "epsilon"), ref, ref[-1])
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "sample"])
+@pytest.mark.parametrize("solver,make", [
+    ("euler", EulerDiscreteScheduler), ("heun", HeunDiscreteScheduler)])
+def test_karras_style_vp(prediction, solver, make):
+    sched, cfg = SCHEDULES["linear"]
+    name = DIFFUSERS_PREDICTION[prediction]
+    if solver == "euler" and prediction == "sample":
+        name = "original_sample"  # EulerDiscreteScheduler's name for x0-prediction
+    ref = run_diffusers(make(prediction_type=name, **cfg), 12)
+    assert_same_path(run_jdit(solver, 12, sched, prediction), ref, ref[-1])
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "sample"])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim(prediction, eta):
+    sched, cfg = SCHEDULES["linear"]
+    key = jax.random.key(3)
+    noises = [np.asarray(jax.random.normal(jax.random.fold_in(key, i), SHAPE)) for i in range(20)]
+    ref = run_diffusers(DDIMScheduler(clip_sample=False,
+                                      prediction_type=DIFFUSERS_PREDICTION[prediction], **cfg), 20,
+                        step_kwargs=lambda i: dict(eta=eta, variance_noise=to_torch(noises[i])))
+    assert_same_path(run_jdit("ddim", 20, sched, prediction, eta=eta, key=key), ref, ref[-1])
+
+
+@pytest.mark.parametrize("prediction,variance,learned", [
+    ("epsilon", "fixed_small", False), ("v", "fixed_small", False),
+    ("epsilon", "fixed_large", False), ("epsilon", "learned_range", True)])
+def test_ddpm_ancestral(monkeypatch, prediction, variance, learned):
+    sched, cfg = SCHEDULES["linear"]
+    key = jax.random.key(11)
+    steps = 25
+    noises = iter([to_torch(jax.random.normal(jax.random.fold_in(key, i), SHAPE))
+                   for i in range(steps)])
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, **k: next(noises))
+    ref = run_diffusers(DDPMScheduler(clip_sample=False, variance_type=variance,
+                                      prediction_type=DIFFUSERS_PREDICTION[prediction], **cfg),
+                        steps, learned_sigma=learned)
+    ours = run_jdit("ddpm", steps, sched, prediction, learned_sigma=learned, key=key,
+                    variance=variance)
+    assert_same_path(ours, ref, ref[-1])
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("solver,make", [
+    ("euler", lambda s: FlowMatchEulerDiscreteScheduler(shift=s)),
+    ("heun", lambda s: FlowMatchHeunDiscreteScheduler(shift=s)),
+    ("dpm++1s", lambda s: DPMSolverMultistepScheduler(
+        solver_order=1, use_flow_sigmas=True, flow_shift=s, prediction_type="flow_prediction")),
+    ("dpm++2m", lambda s: DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, flow_shift=s, prediction_type="flow_prediction")),
+    ("dpm++3m", lambda s: DPMSolverMultistepScheduler(
+        solver_order=3, use_flow_sigmas=True, flow_shift=s, prediction_type="flow_prediction")),
+])
+@pytest.mark.parametrize("steps", [8, 20])
+def test_flow(solver, make, shift, steps):
+    ref = run_diffusers(make(shift), steps)
+    assert_same_path(run_jdit(solver, steps, FlowSchedule(shift), "flow"), ref, ref[-1])
+
+
+def test_flow_dynamic_shift_from_token_count():
+    num_tokens = 1024
+    flow = FlowSchedule.dynamic_from_tokens(num_tokens)
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (num_tokens - 256)
+    ref = run_diffusers(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 10,
+                        set_kwargs=dict(mu=mu))
+    assert_same_path(run_jdit("euler", 10, flow, "flow"), ref, ref[-1])

@@ -1,4 +1,4 @@
-"""The ``jdit`` command line: ``jdit convert``, ``jdit bench forward``, ``jdit bench compile``."""
+"""The ``jdit`` command line: ``jdit convert`` and ``jdit bench forward | sample | compile``."""
 
 from __future__ import annotations
 
@@ -56,6 +56,17 @@ def cmd_bench_forward(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_sample(args: argparse.Namespace) -> int:
+    from jdit.benchmarks import sample
+
+    result = sample.run(repeats=args.repeats, num_steps=args.steps)
+    _emit(result, args.json)
+    print(f"sampling {result['sample_s']:.2f} s vs {args.steps} forwards "
+          f"{result['forwards_s']:.2f} s: ratio {result['ratio']:.3f}; recompiled on new noise: "
+          f"{result['recompiled_on_new_noise']}", file=sys.stderr)
+    return 0
+
+
 def cmd_bench_compile(args: argparse.Namespace) -> int:
     from jdit.benchmarks import compile_time
 
@@ -85,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     fwd.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     fwd.add_argument("--json", default=None, help="also write the result to this file")
     fwd.set_defaults(func=cmd_bench_forward)
+    smp = bench_sub.add_parser("sample", help="dpm++2m + CFG sampling vs the same forwards")
+    smp.add_argument("--repeats", type=int, default=3)
+    smp.add_argument("--steps", type=int, default=20)
+    smp.add_argument("--json", default=None)
+    smp.set_defaults(func=cmd_bench_sample)
     comp = bench_sub.add_parser("compile", help="compile time of a full-size model, scan vs not")
     comp.add_argument("--preset", default="pixart_sigma_xl2_1024")
     comp.add_argument("--forward-only", action="store_true", help="skip the gradient program")

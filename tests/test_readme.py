@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from diffusers import PixArtTransformer2DModel
 
@@ -29,3 +30,11 @@ def test_readme_commands_and_example(tmp_path, monkeypatch):
     exec(compile(code, str(README), "exec"), scope)
     out = np.asarray(scope["eps_and_sigma"])
     assert out.shape == (1, 128, 128, 8) and np.all(np.isfinite(out))
+
+    # The sampling snippet, continuing in the same scope with [uncond; cond] caption features.
+    sampling = re.findall(r"```python\n(.*?)```", text, re.S)[1]
+    scope.update(noise=jnp.ones((1, 128, 128, 4)), c2=jnp.zeros((2, 300, 4096)),
+                 m2=jnp.ones((2, 300)))
+    exec(compile(sampling, str(README), "exec"), scope)
+    latents = np.asarray(scope["latents"])
+    assert latents.shape == (1, 128, 128, 4) and np.all(np.isfinite(latents))

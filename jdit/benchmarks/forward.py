@@ -67,7 +67,8 @@ def matmul_gflops(torch: Any, repeats: int) -> tuple[float, float]:
     return flops / statistics.median(jt) / 1e9, flops / statistics.median(tt) / 1e9
 
 
-def run(repeats: int = 7, threads: int = 2, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run(repeats: int = 7, threads: int = 2, config: dict[str, int] | None = None,
+        log: Callable[[str], None] | None = None) -> dict[str, Any]:
     log = log or (lambda s: print(s, file=sys.stderr))
     try:
         import torch
@@ -78,7 +79,7 @@ def run(repeats: int = 7, threads: int = 2, log: Callable[[str], None] | None = 
     import jdit
 
     torch.set_num_threads(threads)
-    c = CONFIG
+    c = dict(CONFIG, **(config or {}))
     log("building the diffusers model with random weights ...")
     ref_model = PixArtTransformer2DModel(
         num_attention_heads=c["heads"], attention_head_dim=c["width"] // c["heads"],
@@ -96,7 +97,7 @@ def run(repeats: int = 7, threads: int = 2, log: Callable[[str], None] | None = 
 
     x = torch.randn(c["batch"], c["channels"], c["latent"], c["latent"], generator=gen)
     ctx = torch.randn(c["batch"], c["caption_tokens"], c["caption_channels"], generator=gen)
-    t = torch.tensor([10.0, 200.0, 500.0, 999.0][: c["batch"]])
+    t = torch.linspace(10.0, 999.0, c["batch"])
     jx = jnp.asarray(x.permute(0, 2, 3, 1).numpy())
     jt, jc = jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy())
     forward = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, context=c))
@@ -118,7 +119,7 @@ def run(repeats: int = 7, threads: int = 2, log: Callable[[str], None] | None = 
             torch_times += _times(lambda: ref_model(x, encoder_hidden_states=ctx, timestep=t), 1)
             jdit_times += _times(lambda: forward(params, jx, jt, jc).block_until_ready(), 1)
     jax_peak, torch_peak = matmul_gflops(torch, repeats)
-    flops = forward_flops()
+    flops = forward_flops(c)
     t_torch, t_jdit = statistics.median(torch_times), statistics.median(jdit_times)
     return {
         "benchmark": "forward",

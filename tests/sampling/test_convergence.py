@@ -121,8 +121,8 @@ CASES = [
 def test_error_falls_at_theoretical_order(solver, schedule, order, steps):
     interior, final = zip(*(errors(solver, schedule, n) for n in steps), strict=True)
     rates = [np.log2(a / b) for a, b in zip(interior[:-1], interior[1:], strict=True)]
-    print(solver, type(schedule).__name__, ["%.2e" % e for e in interior],
-          ["%.2f" % r for r in rates], "final", ["%.2e" % e for e in final])
+    print(solver, type(schedule).__name__, [f"{e:.2e}" for e in interior],
+          [f"{r:.2f}" for r in rates], "final", [f"{e:.2e}" for e in final])
     assert all(r >= order - 0.25 for r in rates[-2:]), (interior, rates)  # half-way state
     assert final[-1] < final[0]
 

@@ -14,11 +14,11 @@ from jdit.sampling import solvers
 
 Array = jax.Array
 
-VP_SOLVERS = ("ddpm", "ddim", "dpm++1s", "dpm++2m", "dpm++3m", "euler", "heun")
+VP_SOLVERS = ("ddpm", "ddim", "dpm++1s", "dpm++2m", "dpm++3m", "euler", "heun", "sa-solver")
 FLOW_SOLVERS = ("dpm++1s", "dpm++2m", "dpm++3m", "euler", "heun")
 VP_PREDICTIONS = ("epsilon", "v", "sample")
 FLOW_PREDICTIONS = ("flow",)
-STOCHASTIC = ("ddpm",)
+STOCHASTIC = ("ddpm", "sa-solver")
 DDPM_VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 
@@ -68,6 +68,8 @@ def _sample(model_fn: Callable[..., Array], noise: Array, args: tuple[Any, ...],
         out = solvers.ddim(model, x, schedule, num_steps, prediction, key, eta)
     elif solver.startswith("dpm++"):
         out = solvers.dpm(model, x, schedule, num_steps, prediction, order=int(solver[5]))
+    elif solver == "sa-solver":
+        out = solvers.sa_solver(model, x, schedule, num_steps, prediction, key)
     elif solver == "euler":
         out = solvers.euler(model, x, schedule, num_steps, prediction)
     else:
@@ -95,8 +97,8 @@ def sample(
     ``t`` (B,) in the model's convention (DDPM 0..999; flow 1000 σ). With a ``DDPMSchedule`` the
     solvers are ``ddpm`` (ancestral; ``variance`` fixed_small | fixed_large | learned_range),
     ``ddim`` (``eta``), ``dpm++1s``/``2m``/``3m``, ``euler`` and ``heun`` (Karras-style VE
-    ODE); with a ``FlowSchedule`` the flow ODE is integrated by ``euler``, ``heun`` and the
-    ``dpm++`` solvers. Each reproduces its diffusers scheduler at default settings (DDIM and
+    ODE) and ``sa-solver`` (SA-Solver, stochastic predictor-corrector, PixArt-Σ's sampler); with a
+    ``FlowSchedule`` the flow ODE is integrated by ``euler``, ``heun`` and the ``dpm++`` solvers. Each reproduces its diffusers scheduler at default settings (DDIM and
     DDPM without clipping). A model returning 2C channels (learned sigma) is guided and
     integrated on its first C channels.
 

@@ -255,3 +255,116 @@ def heun(model: Model, x: Array, schedule: DDPMSchedule | FlowSchedule, num_step
     t_last, s_last = _f32(ts[-1:], sig[-2:-1])
     x = x - derivative(model, x, t_last[0], s_last[0], prediction) * s_last[0]
     return x, jnp.concatenate([path, x[None]])
+
+
+# --- SA-Solver (SASolverScheduler: data prediction, predictor-corrector, PixArt-Σ's sampler) ---
+
+def _exp_integral(k: int, start: float, end: float, tau: float) -> float:
+    """``∫_start^end e^{(1+τ²)λ} λ^k dλ`` in closed form, k <= 3 (SA-Solver's data-prediction
+    integrals, diffusers' ``get_coefficients_exponential_positive``)."""
+    c = 1.0 + tau**2
+    e, s = c * end, c * start
+    decay = np.exp(-(e - s))
+    poly = {
+        0: lambda z: 1.0,
+        1: lambda z: z - 1.0,
+        2: lambda z: z**2 - 2 * z + 2,
+        3: lambda z: z**3 - 3 * z**2 + 6 * z - 6,
+    }[k]
+    return float(np.exp(e) * (poly(e) - poly(s) * decay) / c ** (k + 1))
+
+
+def _lagrange(lams: list[float]) -> np.ndarray:
+    """Row i: coefficients (highest power first) of the Lagrange basis polynomial ℓ_i."""
+    n = len(lams)
+    rows = np.zeros((n, n))
+    for i in range(n):
+        others = [lams[j] for j in range(n) if j != i]
+        denom = np.prod([lams[i] - o for o in others]) if others else 1.0
+        rows[i] = np.poly(others) / denom if others else np.array([1.0])
+    return rows
+
+
+def sa_coefficients(order: int, lam_s0: float, lam_t: float, lams: list[float], tau: float,
+                    corrector: bool, lam_prev: float | None = None) -> list[float]:
+    """Weights of the data predictions at ``lams`` in one SA-Solver step (before the
+    ``(1+τ²) σ_t e^{-τ² λ_t}`` factor), with diffusers' order-2 adjustment."""
+    basis = _lagrange(lams)
+    coefs = [sum(basis[i][j] * _exp_integral(order - 1 - j, lam_s0, lam_t, tau)
+                 for j in range(order)) for i in range(order)]
+    if order == 2:
+        c, h = 1.0 + tau**2, lam_t - lam_s0
+        inner = (h * c - 1.0 + np.exp(-c * h)) / c**2
+        if corrector:
+            extra = np.exp(c * lam_t) * (h / 2 - inner / h)
+        else:
+            extra = np.exp(c * lam_t) * (h**2 / 2 - inner) / (lam_s0 - lam_prev)
+        coefs[0] += extra
+        coefs[1] -= extra
+    return coefs
+
+
+def sa_solver(model: Model, x: Array, schedule: DDPMSchedule, num_steps: int, prediction: str,
+              key: Array, predictor_order: int = 2, corrector_order: int = 2,
+              tau_window: tuple[float, float] = (200.0, 800.0)) -> tuple[Array, Array]:
+    """SA-Solver (Xue et al., 2023) as diffusers' SASolverScheduler runs it: a stochastic
+    Adams-Bashforth predictor and an Adams-Moulton corrector in PEC mode, τ = 1 for
+    timesteps inside ``tau_window`` and 0 outside, ending at the smallest training σ."""
+    n = num_steps
+    ts = np.linspace(0, schedule.num_train_timesteps - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    k = schedule.karras_sigmas
+    ve = np.concatenate([np.interp(ts, np.arange(len(k)), k), [k[0]]]).astype(np.float32)
+    ve = ve.astype(np.float64)
+    alpha = 1.0 / np.sqrt(ve**2 + 1.0)
+    sigma = ve * alpha
+    lam = np.log(alpha) - np.log(sigma)
+    taus = np.where((ts >= tau_window[0]) & (ts <= tau_window[1]), 1.0, 0.0)
+    hist_len = max(predictor_order, corrector_order - 1)
+    width = hist_len + 1  # weights for the newest output and the stored history
+
+    # Static tables: x_cur = K x_pred + Ac x_last + Σ C_j m_{i-j} + Nc n_last;
+    #                x_next = Ap x_cur + Σ P_j m_{i-j} + Np n_i.
+    K, Ac, Nc, Ap, Np = (np.zeros(n) for _ in range(5))
+    C, P = np.zeros((n, width)), np.zeros((n, width))
+    done, corrector_prev = 0, 0
+    for i in range(n):
+        if i == 0:
+            K[i] = 1.0
+        else:
+            c_order, tau = corrector_prev, taus[i - 1]
+            lams = [lam[i - j] for j in range(c_order)]
+            w = sa_coefficients(c_order, lam[i - 1], lam[i], lams, tau, corrector=True)
+            h = lam[i] - lam[i - 1]
+            scale = (1 + tau**2) * sigma[i] * np.exp(-(tau**2) * lam[i])
+            C[i, :c_order] = scale * np.array(w)
+            Ac[i] = np.exp(-(tau**2) * h) * sigma[i] / sigma[i - 1]
+            Nc[i] = sigma[i] * np.sqrt(-np.expm1(-2 * tau**2 * h))
+        p_order = min(min(predictor_order, n - i), done + 1)
+        corrector_prev = min(min(corrector_order, n - i + 1), done + 2)
+        tau = taus[i]
+        lams = [lam[i - j] for j in range(p_order)]
+        w = sa_coefficients(p_order, lam[i], lam[i + 1], lams, tau, corrector=False,
+                            lam_prev=lam[i - 1] if p_order == 2 else None)
+        h = lam[i + 1] - lam[i]
+        P[i, :p_order] = (1 + tau**2) * sigma[i + 1] * np.exp(-(tau**2) * lam[i + 1]) * np.array(w)
+        Ap[i] = np.exp(-(tau**2) * h) * sigma[i + 1] / sigma[i]
+        Np[i] = sigma[i + 1] * np.sqrt(-np.expm1(-2 * tau**2 * h))
+        done = min(done + 1, hist_len)
+    xs = _f32(ts, alpha[:-1], sigma[:-1], K, Ac, C, Nc, Ap, P, Np) + (jnp.arange(n),)
+
+    def step(carry: tuple[Array, ...], s: tuple[Array, ...]) -> tuple[tuple[Array, ...], Array]:
+        x_pred, x_last, n_last, hist = carry
+        t, a_s, s_s, k_i, ac, c, nc, ap, p, np_, i = s
+        pred, _ = _split(model(x_pred, _tvec(x_pred, t)), x_pred)
+        m, _ = vp_x0_eps(pred, x_pred, a_s, s_s, prediction)
+        outputs = jnp.concatenate([m[None], hist], axis=0)  # newest first
+        weighted = lambda w: jnp.tensordot(w, outputs, axes=1)  # noqa: E731
+        x_cur = k_i * x_pred + ac * x_last + weighted(c) + nc * n_last
+        noise = _noise(key, i, x_pred)
+        x_next = ap * x_cur + weighted(p) + np_ * noise
+        return (x_next, x_cur, noise, outputs[:-1]), x_next
+
+    zeros = jnp.zeros_like(x)
+    init = (x, zeros, zeros, jnp.zeros((hist_len,) + x.shape, x.dtype))
+    (x, _, _, _), path = jax.lax.scan(step, init, xs)
+    return x, path

@@ -15,7 +15,8 @@ from diffusers import (
     DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, HeunDiscreteScheduler,
 )
-from diffusers.schedulers import scheduling_ddpm
+from diffusers import SASolverScheduler
+from diffusers.schedulers import scheduling_ddpm, scheduling_sasolver
 
 import jdit
 from jdit.diffusion import DDPMSchedule, FlowSchedule
@@ -188,3 +189,17 @@ def test_flow_dynamic_shift_from_token_count():
     ref = run_diffusers(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 10,
                         set_kwargs=dict(mu=mu))
     assert_same_path(run_jdit("euler", 10, flow, "flow"), ref, ref[-1])
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+@pytest.mark.parametrize("steps", [4, 12, 25])
+def test_sa_solver(monkeypatch, prediction, steps):
+    """PixArt-Σ's SA-Solver: predictor 2, corrector 2, τ = 1 for 200 <= t <= 800."""
+    sched, cfg = SCHEDULES["linear"]
+    key = jax.random.key(5)
+    noises = iter([to_torch(jax.random.normal(jax.random.fold_in(key, i), SHAPE))
+                   for i in range(steps)])
+    monkeypatch.setattr(scheduling_sasolver, "randn_tensor", lambda *a, **k: next(noises))
+    ref = run_diffusers(SASolverScheduler(prediction_type=DIFFUSERS_PREDICTION[prediction], **cfg),
+                        steps)
+    assert_same_path(run_jdit("sa-solver", steps, sched, prediction, key=key), ref, ref[-1])

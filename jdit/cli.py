@@ -1,4 +1,4 @@
-"""The ``jdit`` command line: ``jdit convert`` and ``jdit bench forward | sample | compile``."""
+"""The ``jdit`` command line: ``train``, ``sample``, ``eval``, ``convert``, ``bench``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,45 @@ def cmd_convert(args: argparse.Namespace) -> int:
     arch = jdit.models.architecture(module)
     count = sum(int(p.size) for p in jax.tree.leaves(params))
     print(json.dumps({"dst": str(args.dst), "parameters": count, "model": arch}, indent=2))
+    return 0
+
+
+def _config_overrides(extra: list[str]) -> list[str]:
+    """``--config.key=value`` arguments (DESIGN's command line) -> ``key=value`` overrides."""
+    out = []
+    for arg in extra:
+        if not arg.startswith("--config.") or "=" not in arg:
+            raise SystemExit(f"jdit: unrecognised argument {arg!r} (overrides look like "
+                             "--config.train.steps=100)")
+        out.append(arg[len("--config."):])
+    return out
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from jdit.config import load_config
+    from jdit.train.loop import train
+
+    config = load_config(args.config, _config_overrides(extra))
+    metrics = train(config, args.workdir)
+    print(json.dumps({"workdir": str(args.workdir), **metrics}, indent=2))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from jdit.train.loop import sample_prompts
+
+    kwargs = {k: v for k, v in dict(guidance_scale=args.guidance_scale, solver=args.solver,
+                                    num_steps=args.steps).items() if v is not None}
+    sample_prompts(args.workdir, args.prompt, args.out, num_per_prompt=args.num, seed=args.seed,
+                   **kwargs)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jdit.train.loop import evaluate
+
+    print(json.dumps(evaluate(args.workdir), indent=2))
     return 0
 
 
@@ -78,6 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jdit", description="Diffusion transformers in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    train = sub.add_parser("train", help="train from a config file (--config.key=value overrides)")
+    train.add_argument("--config", required=True, help="config file, e.g. configs/shapes_tiny.py")
+    train.add_argument("--workdir", required=True, help="run directory (resumes if it exists)")
+    train.set_defaults(func=cmd_train, takes_extra=True)
+
+    smp = sub.add_parser("sample", help="sample a grid from a trained workdir")
+    smp.add_argument("--workdir", required=True)
+    smp.add_argument("--prompt", action="append", required=True,
+                     help="a prompt (text models) or class id (class models); repeatable")
+    smp.add_argument("--out", default="samples.png")
+    smp.add_argument("--num", type=int, default=4, help="images per prompt")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--guidance-scale", type=float, default=None)
+    smp.add_argument("--solver", default=None)
+    smp.add_argument("--steps", type=int, default=None)
+    smp.set_defaults(func=cmd_sample)
+
+    ev = sub.add_parser("eval", help="evaluate a trained workdir; prints JSON")
+    ev.add_argument("--workdir", required=True)
+    ev.set_defaults(func=cmd_eval)
+
     convert = sub.add_parser(
         "convert", help="official .pth/.pt, diffusers folder or .safetensors -> jdit checkpoint")
     convert.add_argument("src", help="checkpoint file or diffusers/jdit folder")
@@ -96,11 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     fwd.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     fwd.add_argument("--json", default=None, help="also write the result to this file")
     fwd.set_defaults(func=cmd_bench_forward)
-    smp = bench_sub.add_parser("sample", help="dpm++2m + CFG sampling vs the same forwards")
-    smp.add_argument("--repeats", type=int, default=3)
-    smp.add_argument("--steps", type=int, default=20)
-    smp.add_argument("--json", default=None)
-    smp.set_defaults(func=cmd_bench_sample)
+    bsmp = bench_sub.add_parser("sample", help="dpm++2m + CFG sampling vs the same forwards")
+    bsmp.add_argument("--repeats", type=int, default=3)
+    bsmp.add_argument("--steps", type=int, default=20)
+    bsmp.add_argument("--json", default=None)
+    bsmp.set_defaults(func=cmd_bench_sample)
     comp = bench_sub.add_parser("compile", help="compile time of a full-size model, scan vs not")
     comp.add_argument("--preset", default="pixart_sigma_xl2_1024")
     comp.add_argument("--forward-only", action="store_true", help="skip the gradient program")
@@ -110,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if getattr(args, "takes_extra", False):
+        return int(args.func(args, extra))
+    if extra:
+        raise SystemExit(f"jdit: unrecognised arguments {extra}")
     return int(args.func(args))
 
 

@@ -1,0 +1,1 @@
+"""Small embedded datasets for training and evaluating diffusion models."""

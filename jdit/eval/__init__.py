@@ -1,0 +1,1 @@
+"""Evaluators for generated samples."""

@@ -1,0 +1,1 @@
+"""Training: state, optimizers, the loop, checkpoints."""

@@ -1,0 +1,54 @@
+"""Orbax checkpoints of the train state plus run metadata (data position), saved asynchronously.
+
+Orbax writes each step into a temporary directory and renames it on completion, so a run killed
+mid-save leaves the previous step as the latest readable checkpoint; unfinished temporaries are
+ignored on restore.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """``save(step, state, meta)`` every ``every`` steps (or when forced), keep the last ``keep``."""
+
+    def __init__(self, directory: str | Path, every: int, keep: int = 3,
+                 async_save: bool = True) -> None:
+        self.every = every
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return out["state"], dict(out["meta"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

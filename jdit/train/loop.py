@@ -1,0 +1,183 @@
+"""The training loop: read it top to bottom.
+
+    workdir/config.json        the resolved config (``jdit sample`` / ``jdit eval`` rebuild from it)
+    workdir/checkpoints/<step> orbax checkpoints (train state + data position), last K kept
+    workdir/metrics.jsonl      one line per logged step; TensorBoard events beside it
+    workdir/samples/*.png      grids sampled from the EMA parameters during training
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from jdit.models import build
+from jdit.train.checkpoint import Checkpointer
+from jdit.train.generate import make_generator
+from jdit.train.optim import learning_rate, make_optimizer
+from jdit.train.step import TrainState, init_state, make_train_step
+from jdit.train.tasks import make_task
+from jdit.train.writers import MetricsWriter, save_grid
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+
+
+def _save_config(workdir: Path, config: dict[str, Any]) -> None:
+    path = workdir / "config.json"
+    text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
+    if path.exists():
+        old = json.loads(path.read_text())
+        steps_only = {**old, "train": {**old["train"], "steps": config["train"]["steps"]}}
+        if json.loads(text) != steps_only:
+            raise ValueError(f"{path} holds a different config; use a new workdir (only "
+                             "train.steps may change when resuming)")
+    path.write_text(text)
+
+
+class _Stop:
+    """Turns SIGTERM (and SIGINT) into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class Run:
+    """The objects a run is made of, built from a config (also used by sample/eval)."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = _plain(config)
+        c = self.config
+        self.task = make_task(c["data"], int(c["train"]["batch_size"]), int(c["train"].get("seed", 0)))
+        self.module = build(c["model"])
+        steps = int(c["train"]["steps"])
+        self.lr = learning_rate(c["optim"], steps)
+        self.tx = make_optimizer(c["optim"], steps)
+        self.generate = make_generator(self.module, self.task, c)
+
+    def init_state(self) -> TrainState:
+        return init_state(self.module, self.tx, int(self.config["train"].get("seed", 0)))
+
+    def abstract_state(self) -> TrainState:
+        return jax.eval_shape(self.init_state)
+
+
+def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | None = None,
+          quiet: bool = False) -> dict[str, Any]:
+    """Train (or resume) in ``workdir``; returns the last logged metrics.
+
+    ``stop_after`` ends the run after that many steps in this call, saving a checkpoint, as a
+    SIGTERM would (used by the resume tests).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = Run(config)
+    c, task = run.config, run.task
+    tc = c["train"]
+    steps, log_every = int(tc["steps"]), int(tc.get("log_every", 50))
+    sample_every = int(tc.get("sample_every", 0))
+    _save_config(workdir, c)
+
+    ckpt = Checkpointer(workdir / "checkpoints", every=int(tc.get("checkpoint_every", 500)),
+                        keep=int(tc.get("keep_checkpoints", 3)),
+                        async_save=bool(tc.get("async_checkpoints", True)))
+    state, start = run.init_state(), 0
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        start = int(meta["data_index"])
+    null = task.null() if task.kind == "text" else None
+    train_step = jax.jit(make_train_step(run.module, run.tx, run.lr, c,
+                                         None if null is None else (null["context"],
+                                                                    null["context_mask"])),
+                         donate_argnums=0)
+    writer = MetricsWriter(workdir)
+    preview_prompts, preview_cond = task.preview()
+    (workdir / "samples").mkdir(exist_ok=True)
+    (workdir / "samples" / "prompts.txt").write_text("\n".join(preview_prompts) + "\n")
+
+    stop = _Stop()
+    bar = tqdm(total=steps, initial=start, disable=quiet, unit="step", file=sys.stderr,
+               dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    t0, n0 = time.perf_counter(), start
+    try:
+        for step in range(start, steps):
+            state, metrics = train_step(state, task.batch(step))
+            done = step + 1
+            bar.update(1)
+            if done % log_every == 0 or done == steps:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                rate = (done - n0) / (time.perf_counter() - t0)
+                last["steps_per_second"] = rate
+                writer.write(done, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+            if sample_every and (done % sample_every == 0 or done == steps):
+                images = run.generate(state.ema_params, preview_cond, seed=0)
+                save_grid(workdir / "samples" / f"step_{done:07d}.png", images,
+                          columns=8, scale=2)
+            interrupted = stop.requested or (stop_after is not None and done - start >= stop_after)
+            if ckpt.should_save(done) or done == steps or interrupted:
+                ckpt.save(done, state, {"data_index": done, "step": done})
+            if interrupted:
+                break
+    finally:
+        bar.close()
+        stop.restore()
+        ckpt.close()
+        writer.close()
+    return last
+
+
+def load_trained(workdir: str | Path, use_ema: bool = True) -> tuple[Run, Any, int]:
+    """``(run, params, step)`` from a run directory's config and latest checkpoint."""
+    workdir = Path(workdir)
+    cfg_path = workdir / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{workdir} has no config.json: is it a jdit train workdir?")
+    run = Run(json.loads(cfg_path.read_text()))
+    ckpt = Checkpointer(workdir / "checkpoints", every=0)
+    try:
+        state, meta = ckpt.restore(run.abstract_state())
+    finally:
+        ckpt.close()
+    params = state.ema_params if use_ema else state.params
+    return run, params, int(meta["step"])
+
+
+def evaluate(workdir: str | Path, **kwargs: Any) -> dict[str, Any]:
+    run, params, step = load_trained(workdir)
+    result = run.task.evaluate(lambda cond, s: run.generate(params, cond, seed=1000 + s), **kwargs)
+    return {"step": step, **result}
+
+
+def sample_prompts(workdir: str | Path, conditions: list[str], out: str | Path,
+                   num_per_prompt: int = 4, seed: int = 0, **kwargs: Any) -> np.ndarray:
+    """Generate ``num_per_prompt`` images per prompt (or class id) and save them as one grid."""
+    run, params, _ = load_trained(workdir)
+    repeated = [p for p in conditions for _ in range(num_per_prompt)]
+    if run.task.kind == "text":
+        cond = run.task.encode(repeated)
+    else:
+        cond = {"labels": np.asarray([int(p) for p in repeated], np.int32)}
+    images = run.generate(params, cond, seed=seed, **kwargs)
+    save_grid(out, images, columns=num_per_prompt, scale=4)
+    return images

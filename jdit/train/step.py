@@ -1,0 +1,160 @@
+"""The train state and ``train_step``: one pure function, jitted once.
+
+A batch is a dict: ``images`` (B, H, W, C) in the model's input space (pixels in [-1, 1] or VAE
+latents), and either ``context`` (B, L, D) + ``context_mask`` (B, L) for text-conditioned models
+or ``labels`` (B,) for class-conditioned ones.
+
+``diffusion`` config keys: ``objective`` (ddpm | flow); for ddpm ``schedule`` (linear |
+scaled_linear | squaredcos_cap_v2), ``prediction`` (epsilon | v | sample), ``weighting``
+(None | min_snr) and ``snr_gamma`` — a learned-sigma model trains with PixArt's hybrid loss; for
+flow ``flow_shift``, ``timestep_sampler`` (uniform | logit_normal | mode | cosmap) with
+``logit_mean``/``logit_std``/``mode_scale``, and ``weighting`` (None | sigma_sqrt | cosmap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from jdit.diffusion import (
+    DDPMSchedule, FlowSchedule, diffusion_loss, flow_loss, learned_sigma_loss,
+    sample_ddpm_timesteps, sample_flow_sigmas,
+)
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue bit-exactly: parameters, optimizer state, the EMA
+    parameters, the step and the RNG key (raw uint32 key data, so it checkpoints plainly)."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    rng: Array
+
+
+def make_schedule(cfg: Mapping[str, Any]) -> DDPMSchedule | FlowSchedule:
+    objective = cfg.get("objective", "ddpm")
+    if objective == "flow":
+        return FlowSchedule(float(cfg.get("flow_shift", 1.0)))
+    if objective != "ddpm":
+        raise ValueError(f"diffusion.objective must be 'ddpm' or 'flow', got {objective!r}")
+    kind = cfg.get("schedule", "linear")
+    makers = {"linear": DDPMSchedule.linear, "scaled_linear": DDPMSchedule.scaled_linear,
+              "squaredcos_cap_v2": DDPMSchedule.squaredcos_cap_v2}
+    if kind not in makers:
+        raise ValueError(f"diffusion.schedule must be one of {sorted(makers)}, got {kind!r}")
+    return makers[kind]()
+
+
+def init_state(module: nn.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
+    params = nn.meta.unbox(module.init(init_rng, **module.example_inputs()))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=jax.tree.map(jnp.copy, params), rng=rng)
+
+
+def _conditioning(module: nn.Module, batch: Batch, drop: Array,
+                  null: tuple[Array, Array] | None) -> dict[str, Array]:
+    """Model keyword arguments, with dropped examples replaced by the null condition."""
+    if "labels" in batch:
+        return {"labels": jnp.where(drop, module.num_classes, batch["labels"])}
+    ctx, mask = batch["context"], batch["context_mask"]
+    if null is not None:
+        d = drop[:, None, None]
+        ctx = jnp.where(d, null[0], ctx)
+        mask = jnp.where(drop[:, None], null[1], mask)
+    return {"context": ctx, "context_mask": mask}
+
+
+def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: float,
+                 null: tuple[Array, Array] | None) -> Callable[[Any, Batch, Array], Array]:
+    schedule = make_schedule(diffusion)
+    weighting = diffusion.get("weighting")
+
+    def loss_fn(params: Any, batch: Batch, rng: Array) -> Array:
+        x0 = batch["images"].astype(jnp.float32)
+        b = x0.shape[0]
+        rng_t, rng_n, rng_d = jax.random.split(rng, 3)
+        noise = jax.random.normal(rng_n, x0.shape)
+        drop = jax.random.uniform(rng_d, (b,)) < cond_dropout
+        cond = _conditioning(module, batch, drop, null)
+        if isinstance(schedule, FlowSchedule):
+            sigma = sample_flow_sigmas(
+                rng_t, b, diffusion.get("timestep_sampler", "logit_normal"),
+                mean=float(diffusion.get("logit_mean", 0.0)),
+                std=float(diffusion.get("logit_std", 1.0)),
+                mode_scale=float(diffusion.get("mode_scale", 1.29)))
+            sigma = schedule.shift_sigma(sigma)
+            x_t = schedule.add_noise(x0, noise, sigma)
+            out = module.apply({"params": params}, x_t, sigma * schedule.num_train_timesteps, **cond)
+            losses = flow_loss(out, x0, noise, sigma, weighting)
+        else:
+            t = sample_ddpm_timesteps(rng_t, b, schedule.num_train_timesteps)
+            x_t = schedule.add_noise(x0, noise, t)
+            out = module.apply({"params": params}, x_t, t.astype(jnp.float32), **cond)
+            if out.shape[-1] == 2 * x0.shape[-1]:
+                losses = learned_sigma_loss(out, x0, noise, t, schedule)
+            else:
+                losses = diffusion_loss(out, x0, noise, t, schedule,
+                                        prediction=diffusion.get("prediction", "epsilon"),
+                                        weighting=weighting,
+                                        snr_gamma=float(diffusion.get("snr_gamma", 5.0)))
+        return jnp.mean(losses)
+
+    return loss_fn
+
+
+def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule, cfg: Mapping[str, Any],
+                    null: tuple[Array, Array] | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
+    """``cfg`` is the whole config (``diffusion`` and ``train`` sections are read).
+
+    ``train.accumulate`` splits the batch into that many micro-batches whose gradients are
+    averaged (one optimizer step); ``train.ema_decay`` with ``train.ema_warmup`` uses
+    ``min(decay, (1 + step) / (10 + step))``.
+    """
+    train = cfg["train"]
+    loss_fn = make_loss_fn(module, cfg["diffusion"], float(train.get("cond_dropout", 0.1)), null)
+    grad_fn = jax.value_and_grad(loss_fn)
+    accumulate = int(train.get("accumulate", 1))
+    decay = float(train.get("ema_decay", 0.9999))
+    ema_warmup = bool(train.get("ema_warmup", True))
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+        rng, step_rng = jax.random.split(state.rng)
+        if accumulate == 1:
+            loss, grads = grad_fn(state.params, batch, step_rng)
+        else:
+            micro = jax.tree.map(
+                lambda a: a.reshape((accumulate, a.shape[0] // accumulate) + a.shape[1:]), batch)
+            keys = jax.random.split(step_rng, accumulate)
+
+            def one(carry: tuple[Array, Any], xs: tuple[Batch, Array]) -> tuple[tuple[Array, Any], None]:
+                loss, grads = grad_fn(state.params, *xs)
+                return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (loss, grads), _ = jax.lax.scan(one, (jnp.zeros(()), zeros), (micro, keys))
+            loss, grads = loss / accumulate, jax.tree.map(lambda g: g / accumulate, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        d = jnp.minimum(decay, (1.0 + state.step) / (10.0 + state.step)) if ema_warmup else decay
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "lr": lr_schedule(state.step)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             ema_params=ema, rng=rng), metrics
+
+    return train_step

@@ -255,7 +255,7 @@ def scale_by_came(
             update_leaf(g, view, *slots)
             for g, view, *slots in zip(leaves, views, *per_field, strict=True)
         ]
-        new_updates, *new_state = (jax.tree.unflatten(treedef, c) for c in zip(*results))
+        new_updates, *new_state = (jax.tree.unflatten(treedef, c) for c in zip(*results, strict=True))
         return new_updates, ScaleByCameState(*new_state)
 
     return optax.GradientTransformation(init_fn, update_fn)

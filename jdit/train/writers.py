@@ -13,7 +13,7 @@ import socket
 import struct
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,17 +170,3 @@ def save_grid(path: str | Path, images: np.ndarray, columns: int | None = None,
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if isinstance(v, Mapping):
-            out.update(flatten_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def captions_text(captions: Sequence[str]) -> str:
-    return "\n".join(f"{i}: {c}" for i, c in enumerate(captions)) + "\n"

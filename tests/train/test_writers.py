@@ -1,0 +1,43 @@
+"""Run outputs read back by the real consumers: TensorBoard and Pillow."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
+
+from jdit.train.writers import MetricsWriter, crc32c, grid, read_jsonl, save_grid, write_png
+
+
+def test_crc32c_known_value():
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+
+
+def test_metrics_reach_jsonl_and_tensorboard(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    for step in (1, 2, 5):
+        writer.write(step, {"loss": 1.0 / step, "lr": np.float32(0.5)})
+    writer.close()
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1] == {"step": 5, "loss": 0.2, "lr": 0.5}
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    acc = event_accumulator.EventAccumulator(str(events))
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == {"loss", "lr"}
+    got = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert [s for s, _ in got] == [1, 2, 5]
+    np.testing.assert_allclose([v for _, v in got], [1.0, 0.5, 0.2], rtol=1e-6)
+
+
+def test_png_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    write_png(tmp_path / "a.png", rgb)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), rgb)
+    gray = rng.integers(0, 256, (4, 6), dtype=np.uint8)
+    write_png(tmp_path / "g.png", gray)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "g.png")), gray)
+    images = rng.uniform(-1, 1, (5, 4, 4, 1)).astype(np.float32)
+    save_grid(tmp_path / "grid.png", images, columns=3, scale=2)
+    tiled = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert tiled.shape == (2 * (8 + 2) + 2, 3 * (8 + 2) + 2, 3)
+    assert grid(np.zeros((1, 2, 2, 3), np.uint8)).shape == (6, 6, 3)

@@ -1,1 +1,2 @@
-"""Small embedded datasets for training and evaluating diffusion models."""
+"""Datasets: the embedded ones (shapes, digits) and the real-data paths (TFDS, image folders,
+aspect-ratio buckets, feature cache, grain loaders)."""

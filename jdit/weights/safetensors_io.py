@@ -90,7 +90,7 @@ def write_safetensors(
     arrays = []
     offset = 0
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
+        arr = np.require(tensors[name], requirements="C")  # keeps 0-d arrays 0-d
         if arr.dtype not in _NAMES:
             little = arr.dtype.newbyteorder("<")
             if little not in _NAMES:

@@ -18,13 +18,18 @@ class Checkpointer:
     """``save(step, state, meta)`` every ``every`` steps (or when forced), keep the last ``keep``."""
 
     def __init__(self, directory: str | Path, every: int, keep: int = 3,
-                 async_save: bool = True) -> None:
+                 async_save: bool = True, read_only: bool = False) -> None:
+        """``read_only`` opens a run's checkpoints without touching them (sample, eval, or
+        watching a run that is still training: a writer removes unfinished temporaries on open,
+        which would break a save in flight)."""
         self.every = every
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=True),
+                max_to_keep=None if read_only else keep, create=not read_only,
+                read_only=read_only,
+                enable_async_checkpointing=async_save and not read_only,
+                cleanup_tmp_directories=not read_only),
         )
 
     def latest_step(self) -> int | None:

@@ -154,7 +154,7 @@ def load_trained(workdir: str | Path, use_ema: bool = True) -> tuple[Run, Any, i
     if not cfg_path.exists():
         raise FileNotFoundError(f"{workdir} has no config.json: is it a jdit train workdir?")
     run = Run(json.loads(cfg_path.read_text()))
-    ckpt = Checkpointer(workdir / "checkpoints", every=0)
+    ckpt = Checkpointer(workdir / "checkpoints", every=0, read_only=True)
     try:
         state, meta = ckpt.restore(run.abstract_state())
     finally:

@@ -45,7 +45,8 @@ def test_interrupted_and_resumed_run_reaches_the_same_losses(tmp_path):
     config = tiny("shapes_tiny")
     train(config, tmp_path / "straight", quiet=True)
     train(config, tmp_path / "resumed", stop_after=3, quiet=True)
-    assert Checkpointer(tmp_path / "resumed" / "checkpoints", every=0).latest_step() == 3
+    assert Checkpointer(tmp_path / "resumed" / "checkpoints", every=0,
+                        read_only=True).latest_step() == 3
     train(config, tmp_path / "resumed", quiet=True)
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert [s for s, _ in straight] == list(range(1, 7)) == [s for s, _ in resumed]
@@ -102,16 +103,24 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-3000:]
     done = len(read_jsonl(tmp_path / "metrics.jsonl"))
-    assert Checkpointer(tmp_path / "checkpoints", every=0).latest_step() == done
+    assert Checkpointer(tmp_path / "checkpoints", every=0, read_only=True).latest_step() == done
 
 
 @pytest.mark.slow
 def test_killed_runs_never_leave_a_corrupt_latest_checkpoint(tmp_path):
     """SIGKILL while checkpoints are written every step; the latest one must restore."""
+    def latest() -> int:
+        return Checkpointer(tmp_path / "checkpoints", every=0, read_only=True).latest_step() or 0
+
     for delay in (0.0, 0.15, 0.4):
+        before = latest()
         proc = _start(tmp_path, steps=100_000, checkpoint_every=1)
         _wait_for_steps(tmp_path, 2 + len(read_jsonl(tmp_path / "metrics.jsonl"))
                         if (tmp_path / "metrics.jsonl").exists() else 2, proc)
+        deadline = time.time() + 120  # a save of this process has completed: kill mid-stream
+        while latest() <= before:
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.05)
         time.sleep(delay)
         proc.kill()
         proc.wait()

@@ -2,22 +2,53 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from diffusers import PixArtTransformer2DModel
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_commands_and_example(tmp_path, monkeypatch):
-    text = README.read_text()
-    first_block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
-    assert 'pip install -e ".[test]"' in first_block and "pytest" in first_block
+def bash_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_opens_with_the_main_job_then_the_test_command():
+    main_job, tests = bash_blocks()[:2]
+    assert "jdit train --config configs/shapes_tiny.py" in main_job
+    assert "jdit sample" in main_job and "jdit eval" in main_job
     ci = (README.parent / ".ci" / "run").read_text()
-    assert 'pip install -e ".[test]"' in ci and "pytest -n 2" in ci and "pytest -n 2" in first_block
+    assert 'pip install -e ".[test]"' in tests and 'pip install -e ".[test]"' in ci
+    assert "pytest -n 2" in tests and "pytest -n 2" in ci
+
+
+@pytest.mark.slow
+def test_readme_main_job_runs_end_to_end(tmp_path):
+    """The README's first command, minus the install and with a 20-step run."""
+    command = bash_blocks()[0].split("&&", 1)[1]  # after `pip install -e .`
+    command = command.replace("--workdir runs/shapes \\",
+                              "--workdir runs/shapes --config.train.steps=20 "
+                              "--config.train.sample_every=0 \\", 1)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    (tmp_path / "configs").symlink_to(README.parent / "configs")  # as from a clone's root
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "grid.png").exists()
+    result = json.loads(done.stdout[done.stdout.rindex("{\n"):])
+    assert {"adherence_single", "adherence_pair"} <= set(result) and result["step"] == 20
+
+
+def test_readme_example(tmp_path, monkeypatch):
+    text = README.read_text()
 
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     assert len(code.strip().splitlines()) == 5

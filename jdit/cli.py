@@ -106,6 +106,16 @@ def cmd_bench_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from jdit.benchmarks import train
+
+    result = train.run(repeats=args.repeats, threads=args.threads)
+    _emit(result, args.json)
+    print(f"diffusers {result['diffusers_s']:.2f} s, jdit {result['jdit_s']:.2f} s per training "
+          f"step: jdit is {result['speedup']:.2f}x diffusers", file=sys.stderr)
+    return 0
+
+
 def cmd_bench_compile(args: argparse.Namespace) -> int:
     from jdit.benchmarks import compile_time
 
@@ -161,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     bsmp.add_argument("--steps", type=int, default=20)
     bsmp.add_argument("--json", default=None)
     bsmp.set_defaults(func=cmd_bench_sample)
+    btr = bench_sub.add_parser("train", help="PixArt training step: jdit vs diffusers + torch")
+    btr.add_argument("--repeats", type=int, default=5)
+    btr.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    btr.add_argument("--json", default=None)
+    btr.set_defaults(func=cmd_bench_train)
     comp = bench_sub.add_parser("compile", help="compile time of a full-size model, scan vs not")
     comp.add_argument("--preset", default="pixart_sigma_xl2_1024")
     comp.add_argument("--forward-only", action="store_true", help="skip the gradient program")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jdit.benchmarks import compile_time, forward, sample
+from jdit.benchmarks import compile_time, forward, sample, train
 
 TINY = dict(depth=2, width=48, heads=4, latent=8, batch=2, caption_tokens=5, caption_channels=16)
 
@@ -22,3 +22,8 @@ def test_sample_benchmark_runs_without_recompiling():
 def test_compile_benchmark_runs():
     result = compile_time.compile_seconds("pixart_sigma_xl2_256", scan=True)
     assert result["total_s"] > 0
+
+
+def test_train_benchmark_runs_and_checks_the_loss():
+    result = train.run(repeats=1, config=TINY, log=lambda s: None)
+    assert result["first_loss_rel_err"] <= 1e-4 and result["speedup"] > 0

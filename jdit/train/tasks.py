@@ -30,8 +30,10 @@ class ShapesTask:
         self.size = int(cfg.get("size", 32))
         self.pair_fraction = float(cfg.get("pair_fraction", 0.5))
         self.batch_size, self.seed = batch_size, seed
-        vocab = [shapes.caption(p) for kind in ("single", "pair") for p in
-                 shapes.prompts(kind, "train")[:2000]]
+        # Every word of the vocabulary (colours, shapes, positions, "a"/"an", "and"); words are
+        # not held out, only their combinations.
+        vocab = [shapes.caption(p) for split in ("train", "heldout")
+                 for p in shapes.prompts("single", split)] + ["and"]
         self.encoder = WordEncoder.from_texts(vocab, dim=int(cfg.get("text_dim", 64)),
                                               max_length=int(cfg.get("max_length", 16)))
         self.channels = 3

@@ -2,6 +2,8 @@
 
 ``load_config("configs/pixart_sigma_xl2_1024.py", ["model.depth=2"])`` imports the file and
 applies ``--config.key=value``-style overrides (values parsed as Python literals, else strings).
+As in big_vision, ``path.py:arg`` passes ``arg`` to ``get_config(arg)``: one file holds the stages
+of a recipe (``configs/recipes/pixart_sigma.py:1024``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    path = Path(path)
+    arg = None
+    text = str(path)
+    if not Path(text).is_file() and ":" in Path(text).name:
+        text, _, arg = text.rpartition(":")
+    path = Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"jdit_config_{path.stem}", path)
@@ -52,6 +58,15 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path} defines no get_config()")
-    config = module.get_config()
+    if arg is None:
+        config = module.get_config()
+    else:
+        try:
+            config = module.get_config(arg)
+        except TypeError as e:
+            if "positional argument" not in str(e):
+                raise
+            raise ValueError(f"{path}: get_config() takes no argument, but {arg!r} was given "
+                             f"after ':'") from None
     apply_overrides(config, overrides)
     return config

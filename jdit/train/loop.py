@@ -104,15 +104,21 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
         start = int(meta["data_index"])
+    elif tc.get("init_from"):
+        state = init_from(state, run, str(tc["init_from"]))
     null = task.null() if task.kind == "text" else None
     train_step = jax.jit(make_train_step(run.module, run.tx, run.lr, c,
                                          None if null is None else (null["context"],
                                                                     null["context_mask"])),
                          donate_argnums=0)
     writer = MetricsWriter(workdir)
-    preview_prompts, preview_cond = task.preview()
-    (workdir / "samples").mkdir(exist_ok=True)
-    (workdir / "samples" / "prompts.txt").write_text("\n".join(preview_prompts) + "\n")
+    preview = task.preview()  # None: this task's samples are not images (latents)
+    if preview is None:
+        sample_every = 0
+    else:
+        preview_prompts, preview_cond = preview
+        (workdir / "samples").mkdir(exist_ok=True)
+        (workdir / "samples" / "prompts.txt").write_text("\n".join(preview_prompts) + "\n")
 
     stop = _Stop()
     bar = tqdm(total=steps, initial=start, disable=quiet, unit="step", file=sys.stderr,
@@ -145,6 +151,26 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
         ckpt.close()
         writer.close()
     return last
+
+
+def init_from(state: TrainState, run: Run, path: str) -> TrainState:
+    """Start from another run's weights (the previous stage of a recipe): ``path`` is a jdit
+    workdir (its EMA parameters) or anything :func:`jdit.models.from_pretrained` reads. The
+    optimizer state, step and RNG start fresh. Every parameter must match in name and shape."""
+    from jdit.models import from_pretrained
+    from jdit.weights.state_dict import check_tree
+
+    if (Path(path) / "config.json").exists() and (Path(path) / "checkpoints").is_dir():
+        _, params, _ = load_trained(path)
+    else:
+        m = run.module
+        _, params = from_pretrained(path, scan_layers=m.scan_layers, input_size=m.input_size,
+                                    **({"pe_interpolation": m.pe_interpolation}
+                                       if hasattr(m, "pe_interpolation") else {}))
+    check_tree(params, state.params, path)
+    params = jax.tree.map(lambda p, like: jax.numpy.asarray(p, like.dtype), params, state.params)
+    return state.replace(params=params, ema_params=jax.tree.map(jax.numpy.copy, params),
+                         opt_state=run.tx.init(params))
 
 
 def load_trained(workdir: str | Path, use_ema: bool = True) -> tuple[Run, Any, int]:

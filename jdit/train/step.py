@@ -74,7 +74,8 @@ def _conditioning(module: nn.Module, batch: Batch, drop: Array,
         d = drop[:, None, None]
         ctx = jnp.where(d, null[0], ctx)
         mask = jnp.where(drop[:, None], null[1], mask)
-    return {"context": ctx, "context_mask": mask}
+    micro = {k: batch[k] for k in ("resolution", "aspect_ratio") if k in batch}
+    return {"context": ctx, "context_mask": mask, **micro}
 
 
 def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: float,

@@ -15,7 +15,7 @@ import numpy as np
 from jdit.text import WordEncoder
 
 Generate = Callable[[dict[str, np.ndarray], int], np.ndarray]
-TASKS = ("shapes", "digits")
+TASKS = ("shapes", "digits", "feature_cache")
 
 
 class ShapesTask:
@@ -107,10 +107,99 @@ class DigitsTask:
         return {k: float(v) for k, v in digits_eval.evaluate(images, labels).items()}
 
 
-def make_task(cfg: Mapping[str, Any], batch_size: int, seed: int) -> ShapesTask | DigitsTask:
+class FeatureCacheTask:
+    """Pre-computed features (:mod:`jdit.data.cache`): the recipe path for real datasets.
+
+    Each example holds ``latent`` (h, w, c), the VAE latent mean before scaling, and either
+    ``text`` (L, D) + ``text_mask`` (L) from the text encoder or ``label`` (a class id). Every
+    batch comes from one latent size (one aspect-ratio bucket, as the cache writer resized the
+    images), planned by :class:`jdit.data.buckets.BucketBatchSampler`, so a batch depends only on
+    (seed, step) and every host reads only its own slice.
+
+    ``data`` config: ``path`` (the cache directory), ``latent_scale`` (SD VAE 0.18215, SDXL VAE
+    0.13025), ``null_caption`` (a ``.safetensors`` file with ``text`` and ``text_mask``: the
+    encoded empty prompt for condition dropout; default ``<path>/null_caption.safetensors``),
+    ``micro_condition`` (PixArt-α 1024: pass each batch's pixel size and aspect ratio),
+    ``vae_factor`` (8). Sample grids and evaluation need the VAE decoder and are not run here.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], batch_size: int, seed: int) -> None:
+        from jdit.data.buckets import BucketBatchSampler
+        from jdit.data.cache import FeatureCache
+
+        if not cfg.get("path"):
+            raise ValueError("data.path must name a feature cache directory (jdit.data.cache)")
+        self.cache = FeatureCache(cfg["path"])
+        fields = set(self.cache.fields)
+        if "latent" not in fields:
+            raise ValueError(f"{cfg['path']}: a training cache needs a 'latent' field, has "
+                             f"{sorted(fields)}")
+        if {"text", "text_mask"} <= fields:
+            self.kind = "text"
+        elif "label" in fields:
+            self.kind = "class"
+        else:
+            raise ValueError(f"{cfg['path']}: needs 'text' and 'text_mask' (text-to-image) or "
+                             f"'label' (class-conditional) fields, has {sorted(fields)}")
+        self.latent_scale = float(cfg.get("latent_scale", 1.0))
+        self.vae_factor = int(cfg.get("vae_factor", 8))
+        self.micro_condition = bool(cfg.get("micro_condition", False))
+        self.null_path = cfg.get("null_caption") or f"{cfg['path']}/null_caption.safetensors"
+        self.sampler = BucketBatchSampler(self.cache.sizes("latent"), batch_size, table=None,
+                                          seed=seed)
+        self.channels = self.cache.shape(0, "latent")[-1]
+        self.size = self.cache.shape(0, "latent")[0]
+
+    def batch(self, index: int) -> dict[str, np.ndarray]:
+        chosen = self.sampler.batch(index)
+        examples = [self.cache[int(i)] for i in chosen.indices]
+        latents = np.stack([e["latent"] for e in examples]).astype(np.float32)
+        out = {"images": latents * np.float32(self.latent_scale)}
+        if self.kind == "text":
+            out["context"] = np.stack([e["text"] for e in examples]).astype(np.float32)
+            out["context_mask"] = np.stack([e["text_mask"] for e in examples]).astype(np.int32)
+        else:
+            out["labels"] = np.asarray([e["label"] for e in examples], np.int32).reshape(-1)
+        if self.micro_condition:
+            h, w = (self.vae_factor * s for s in latents.shape[1:3])
+            out["resolution"] = np.tile(np.float32([h, w]), (len(examples), 1))
+            out["aspect_ratio"] = np.full((len(examples), 1), h / w, np.float32)
+        return out
+
+    def null(self) -> dict[str, np.ndarray] | None:
+        if self.kind == "class":
+            return None
+        from jdit.weights.safetensors_io import read_safetensors
+
+        try:
+            t = read_safetensors(self.null_path)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{self.null_path}: the encoded empty prompt (tensors 'text' (1, L, D) and "
+                "'text_mask' (1, L)) is needed for condition dropout; set data.null_caption"
+            ) from None
+        text, mask = np.asarray(t.get("text")), np.asarray(t.get("text_mask"))
+        want = self.cache.shape(0, "text")
+        if text.shape != (1, *want) or mask.shape != (1, want[0]):
+            raise ValueError(f"{self.null_path}: expected text (1, {want[0]}, {want[1]}) and "
+                             f"text_mask (1, {want[0]}), got {text.shape} and {mask.shape}")
+        return {"context": text.astype(np.float32), "context_mask": mask.astype(np.int32)}
+
+    def preview(self) -> None:
+        return None  # latents need the VAE decoder to become a grid
+
+    def evaluate(self, generate: Generate, **kwargs: Any) -> dict[str, float]:
+        raise ValueError("data.name='feature_cache' has no built-in evaluation (its samples are "
+                         "latents); evaluate decoded images with your own metrics")
+
+
+def make_task(cfg: Mapping[str, Any], batch_size: int, seed: int
+              ) -> ShapesTask | DigitsTask | FeatureCacheTask:
     name = cfg.get("name")
     if name == "shapes":
         return ShapesTask(cfg, batch_size, seed)
     if name == "digits":
         return DigitsTask(cfg, batch_size, seed)
+    if name == "feature_cache":
+        return FeatureCacheTask(cfg, batch_size, seed)
     raise ValueError(f"data.name must be one of {TASKS}, got {name!r}")

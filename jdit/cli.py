@@ -116,6 +116,17 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_bars(args: argparse.Namespace) -> int:
+    from jdit.benchmarks import bars
+
+    result = bars.run(args.recipes, config_dir=args.configs, workdir=args.workdir)
+    _emit(result, args.json)
+    for r in result["results"]:
+        print(f"{r['recipe']}: {'PASS' if r['all_passed'] else 'FAIL'} {r['passed']}",
+              file=sys.stderr)
+    return 0 if result["all_passed"] else 1
+
+
 def cmd_bench_compile(args: argparse.Namespace) -> int:
     from jdit.benchmarks import compile_time
 
@@ -176,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     btr.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     btr.add_argument("--json", default=None)
     btr.set_defaults(func=cmd_bench_train)
+    bbar = bench_sub.add_parser("bars", help="train + eval the tiny recipes against the bars")
+    bbar.add_argument("recipes", nargs="*", default=["shapes_tiny", "digits_tiny"])
+    bbar.add_argument("--configs", default="configs", help="folder holding the recipe configs")
+    bbar.add_argument("--workdir", default=None, help="keep the runs here (default: temporary)")
+    bbar.add_argument("--json", default=None)
+    bbar.set_defaults(func=cmd_bench_bars)
     comp = bench_sub.add_parser("compile", help="compile time of a full-size model, scan vs not")
     comp.add_argument("--preset", default="pixart_sigma_xl2_1024")
     comp.add_argument("--forward-only", action="store_true", help="skip the gradient program")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from jdit.benchmarks import compile_time, forward, sample, train
 
 TINY = dict(depth=2, width=48, heads=4, latent=8, batch=2, caption_tokens=5, caption_channels=16)
@@ -27,3 +29,32 @@ def test_compile_benchmark_runs():
 def test_train_benchmark_runs_and_checks_the_loss():
     result = train.run(repeats=1, config=TINY, log=lambda s: None)
     assert result["first_loss_rel_err"] <= 1e-4 and result["speedup"] > 0
+
+
+def test_bars_benchmark_trains_evaluates_and_judges(tmp_path):
+    import textwrap
+    from pathlib import Path
+
+    from jdit.benchmarks import bars
+
+    real = Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py"
+    (tmp_path / "shapes_tiny.py").write_text(textwrap.dedent(f'''
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("real", {str(real)!r})
+        real = importlib.util.module_from_spec(spec); spec.loader.exec_module(real)
+        def get_config():
+            c = real.get_config()
+            c.model.update(hidden_size=32, depth=1, num_heads=2, caption_channels=16)
+            c.data.text_dim = 16
+            c.train.update(batch_size=8, steps=3, sample_every=0)
+            c.sample.steps = 2
+            return c
+    '''))
+    result = bars.run(["shapes_tiny"], config_dir=tmp_path, workdir=tmp_path / "runs")
+    (r,) = result["results"]
+    assert r["metrics"]["step"] == 3 and r["metrics"]["num_single_images"] >= 200
+    assert r["metrics"]["num_pair_prompts"] >= 200
+    assert r["passed"]["train_seconds"] and not r["passed"]["adherence_single"]  # 3 steps
+    assert result["all_passed"] is False
+    with pytest.raises(ValueError, match="bars exist for"):
+        bars.run(["imagenet"])

@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,40 @@ class _Stop:
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def prefetch(make: Callable[[int], Any], start: int, stop: int, depth: int = 2) -> Iterator[Any]:
+    """``make(i)`` for i in [start, stop), computed ``depth`` ahead in a thread (batches are pure
+    functions of their index, so the order and values are those of the plain loop)."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    closed = threading.Event()
+
+    def work() -> None:
+        for i in range(start, stop):
+            try:
+                item: Any = (make(i), None)
+            except BaseException as e:  # handed to the consumer, raised there
+                item = (None, e)
+            while not closed.is_set():
+                try:
+                    slots.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if closed.is_set() or item[1] is not None:
+                return
+
+    thread = threading.Thread(target=work, name="jdit-prefetch", daemon=True)
+    thread.start()
+    try:
+        for _ in range(start, stop):
+            value, error = slots.get()
+            if error is not None:
+                raise error
+            yield value
+    finally:
+        closed.set()
+        thread.join()
 
 
 class Run:
@@ -124,10 +160,11 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
     bar = tqdm(total=steps, initial=start, disable=quiet, unit="step", file=sys.stderr,
                dynamic_ncols=True)
     last: dict[str, Any] = {}
+    batches = prefetch(task.batch, start, steps)
     t0, n0 = time.perf_counter(), start
     try:
-        for step in range(start, steps):
-            state, metrics = train_step(state, task.batch(step))
+        for step, batch in zip(range(start, steps), batches, strict=True):
+            state, metrics = train_step(state, batch)
             done = step + 1
             bar.update(1)
             if done % log_every == 0 or done == steps:
@@ -146,6 +183,7 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
             if interrupted:
                 break
     finally:
+        batches.close()
         bar.close()
         stop.restore()
         ckpt.close()

@@ -153,7 +153,7 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
         params = optax.apply_updates(state.params, updates)
         d = jnp.minimum(decay, (1.0 + state.step) / (10.0 + state.step)) if ema_warmup else decay
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "lr": lr_schedule(state.step)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                              ema_params=ema, rng=rng), metrics

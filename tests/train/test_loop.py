@@ -130,3 +130,23 @@ def test_killed_runs_never_leave_a_corrupt_latest_checkpoint(tmp_path):
     config = tiny("shapes_tiny", [f"train.steps={step + 2}", "train.checkpoint_every=1"])
     train(config, tmp_path, quiet=True)
     assert load_trained(tmp_path)[2] == step + 2
+
+
+def test_prefetch_keeps_order_raises_errors_and_stops_early():
+    from jdit.train.loop import prefetch
+
+    assert list(prefetch(lambda i: i * i, 3, 9)) == [i * i for i in range(3, 9)]
+
+    def broken(i):
+        if i == 2:
+            raise KeyError("batch 2")
+        return i
+
+    got = []
+    with pytest.raises(KeyError, match="batch 2"):
+        for value in prefetch(broken, 0, 5):
+            got.append(value)
+    assert got == [0, 1]
+    gen = prefetch(lambda i: i, 0, 10_000, depth=2)
+    assert next(gen) == 0
+    gen.close()  # joins the worker: no thread left blocked on a full queue

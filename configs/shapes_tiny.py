@@ -27,4 +27,6 @@ def get_config() -> ml_collections.ConfigDict:
                         log_every=50, sample_every=950, checkpoint_every=500,
                         keep_checkpoints=2)
     config.sample = dict(solver="dpm++2m", steps=20, guidance_scale=3.0)
+    # One device here; on more, data parallel (see docs/parallelism.md).
+    config.parallel = dict(mesh=dict(data=-1, fsdp=1, tensor=1), rules="fsdp")
     return config

@@ -1,4 +1,4 @@
-"""The ``jdit`` command line: ``train``, ``sample``, ``eval``, ``convert``, ``bench``."""
+"""The ``jdit`` command line: ``train``, ``sample``, ``eval``, ``convert``, ``aot``, ``bench``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ def _config_overrides(extra: list[str]) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from jdit.parallel.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     from jdit.config import load_config
     from jdit.train.loop import train
 
@@ -75,6 +78,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     print(json.dumps(evaluate(args.workdir), indent=2))
     return 0
+
+
+def cmd_aot(args: argparse.Namespace, extra: list[str]) -> int:
+    import os
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # before libtpu is loaded
+    from jdit.config import load_config
+    from jdit.parallel import aot
+
+    config = load_config(args.config, _config_overrides(extra)).to_dict()
+    kwargs = dict(caption_length=args.caption_length, sampler=args.sampler,
+                  scan_layers=None if args.scan_layers == "config" else args.scan_layers == "on")
+    print(f"compiling for {args.topology} ...", file=sys.stderr)
+    if args.max_batch:
+        result = aot.max_batch(config, args.topology, start=args.batch or 1, **kwargs)
+    else:
+        result = aot.report(config, args.topology, args.batch, **kwargs)
+    _emit(result, args.json)
+    print(f"{args.topology}: per-device batch {result['per_device_batch']}, "
+          f"{result['hbm_per_device_bytes'] / 2**30:.2f} of "
+          f"{result['hbm_capacity_bytes'] / 2**30:.1f} GiB ({'fits' if result['fits'] else 'does NOT fit'}),"
+          f" roofline {result['roofline_step_seconds'] * 1e3:.1f} ms/step "
+          f"({result['roofline_bound_by']}-bound), MFU bound {result['roofline_mfu_bound']:.2f}, "
+          f"compiled in {result['compile_seconds']:.0f} s", file=sys.stderr)
+    return 0 if result["fits"] else 1
 
 
 def _emit(result: dict[str, Any], path: str | None) -> None:
@@ -141,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train from a config file (--config.key=value overrides)")
     train.add_argument("--config", required=True, help="config file, e.g. configs/shapes_tiny.py")
     train.add_argument("--workdir", required=True, help="run directory (resumes if it exists)")
+    multi = train.add_argument_group("multi-host (or JAX_COORDINATOR_ADDRESS, JDIT_NUM_PROCESSES,"
+                                     " JDIT_PROCESS_ID)")
+    multi.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    multi.add_argument("--num-processes", type=int, default=None)
+    multi.add_argument("--process-id", type=int, default=None)
+    multi.add_argument("--distributed", action="store_true",
+                       help="let JAX discover the hosts (TPU pod slices, SLURM)")
     train.set_defaults(func=cmd_train, takes_extra=True)
 
     smp = sub.add_parser("sample", help="sample a grid from a trained workdir")
@@ -169,6 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="entry of a .pth holding the weights (default: auto)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     convert.set_defaults(func=cmd_convert)
+
+    aot = sub.add_parser(
+        "aot", help="compile the train step for a TPU topology (libtpu): memory, FLOPs, roofline")
+    aot.add_argument("--config", required=True, help="a model or training config file")
+    aot.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5p:4x4x4, v6e:4x4")
+    aot.add_argument("--batch", type=int, default=None,
+                     help="per-device batch (default: train.batch_size over the batch shards)")
+    aot.add_argument("--max-batch", action="store_true",
+                     help="search the largest per-device batch that fits in HBM")
+    aot.add_argument("--caption-length", type=int, default=None,
+                     help="caption tokens (default: 300, PixArt-Σ's T5 length)")
+    aot.add_argument("--sampler", action="store_true", help="also compile the CFG sampler")
+    aot.add_argument("--scan-layers", choices=("off", "on", "config"), default="off",
+                     help="off (default): unrolled blocks, so XLA's cost analysis counts every "
+                          "layer; on: nn.scan (faster compile, costs of one loop iteration)")
+    aot.add_argument("--json", default=None, help="also write the report to this file")
+    aot.set_defaults(func=cmd_aot, takes_extra=True)
 
     bench = sub.add_parser("bench", help="benchmarks recorded in BENCHMARKS.md")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

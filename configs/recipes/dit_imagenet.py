@@ -30,4 +30,6 @@ def get_config(resolution: str = "256") -> ml_collections.ConfigDict:
                         ema_warmup=False, cond_dropout=0.1, init_from="", log_every=100,
                         sample_every=0, checkpoint_every=5000, keep_checkpoints=3)
     config.sample = dict(solver="ddpm", steps=250, guidance_scale=1.5)
+    # FSDP over every chip; add tensor parallelism with mesh.tensor > 1 and rules 'fsdp_tp'.
+    config.parallel = dict(mesh=dict(data=1, fsdp=-1, tensor=1), rules="fsdp")
     return config

@@ -41,4 +41,6 @@ def get_config(stage: str = "1024") -> ml_collections.ConfigDict:
                         cond_dropout=0.1, init_from="", log_every=100, sample_every=0,
                         checkpoint_every=2000, keep_checkpoints=3)
     config.sample = dict(solver="dpm++2m", steps=20, guidance_scale=4.5)
+    # FSDP over every chip; add tensor parallelism with mesh.tensor > 1 and rules 'fsdp_tp'.
+    config.parallel = dict(mesh=dict(data=1, fsdp=-1, tensor=1), rules="fsdp")
     return config

@@ -13,7 +13,9 @@ from jdit.nn.attention import SelfAttention
 from jdit.nn.embeddings import (
     LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify,
 )
-from jdit.nn.layers import Array, DType, Mlp, layer_norm, modulate
+from jdit.nn.layers import (
+    MLP_NAMES, TOKEN_NAMES, Array, DType, Mlp, constrain, layer_norm, modulate,
+)
 from jdit.nn.modulation import AdaLNModulation, FinalLayer
 from jdit.nn.stack import run_blocks
 
@@ -34,6 +36,7 @@ class DiTBlock(nn.Module):
     def __call__(self, x: Array, c: Array) -> tuple[Array, None]:
         d, dt = self.hidden_size, self.dtype
         common = dict(dtype=dt, param_dtype=self.param_dtype, precision=self.precision)
+        x = constrain(x, TOKEN_NAMES)
         mods = AdaLNModulation(6, d, param_dtype=self.param_dtype, precision=self.precision,
                                name="adaln")(c)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
@@ -44,8 +47,8 @@ class DiTBlock(nn.Module):
                           attention_impl=self.attention_impl, name="attn", **common)(h)
         x = x + gate_msa * h.astype(jnp.float32)
         h = modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp).astype(dt)
-        h = Mlp(int(d * self.mlp_ratio), d, name="mlp", **common)(h)
-        return x + gate_mlp * h.astype(jnp.float32), None
+        h = Mlp(int(d * self.mlp_ratio), d, hidden_names=MLP_NAMES, name="mlp", **common)(h)
+        return constrain(x + gate_mlp * h.astype(jnp.float32), TOKEN_NAMES), None
 
 
 class DiT(nn.Module):

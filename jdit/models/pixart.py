@@ -16,7 +16,9 @@ from flax import linen as nn
 from jdit.models.checks import check_config, check_context, check_latents, check_vector
 from jdit.nn.attention import KV_COMPRESS_MODES, CrossAttention, SelfAttention
 from jdit.nn.embeddings import PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
-from jdit.nn.layers import Array, DType, Mlp, layer_norm, modulate, normal, zeros
+from jdit.nn.layers import (
+    MLP_NAMES, TOKEN_NAMES, Array, DType, Mlp, constrain, layer_norm, modulate, normal, zeros,
+)
 from jdit.nn.modulation import AdaLNModulation, FinalLayer, scale_shift_table
 from jdit.nn.stack import run_blocks
 
@@ -42,6 +44,7 @@ class PixArtBlock(nn.Module):
     ) -> tuple[Array, None]:
         d, dt = self.hidden_size, self.dtype
         common = dict(dtype=dt, param_dtype=self.param_dtype, precision=self.precision)
+        x = constrain(x, TOKEN_NAMES)
         mods = scale_shift_table(self, 6, d, self.param_dtype)[None] + t0
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             mods[:, i : i + 1] for i in range(6)
@@ -59,8 +62,8 @@ class PixArtBlock(nn.Module):
         )(x.astype(dt), context, context_mask)
         x = x + h.astype(jnp.float32)
         h = modulate(layer_norm(x, 1e-6), shift_mlp, scale_mlp).astype(dt)
-        h = Mlp(int(d * self.mlp_ratio), d, name="mlp", **common)(h)
-        return x + gate_mlp * h.astype(jnp.float32), None
+        h = Mlp(int(d * self.mlp_ratio), d, hidden_names=MLP_NAMES, name="mlp", **common)(h)
+        return constrain(x + gate_mlp * h.astype(jnp.float32), TOKEN_NAMES), None
 
 
 class PixArt(nn.Module):

@@ -12,7 +12,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jdit.nn.layers import AffineLayerNorm, Array, Dense, DType, Initializer, xavier_uniform
+from jdit.nn.layers import (
+    AffineLayerNorm, Array, Dense, DType, Initializer, constrain, xavier_uniform,
+)
+
+Q_NAMES = ("batch", "length", "act_heads", None)
+KV_NAMES = ("batch", "kv_length", "act_heads", None)
+CAPTION_KV_NAMES = ("batch", None, "act_heads", None)
 
 # fn(q, k, v, kv_mask, precision) -> out. q (B, Lq, H, D); k, v (B, Lkv, H, D); kv_mask (B, Lkv).
 AttentionFn = Callable[[Array, Array, Array, Array | None, jax.lax.Precision | None], Array]
@@ -192,7 +198,11 @@ class SelfAttention(nn.Module):
                 name="kv_compress",
             )(k.reshape(b, n, -1), v.reshape(b, n, -1))
             k, v = k.reshape(b, -1, heads, hd), v.reshape(b, -1, heads, hd)
-        o = dot_product_attention(q, k, v, impl=self.attention_impl, precision=self.precision)
+        # Under sequence parallelism queries stay split over `context`; keys and values are
+        # gathered whole (cheaper after KV compression).
+        q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
+        o = constrain(dot_product_attention(q, k, v, impl=self.attention_impl,
+                                            precision=self.precision), Q_NAMES)
         return Dense(width, ("heads", "kv"), ("embed",), name="out", **common)(o)
 
 
@@ -214,10 +224,12 @@ class CrossAttention(nn.Module):
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         q = Dense((heads, hd), ("embed",), ("heads", "kv"), name="q", **common)(x)
         kv = Dense((2, heads, hd), ("embed",), (None, "heads", "kv"), name="kv", **common)(context)
+        k, v = constrain(kv[:, :, 0], CAPTION_KV_NAMES), constrain(kv[:, :, 1], CAPTION_KV_NAMES)
         o = dot_product_attention(
-            q, kv[:, :, 0], kv[:, :, 1], context_mask,
+            constrain(q, Q_NAMES), k, v, context_mask,
             impl=self.attention_impl, precision=self.precision,
         )
+        o = constrain(o, Q_NAMES)
         return Dense(
             width, ("heads", "kv"), ("embed",), kernel_init=self.out_init, name="out", **common
         )(o)

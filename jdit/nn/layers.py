@@ -1,8 +1,9 @@
 """Dense projections and norms with logical axis names on every parameter.
 
 Every parameter is created through :func:`flax.linen.with_logical_partitioning`, so a model can
-be sharded by a rule table (``jdit.parallel``, a later issue) without touching model code. The
-logical names used across jdit are listed in :data:`LOGICAL_AXES`.
+be sharded by a rule table (:mod:`jdit.parallel.rules`) without touching model code. The
+logical names used across jdit are listed in :data:`LOGICAL_AXES`; activations are constrained
+by :func:`constrain` with the names of ``jdit.parallel.rules.ACTIVATION_AXES``.
 """
 
 from __future__ import annotations
@@ -129,6 +130,19 @@ class AffineLayerNorm(nn.Module):
         return y.astype(x.dtype)
 
 
+TOKEN_NAMES = ("batch", "length", "act_embed")  # the residual stream (B, L, D)
+MLP_NAMES = ("batch", "length", "act_mlp")  # an MLP's hidden layer (B, L, F)
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+    """Sharding constraint by logical activation names (``jdit.parallel.rules.ACTIVATION_AXES``).
+
+    A no-op unless a mesh and a rule table are active (``Partitioner.activate()``), so models
+    run unchanged on one device.
+    """
+    return nn.with_logical_constraint(x, names)
+
+
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
     """adaLN modulation ``x * (1 + scale) + shift`` (shift/scale broadcast over tokens)."""
     return x * (1.0 + scale) + shift
@@ -144,6 +158,7 @@ class Mlp(nn.Module):
     out_axis: str | None = "embed"
     fc1_init: Initializer = xavier_uniform
     fc2_init: Initializer = xavier_uniform
+    hidden_names: tuple[str | None, ...] | None = None  # activation names of the hidden layer
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     precision: jax.lax.Precision | None = None
@@ -156,6 +171,8 @@ class Mlp(nn.Module):
             kernel_init=self.fc1_init, name="fc1", **common,
         )(x)
         h = jax.nn.gelu(h, approximate=True)
+        if self.hidden_names is not None:
+            h = constrain(h, self.hidden_names)
         return Dense(
             self.out_features, (self.hidden_axis,), (self.out_axis,),
             kernel_init=self.fc2_init, name="fc2", **common,

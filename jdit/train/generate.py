@@ -15,10 +15,15 @@ from jdit.sampling import ClassifierFreeGuidance, sample
 from jdit.train.step import make_schedule
 
 
-def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any]
-                   ) -> Callable[..., np.ndarray]:
+def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
+                   partitioner: Any = None) -> Callable[..., np.ndarray]:
     """``generate(params, conditions, seed, guidance_scale=None, solver=None, num_steps=None)``
-    returns images in [-1, 1], NHWC. Defaults come from the ``sample`` config section."""
+    returns images in [-1, 1], NHWC. Defaults come from the ``sample`` config section.
+
+    With a :class:`~jdit.parallel.Partitioner` the noise is split over the mesh's batch axes
+    (when they divide the number of images) and the sampler runs under its mesh and rules; the
+    images come back whole on every process.
+    """
     schedule = make_schedule(config["diffusion"])
     prediction = "flow" if isinstance(schedule, FlowSchedule) else config["diffusion"].get(
         "prediction", "epsilon")
@@ -35,6 +40,28 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any]
             return module.apply({"params": params}, x2, t2, labels=labels2)
 
     guided = ClassifierFreeGuidance(model_fn)
+    cache: dict[Any, Callable[..., jax.Array]] = {}
+
+    def _sharded_sampler(split: bool, num_args: int, key: jax.Array, **run: Any
+                         ) -> Callable[..., jax.Array]:
+        """The sampler jitted with explicit shardings: parameters by their logical names, the
+        noise over the batch axes (``split``), conditions replicated, images out replicated."""
+        sig = (split, num_args, tuple(sorted((k, str(v)) for k, v in run.items())))
+        if sig not in cache:
+            p = partitioner
+            noise_sh = p.batch_sharding(4) if split else p.replicated
+
+            def go(scale: jax.Array, params: Any, noise: jax.Array, key: jax.Array,
+                   *cond: jax.Array) -> jax.Array:
+                x = sample(guided, noise, key=key, args=(scale, params) + cond, **run)
+                return jnp.clip(x, -1.0, 1.0)
+
+            cache[sig] = jax.jit(
+                go, in_shardings=(p.replicated, p.param_shardings(module), noise_sh,
+                                  p.replicated) + (p.replicated,) * num_args,
+                out_shardings=p.replicated)
+        jitted = cache[sig]
+        return lambda scale, params, noise, *cond: jitted(scale, params, noise, key, *cond)
 
     def generate(params: Any, conditions: Mapping[str, np.ndarray], seed: int,
                  guidance_scale: float | None = None, solver: str | None = None,
@@ -52,10 +79,18 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any]
         scale = defaults.get("guidance_scale", 4.5) if guidance_scale is None else guidance_scale
         key = jax.random.PRNGKey(seed)
         noise = jax.random.normal(key, (b, size, size, channels))
-        out = sample(guided, noise, solver=solver or defaults.get("solver", "dpm++2m"),
-                     num_steps=int(num_steps or defaults.get("steps", 20)), schedule=schedule,
-                     prediction=prediction, key=jax.random.fold_in(key, 1),
-                     args=(jnp.float32(scale), params) + args)
-        return np.asarray(jnp.clip(out, -1.0, 1.0))
+        run = dict(solver=solver or defaults.get("solver", "dpm++2m"),
+                   num_steps=int(num_steps or defaults.get("steps", 20)), schedule=schedule,
+                   prediction=prediction, key=jax.random.fold_in(key, 1))
+        if partitioner is None:
+            out = sample(guided, noise, args=(jnp.float32(scale), params) + args, **run)
+            return np.asarray(jnp.clip(out, -1.0, 1.0))
+        # Host values (numpy) are the same on every process: each places its own shards.
+        split = b % partitioner.batch_shards == 0
+        sampler = _sharded_sampler(split, len(args), **run)
+        noise = np.asarray(noise)
+        with partitioner.activate():
+            out = sampler(jnp.float32(scale), params, noise, *(np.asarray(a) for a in args))
+        return np.asarray(out.addressable_data(0))
 
     return generate

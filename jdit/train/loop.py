@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jdit.models import build
+from jdit.parallel import Partitioner
 from jdit.train.checkpoint import Checkpointer
 from jdit.train.generate import make_generator
 from jdit.train.optim import learning_rate, make_optimizer
@@ -100,21 +101,48 @@ def prefetch(make: Callable[[int], Any], start: int, stop: int, depth: int = 2) 
 class Run:
     """The objects a run is made of, built from a config (also used by sample/eval)."""
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(self, config: Mapping[str, Any], devices: Any = None) -> None:
+        """``devices``: the devices of the mesh (default: all of them, every process's)."""
         self.config = _plain(config)
         c = self.config
-        self.task = make_task(c["data"], int(c["train"]["batch_size"]), int(c["train"].get("seed", 0)))
+        self.batch_size = int(c["train"]["batch_size"])
+        self.task = make_task(c["data"], self.batch_size, int(c["train"].get("seed", 0)))
         self.module = build(c["model"])
         steps = int(c["train"]["steps"])
         self.lr = learning_rate(c["optim"], steps)
         self.tx = make_optimizer(c["optim"], steps)
-        self.generate = make_generator(self.module, self.task, c)
+        self.partitioner = Partitioner.from_config(c.get("parallel"), devices)
+        self.generate = make_generator(self.module, self.task, c, self.partitioner)
 
     def init_state(self) -> TrainState:
         return init_state(self.module, self.tx, int(self.config["train"].get("seed", 0)))
 
+    def state_shardings(self) -> TrainState:
+        return self.partitioner.state_shardings(self.module, self.tx)
+
     def abstract_state(self) -> TrainState:
-        return jax.eval_shape(self.init_state)
+        """Shapes, dtypes and target shardings of the train state (for restoring)."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            jax.eval_shape(self.init_state), self.state_shardings())
+
+    def sharded_init(self) -> TrainState:
+        """The initial state, created directly in its shardings."""
+        return self.partitioner.init(self.init_state, self.state_shardings())
+
+    def batch(self, index: int) -> dict[str, jax.Array]:
+        """Global batch ``index`` as sharded arrays; this process computes only its own rows."""
+        part = self.partitioner
+        rows = part.local_rows(self.batch_size)
+        local = self.task.batch(index, rows=rows)
+        return part.shard_batch(local, self.batch_size)
+
+    def jit_train_step(self, null: tuple[Any, Any] | None) -> Callable[..., Any]:
+        """``train_step`` jitted with explicit state shardings, the state donated. Call it inside
+        ``self.partitioner.activate()``."""
+        shardings = self.state_shardings()
+        step = make_train_step(self.module, self.tx, self.lr, self.config, null)
+        return jax.jit(step, in_shardings=(shardings, None),
+                       out_shardings=(shardings, self.partitioner.replicated), donate_argnums=0)
 
 
 def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | None = None,
@@ -125,58 +153,67 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
     SIGTERM would (used by the resume tests).
     """
     workdir = Path(workdir)
+    primary = jax.process_index() == 0  # with several hosts, one writes the run's files
     workdir.mkdir(parents=True, exist_ok=True)
     run = Run(config)
     c, task = run.config, run.task
     tc = c["train"]
     steps, log_every = int(tc["steps"]), int(tc.get("log_every", 50))
     sample_every = int(tc.get("sample_every", 0))
-    _save_config(workdir, c)
+    if primary:
+        _save_config(workdir, c)
 
     ckpt = Checkpointer(workdir / "checkpoints", every=int(tc.get("checkpoint_every", 500)),
                         keep=int(tc.get("keep_checkpoints", 3)),
                         async_save=bool(tc.get("async_checkpoints", True)))
-    state, start = run.init_state(), 0
+    part = run.partitioner
+    part.check_batch_size(run.batch_size)
+    start = 0
     if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
+        state, meta = ckpt.restore(run.abstract_state())
         start = int(meta["data_index"])
-    elif tc.get("init_from"):
-        state = init_from(state, run, str(tc["init_from"]))
+    else:
+        state = run.sharded_init()
+        if tc.get("init_from"):
+            state = jax.device_put(init_from(state, run, str(tc["init_from"])),
+                                   run.state_shardings())
     null = task.null() if task.kind == "text" else None
-    train_step = jax.jit(make_train_step(run.module, run.tx, run.lr, c,
-                                         None if null is None else (null["context"],
-                                                                    null["context_mask"])),
-                         donate_argnums=0)
-    writer = MetricsWriter(workdir)
+    train_step = run.jit_train_step(None if null is None else (null["context"],
+                                                               null["context_mask"]))
+    writer = MetricsWriter(workdir) if primary else None
     preview = task.preview()  # None: this task's samples are not images (latents)
     if preview is None:
         sample_every = 0
     else:
         preview_prompts, preview_cond = preview
-        (workdir / "samples").mkdir(exist_ok=True)
-        (workdir / "samples" / "prompts.txt").write_text("\n".join(preview_prompts) + "\n")
+        if primary:
+            (workdir / "samples").mkdir(exist_ok=True)
+            (workdir / "samples" / "prompts.txt").write_text("\n".join(preview_prompts) + "\n")
 
     stop = _Stop()
-    bar = tqdm(total=steps, initial=start, disable=quiet, unit="step", file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, disable=quiet or not primary, unit="step",
+               file=sys.stderr, dynamic_ncols=True)
     last: dict[str, Any] = {}
-    batches = prefetch(task.batch, start, steps)
+    batches = prefetch(run.batch, start, steps)
     t0, n0 = time.perf_counter(), start
     try:
         for step, batch in zip(range(start, steps), batches, strict=True):
-            state, metrics = train_step(state, batch)
+            with part.activate():
+                state, metrics = train_step(state, batch)
             done = step + 1
             bar.update(1)
             if done % log_every == 0 or done == steps:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 rate = (done - n0) / (time.perf_counter() - t0)
                 last["steps_per_second"] = rate
-                writer.write(done, last)
+                if writer is not None:
+                    writer.write(done, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
             if sample_every and (done % sample_every == 0 or done == steps):
-                images = run.generate(state.ema_params, preview_cond, seed=0)
-                save_grid(workdir / "samples" / f"step_{done:07d}.png", images,
-                          columns=8, scale=2)
+                images = run.generate(state.ema_params, preview_cond, seed=0)  # every host
+                if primary:
+                    save_grid(workdir / "samples" / f"step_{done:07d}.png", images,
+                              columns=8, scale=2)
             interrupted = stop.requested or (stop_after is not None and done - start >= stop_after)
             if ckpt.should_save(done) or done == steps or interrupted:
                 ckpt.save(done, state, {"data_index": done, "step": done})
@@ -187,7 +224,8 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
         bar.close()
         stop.restore()
         ckpt.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     return last
 
 
@@ -217,7 +255,14 @@ def load_trained(workdir: str | Path, use_ema: bool = True) -> tuple[Run, Any, i
     cfg_path = workdir / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{workdir} has no config.json: is it a jdit train workdir?")
-    run = Run(json.loads(cfg_path.read_text()))
+    config = json.loads(cfg_path.read_text())
+    try:
+        run = Run(config)
+    except ValueError as e:  # trained on another topology: spread over the devices here
+        if "devices" not in str(e):
+            raise
+        config["parallel"] = {**config.get("parallel", {}), "mesh": {"fsdp": -1}}
+        run = Run(config)
     ckpt = Checkpointer(workdir / "checkpoints", every=0, read_only=True)
     try:
         state, meta = ckpt.restore(run.abstract_state())

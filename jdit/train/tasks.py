@@ -1,7 +1,7 @@
 """Tasks: what a run trains on, how it conditions the model, and how it is evaluated.
 
 A task gives deterministic batches by index (so a resumed run sees exactly the batches it would
-have seen), the null condition for classifier-free guidance, conditions for sampling, and an
+have seen; ``batch(index, rows=(start, stop))`` is the part of the global batch one host feeds), the null condition for classifier-free guidance, conditions for sampling, and an
 ``evaluate`` that generates with a ``generate(conditions, key) -> images`` function.
 """
 
@@ -16,6 +16,16 @@ from jdit.text import WordEncoder
 
 Generate = Callable[[dict[str, np.ndarray], int], np.ndarray]
 TASKS = ("shapes", "digits", "feature_cache")
+Rows = tuple[int, int] | None
+
+
+def _rows(rows: Rows, batch_size: int) -> slice:
+    if rows is None:
+        return slice(0, batch_size)
+    start, stop = rows
+    if not 0 <= start < stop <= batch_size:
+        raise ValueError(f"rows {rows} do not lie within a batch of {batch_size}")
+    return slice(start, stop)
 
 
 class ShapesTask:
@@ -42,10 +52,12 @@ class ShapesTask:
         ctx, mask = self.encoder.encode(captions)
         return {"context": ctx, "context_mask": mask}
 
-    def batch(self, index: int) -> dict[str, np.ndarray]:
+    def batch(self, index: int, rows: Rows = None) -> dict[str, np.ndarray]:
+        # Rendering a whole 32-pixel batch costs little; each host keeps its rows.
         b = self.shapes.batch(self.seed, index, self.batch_size, size=self.size,
                               pair_fraction=self.pair_fraction)
-        return {"images": b["images"], **self.encode(list(b["captions"]))}
+        part = _rows(rows, self.batch_size)
+        return {"images": b["images"][part], **self.encode(list(b["captions"][part]))}
 
     def null(self) -> dict[str, np.ndarray]:
         return self.encode([""])
@@ -90,9 +102,10 @@ class DigitsTask:
         self.batch_size, self.seed = batch_size, seed
         self.channels = 1
 
-    def batch(self, index: int) -> dict[str, np.ndarray]:
+    def batch(self, index: int, rows: Rows = None) -> dict[str, np.ndarray]:
         b = self.digits.batch(self.seed, index, self.batch_size, size=self.size)
-        return {"images": b["images"], "labels": np.asarray(b["labels"], np.int32)}
+        part = _rows(rows, self.batch_size)
+        return {"images": b["images"][part], "labels": np.asarray(b["labels"], np.int32)[part]}
 
     def null(self) -> None:
         return None
@@ -149,14 +162,15 @@ class FeatureCacheTask:
         self.vae_factor = int(cfg.get("vae_factor", 8))
         self.micro_condition = bool(cfg.get("micro_condition", False))
         self.null_path = cfg.get("null_caption") or f"{cfg['path']}/null_caption.safetensors"
+        self.batch_size = batch_size
         self.sampler = BucketBatchSampler(self.cache.sizes("latent"), batch_size, table=None,
-                                          seed=seed)
+                                          seed=seed, shard_index=0, shard_count=1)
         self.channels = self.cache.shape(0, "latent")[-1]
         self.size = self.cache.shape(0, "latent")[0]
 
-    def batch(self, index: int) -> dict[str, np.ndarray]:
-        chosen = self.sampler.batch(index)
-        examples = [self.cache[int(i)] for i in chosen.indices]
+    def batch(self, index: int, rows: Rows = None) -> dict[str, np.ndarray]:
+        chosen = self.sampler.batch(index)  # the global batch's plan; read only our rows
+        examples = [self.cache[int(i)] for i in chosen.indices[_rows(rows, self.batch_size)]]
         latents = np.stack([e["latent"] for e in examples]).astype(np.float32)
         out = {"images": latents * np.float32(self.latent_scale)}
         if self.kind == "text":

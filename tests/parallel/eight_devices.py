@@ -1,0 +1,127 @@
+"""Runs on 8 simulated CPU devices (started by test_sharding.py in a fresh process, since the
+device count is fixed when jax starts). Prints one JSON line of measurements per check."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jdit.config import load_config  # noqa: E402
+from jdit.train.checkpoint import Checkpointer  # noqa: E402
+from jdit.train.loop import Run  # noqa: E402
+
+CONFIG = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                                  "shapes_tiny.py"),
+                     ["train.batch_size=16", "model.hidden_size=64", "model.depth=2",
+                      "train.steps=10", "optim.warmup_steps=2"])
+MESHES = [({"data": 8, "fsdp": 1, "tensor": 1}, "dp"), ({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp"),
+          ({"data": 1, "fsdp": 4, "tensor": 2}, "fsdp_tp"), ({"data": 1, "fsdp": 8, "tensor": 1}, "fsdp"),
+          # sequence parallel: 64 image tokens split 4 ways, keys and values gathered
+          ({"data": 2, "fsdp": 1, "tensor": 1, "context": 4}, "fsdp")]
+
+
+def make_run(mesh: dict, rules: str, devices=None) -> Run:
+    c = CONFIG.to_dict()
+    c["parallel"] = {"mesh": mesh, "rules": rules}
+    return Run(c, devices=devices)
+
+
+def train(run: Run, steps: int = 3):
+    null = run.task.null()
+    state = run.sharded_init()
+    step = run.jit_train_step((null["context"], null["context_mask"]))
+    losses = []
+    for i in range(steps):
+        with run.partitioner.activate():
+            state, metrics = step(state, run.batch(i))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def rel(a, b) -> float:
+    """Relative error of a whole pytree, ||a - b|| / ||b|| over all its numbers. (Per array it
+    can be larger for arrays that start at zero: Adam's g / sqrt(v) turns float reassociation in
+    near-zero gradients into update differences of order lr.)"""
+    pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    num = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
+              for x, y in pairs)
+    den = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for _, y in pairs)
+    return (num / den) ** 0.5
+
+
+def sharded_leaves(state) -> int:
+    return sum(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state))
+
+
+def check_training() -> None:
+    ref_state, ref_losses = train(make_run({"data": 1}, "dp", jax.devices()[:1]))
+    ref = jax.device_get(ref_state)
+    for mesh, rules in MESHES:
+        run = make_run(mesh, rules)
+        state, losses = train(run)
+        qkv = state.params["block_0"]["attn"]["qkv"]["kernel"]
+        print(json.dumps({
+            "check": "training", "mesh": mesh, "rules": rules, "devices": len(qkv.devices()),
+            "loss_rel": float(np.max(np.abs(np.subtract(losses, ref_losses)) / np.abs(ref_losses))),
+            "params_rel": rel(state.params, ref.params), "ema_rel": rel(state.ema_params, ref.ema_params),
+            "opt_rel": rel(state.opt_state, ref.opt_state),
+            "qkv_spec": [None if s is None else s if isinstance(s, str) else list(s)
+                         for s in qkv.sharding.spec],
+            "sharded_leaves": sharded_leaves(state)}), flush=True)
+
+
+def check_sampling() -> None:
+    single = make_run({"data": 1}, "dp", jax.devices()[:1])
+    # Random weights everywhere (the zero-initialised output layers would make the model 0).
+    params = single.sharded_init().params
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
+                                       for p, k in zip(leaves, keys, strict=True)])
+    prompts = [single.task.shapes.caption(p) for p in single.task.shapes.prompts("single", "heldout")[:8]]
+    cond = single.task.encode(prompts)
+    ref = single.generate(params, cond, seed=3, num_steps=4)
+    for mesh, rules in [MESHES[i] for i in (0, 1, 4)]:
+        run = make_run(mesh, rules)
+        sharded_params = jax.device_put(jax.device_get(params), run.state_shardings().params)
+        out = run.generate(sharded_params, cond, seed=3, num_steps=4)
+        print(json.dumps({"check": "sampling", "mesh": mesh, "rules": rules,
+                          "max_abs": float(np.max(np.abs(out - ref))),
+                          "ref_std": float(np.std(ref))}), flush=True)
+
+
+def check_checkpoints() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        saver = make_run({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp")
+        state, _ = train(saver, steps=2)
+        ckpt = Checkpointer(tmp, every=1, async_save=True)
+        ckpt.save(2, state, {"data_index": 2, "step": 2})
+        ckpt.close()
+        saved = jax.device_get(state)
+        for mesh, rules, devices in (({"data": 1, "fsdp": 4, "tensor": 1}, "fsdp", jax.devices()[:4]),
+                                     ({"data": 1}, "dp", jax.devices()[:1])):
+            run = make_run(mesh, rules, devices)
+            reader = Checkpointer(tmp, every=0, read_only=True)
+            restored, meta = reader.restore(run.abstract_state())
+            reader.close()
+            qkv = restored.params["block_0"]["attn"]["qkv"]["kernel"]
+            print(json.dumps({
+                "check": "checkpoint", "mesh": mesh, "devices": len(qkv.devices()),
+                "max_abs": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                               for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved),
+                                               strict=True)),
+                "sharded_leaves": sharded_leaves(restored), "step": meta["step"]}), flush=True)
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, jax.devices()
+    {"training": check_training, "sampling": check_sampling,
+     "checkpoints": check_checkpoints}[sys.argv[1]]()

@@ -88,6 +88,18 @@ def cmd_aot(args: argparse.Namespace, extra: list[str]) -> int:
     from jdit.parallel import aot
 
     config = load_config(args.config, _config_overrides(extra)).to_dict()
+    if args.mesh or args.rules:
+        parallel = dict(config.get("parallel") or aot.TRAIN_DEFAULTS["parallel"])
+        if args.mesh:
+            try:
+                parallel["mesh"] = {k.strip(): int(v) for k, v in
+                                    (item.split("=") for item in args.mesh.split(","))}
+            except ValueError:
+                raise SystemExit(f"jdit aot: --mesh looks like data=1,fsdp=-1,tensor=1,context=4;"
+                                 f" got {args.mesh!r}") from None
+        if args.rules:
+            parallel["rules"] = args.rules
+        config["parallel"] = parallel
     kwargs = dict(caption_length=args.caption_length, sampler=args.sampler,
                   scan_layers=None if args.scan_layers == "config" else args.scan_layers == "on")
     print(f"compiling for {args.topology} ...", file=sys.stderr)
@@ -216,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     aot.add_argument("--caption-length", type=int, default=None,
                      help="caption tokens (default: 300, PixArt-Σ's T5 length)")
     aot.add_argument("--sampler", action="store_true", help="also compile the CFG sampler")
+    aot.add_argument("--mesh", default=None,
+                     help="mesh axes, e.g. data=1,fsdp=-1,tensor=2,context=4 (default: the "
+                          "config's parallel.mesh, else FSDP over every chip)")
+    aot.add_argument("--rules", default=None, help="rule table: dp | fsdp | fsdp_tp")
     aot.add_argument("--scan-layers", choices=("off", "on", "config"), default="off",
                      help="off (default): unrolled blocks, so XLA's cost analysis counts every "
                           "layer; on: nn.scan (faster compile, costs of one loop iteration)")

@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -149,7 +150,6 @@ def report(config: Mapping[str, Any], topology: str, per_device_batch: int | Non
            caption_length: int | None = None, sampler: bool = False,
            scan_layers: bool | None = False) -> dict[str, Any]:
     """Compile the train step for ``topology`` and report memory, costs and the roofline."""
-    from flax import linen as nn
 
     from jdit.models import build
     from jdit.parallel.partition import Partitioner
@@ -309,6 +309,9 @@ def max_batch(config: Mapping[str, Any], topology: str, *, start: int = 1, limit
         if b not in results:
             r = report(config, topology, b, **kwargs)
             results[b] = r
+            print(f"  per-device batch {b}: {r['hbm_per_device_bytes'] / GiB:.2f} GiB "
+                  f"({'fits' if r['fits'] else 'does not fit'}; compiled in "
+                  f"{r.get('compile_seconds', 0):.0f} s)", file=sys.stderr, flush=True)
             tried.append({"per_device_batch": b, "fits": r["fits"],
                           "hbm": r["hbm_per_device_bytes"]})
         return bool(results[b]["fits"])

@@ -51,12 +51,12 @@ class Partitioner:
 
     # -- shardings ----------------------------------------------------------------------------
 
-    def sharding(self, spec: PartitionSpec = P()) -> NamedSharding:
-        return NamedSharding(self.mesh, spec)
+    def sharding(self, spec: PartitionSpec | None = None) -> NamedSharding:
+        return NamedSharding(self.mesh, P() if spec is None else spec)
 
     @property
     def replicated(self) -> NamedSharding:
-        return self.sharding(P())
+        return self.sharding()
 
     def logical_sharding(self, names: Sequence[Any] | None, shape: Sequence[int]) -> NamedSharding:
         return self.sharding(spec_for(names, shape, self.rules, self.mesh))

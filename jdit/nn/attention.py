@@ -13,7 +13,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jdit.nn.layers import (
-    AffineLayerNorm, Array, Dense, DType, Initializer, constrain, xavier_uniform,
+    AffineLayerNorm,
+    Array,
+    Dense,
+    DType,
+    Initializer,
+    constrain,
+    xavier_uniform,
 )
 
 Q_NAMES = ("batch", "length", "act_heads", None)
@@ -50,7 +56,64 @@ def xla_attention(
     return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
 
-ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": xla_attention}
+def pallas_attention(
+    q: Array, k: Array, v: Array, kv_mask: Array | None = None,
+    precision: jax.lax.Precision | None = None,
+) -> Array:
+    """``pallas_kernels.flash_attention``: Mosaic on TPU, the same kernel interpreted elsewhere.
+
+    Under an active mesh and rule table (``Partitioner.activate()``) the kernel runs inside
+    ``jax.shard_map`` (Mosaic kernels cannot be partitioned automatically): queries split over
+    the batch, length and head axes the rules give them, keys and values over batch and heads
+    only (gathered whole along their length, as the XLA path does).
+    """
+    del precision  # the kernel accumulates in float32 from the input dtype
+    from pallas_kernels import flash_attention
+
+    def kernel(q: Array, k: Array, v: Array, mask: Array) -> Array:
+        def run(interpret: bool) -> Callable[..., Array]:
+            return lambda q, k, v, m: flash_attention(q, k, v, kv_mask=m, interpret=interpret)
+
+        return jax.lax.platform_dependent(q, k, v, mask, tpu=run(False), default=run(True))
+
+    mask = (jnp.ones(k.shape[:2], jnp.int32) if kv_mask is None
+            else kv_mask.astype(jnp.int32))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, mask)
+    q_spec = _fitting_spec(Q_NAMES, q.shape, mesh)
+    kv_spec = _fitting_spec(KV_NAMES, k.shape, mesh)
+    mask_spec = jax.sharding.PartitionSpec(kv_spec[0], None)
+    return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, mask_spec),
+                         out_specs=q_spec, check_vma=False)(q, k, v, mask)
+
+
+def _fitting_spec(names: tuple[str | None, ...], shape: tuple[int, ...],
+                  mesh: jax.sharding.AbstractMesh) -> jax.sharding.PartitionSpec:
+    """Mesh axes for logical ``names`` under the active rules, keeping only the axes that
+    divide each dimension (shard_map needs even blocks)."""
+    from flax.linen import partitioning
+
+    axes = partitioning.logical_to_mesh_axes(names)
+    out = []
+    for size, entry in zip(shape, axes, strict=True):
+        group = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept: list[str] = []
+        for a in group:
+            if a in mesh.axis_names and size % (mesh.shape[a] * _size(mesh, kept)) == 0:
+                kept.append(a)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return jax.sharding.PartitionSpec(*out)
+
+
+def _size(mesh: jax.sharding.AbstractMesh, axes: list[str]) -> int:
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return n
+
+
+ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": xla_attention, "pallas": pallas_attention}
 
 
 def register_attention_impl(name: str, fn: AttentionFn) -> None:

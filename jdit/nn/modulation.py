@@ -13,7 +13,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jdit.nn.layers import (
-    Array, Dense, DType, Initializer, layer_norm, modulate, scaled_randn, zeros,
+    Array,
+    Dense,
+    DType,
+    Initializer,
+    layer_norm,
+    modulate,
+    scaled_randn,
+    zeros,
 )
 
 

@@ -57,3 +57,12 @@ def test_checkpoint_saved_on_one_mesh_restores_on_others():
     for r in results:
         assert r["max_abs"] == 0.0 and r["step"] == 2, r
     assert results[0]["sharded_leaves"] > 0 and results[1]["sharded_leaves"] == 0
+
+
+@pytest.mark.slow
+def test_pallas_attention_inside_shard_map_matches_xla_on_one_device():
+    results = run_checks("pallas")
+    assert len(results) == 2
+    for r in results:
+        assert r["shard_map"], r
+        assert r["loss_rel"] <= 1e-5 and r["grads_rel"] <= 1e-5, r

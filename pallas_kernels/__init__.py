@@ -3,5 +3,6 @@
 
 from pallas_kernels import reference
 from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.linear_attention import linear_attention
 
-__all__ = ["flash_attention", "reference"]
+__all__ = ["flash_attention", "linear_attention", "reference"]

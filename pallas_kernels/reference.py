@@ -29,3 +29,37 @@ def flash_attention(q: Array, k: Array, v: Array, *, kv_mask: Array | None = Non
     denom = jnp.swapaxes(denom, 1, 2)  # (B, Lq, H, 1)
     out = jnp.where(denom > 0, out / jnp.where(denom > 0, denom, 1.0), 0.0)
     return out.astype(q.dtype)
+
+
+def linear_attention(q: Array, k: Array, v: Array, *, eps: float = 1e-15,
+                     chunk_size: int | None = None, interpret: object = False) -> Array:
+    """ReLU linear attention, float32 inside: ``relu(q)(relu(k)ᵀv) / (relu(q)·Σ relu(k) + eps)``.
+
+    q, k (B, L, H, D), v (B, L, H, Dv). ``chunk_size=N``: block-causal, tokens of chunk c see the
+    keys of chunks 0..c (all of their own chunk). ``interpret`` is ignored (signature parity).
+    """
+    del interpret
+    qf = jnp.maximum(q.astype(jnp.float32), 0.0)
+    kf = jnp.maximum(k.astype(jnp.float32), 0.0)
+    vf = v.astype(jnp.float32)
+    if chunk_size is None:
+        state = jnp.einsum("blhd,blhe->bhde", kf, vf)
+        ksum = jnp.sum(kf, axis=1)  # (B, H, D)
+        num = jnp.einsum("blhd,bhde->blhe", qf, state)
+        den = jnp.einsum("blhd,bhd->blh", qf, ksum)[..., None] + eps
+        return (num / den).astype(q.dtype)
+    b, length, h, d = q.shape
+    n = -(-length // chunk_size)
+    pad = n * chunk_size - length
+
+    def chunks(x: Array) -> Array:
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        return x.reshape(b, n, chunk_size, h, x.shape[-1])
+
+    qc, kc, vc = chunks(qf), chunks(kf), chunks(vf)
+    state = jnp.cumsum(jnp.einsum("bnlhd,bnlhe->bnhde", kc, vc), axis=1)
+    ksum = jnp.cumsum(jnp.sum(kc, axis=2), axis=1)  # (B, n, H, D)
+    num = jnp.einsum("bnlhd,bnhde->bnlhe", qc, state)
+    den = jnp.einsum("bnlhd,bnhd->bnlh", qc, ksum)[..., None] + eps
+    out = (num / den).reshape(b, n * chunk_size, h, -1)[:, :length]
+    return out.astype(q.dtype)

@@ -167,6 +167,15 @@ def cmd_bench_bars(args: argparse.Namespace) -> int:
     return 0 if result["all_passed"] else 1
 
 
+def cmd_bench_attention(args: argparse.Namespace) -> int:
+    from jdit.benchmarks import attention
+
+    tokens = tuple(int(t) for t in args.tokens.split(","))
+    _emit(attention.run(tokens, heads=args.heads, head_dim=args.head_dim, repeats=args.repeats),
+          args.json)
+    return 0
+
+
 def cmd_bench_compile(args: argparse.Namespace) -> int:
     from jdit.benchmarks import compile_time
 
@@ -261,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     bbar.add_argument("--workdir", default=None, help="keep the runs here (default: temporary)")
     bbar.add_argument("--json", default=None)
     bbar.set_defaults(func=cmd_bench_bars)
+    batt = bench_sub.add_parser("attention", help="softmax vs linear attention (XLA) on this CPU")
+    batt.add_argument("--tokens", default="1024,4096,16384")
+    batt.add_argument("--heads", type=int, default=2)
+    batt.add_argument("--head-dim", type=int, default=32)
+    batt.add_argument("--repeats", type=int, default=3)
+    batt.add_argument("--json", default=None)
+    batt.set_defaults(func=cmd_bench_attention)
     comp = bench_sub.add_parser("compile", help="compile time of a full-size model, scan vs not")
     comp.add_argument("--preset", default="pixart_sigma_xl2_1024")
     comp.add_argument("--forward-only", action="store_true", help="skip the gradient program")

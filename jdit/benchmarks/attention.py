@@ -1,0 +1,54 @@
+"""``jdit bench attention``: the XLA paths of softmax and ReLU linear attention on this CPU,
+from 1K to 16K tokens, measured in the same run (forward, float32, medians of ``repeats``).
+
+Softmax attention is ``jdit.nn.attention.xla_attention`` (what the models run with
+``attention_impl="xla"``); linear attention is ``pallas_kernels.reference.linear_attention``
+(its jnp path). The Pallas kernels themselves need a TPU to be timed; their compiled costs are in
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jdit.nn.attention import xla_attention
+from pallas_kernels import reference
+
+
+def _median_seconds(fn: Callable[..., jax.Array], args: Sequence[jax.Array], repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(tokens: Sequence[int] = (1024, 4096, 16384), heads: int = 2, head_dim: int = 32,
+        repeats: int = 3, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    log = log or (lambda s: print(s, file=sys.stderr))
+    softmax = jax.jit(lambda q, k, v: xla_attention(q, k, v))
+    linear = jax.jit(lambda q, k, v: reference.linear_attention(q, k, v))
+    rows = []
+    for n in tokens:
+        keys = jax.random.split(jax.random.PRNGKey(n), 3)
+        q, k, v = (jax.random.normal(key, (1, n, heads, head_dim)) for key in keys)
+        s = _median_seconds(softmax, (q, k, v), repeats)
+        lin = _median_seconds(linear, (q, k, v), repeats)
+        rows.append({"tokens": n, "softmax_s": s, "linear_s": lin, "speedup": s / lin})
+        log(f"{n:6d} tokens: softmax {s * 1e3:9.2f} ms, linear {lin * 1e3:7.2f} ms, "
+            f"linear is {s / lin:7.1f}x faster")
+    out: dict[str, Any] = {"heads": heads, "head_dim": head_dim, "rows": rows}
+    if len(rows) >= 2:
+        a, b = rows[-2], rows[-1]
+        out["linear_growth"] = {"tokens_ratio": b["tokens"] / a["tokens"],
+                                "time_ratio": b["linear_s"] / a["linear_s"]}
+    return out

@@ -108,6 +108,10 @@ def cmd_aot(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         result = aot.report(config, args.topology, args.batch, **kwargs)
     _emit(result, args.json)
+    if "error" in result:
+        print(f"{args.topology}: per-device batch {result['per_device_batch']} does NOT fit: "
+              f"{result['error']}", file=sys.stderr)
+        return 1
     print(f"{args.topology}: per-device batch {result['per_device_batch']}, "
           f"{result['hbm_per_device_bytes'] / 2**30:.2f} of "
           f"{result['hbm_capacity_bytes'] / 2**30:.1f} GiB ({'fits' if result['fits'] else 'does NOT fit'}),"

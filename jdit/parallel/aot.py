@@ -190,9 +190,19 @@ def report(config: Mapping[str, Any], topology: str, per_device_batch: int | Non
                    in_shardings=(shardings, {k: v.sharding for k, v in abstract_batch.items()}),
                    out_shardings=(shardings, part.replicated), donate_argnums=0)
     t0 = time.perf_counter()
-    with part.activate():
-        compiled = step.lower(abstract_state, abstract_batch).compile()
+    try:
+        with part.activate():
+            compiled = step.lower(abstract_state, abstract_batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled = None  # the compiler itself found that it does not fit in HBM
+        error = str(e)
     compile_seconds = time.perf_counter() - t0
+    if compiled is None:
+        return {"topology": topology, "devices": len(devices), "per_device_batch": per_device_batch,
+                "global_batch": global_batch, "fits": False, **_oom_figures(error, devices[0]),
+                "compile_seconds": round(compile_seconds, 1), "error": error.splitlines()[0][:500]}
     out = {
         "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
         "mesh": {k: int(v) for k, v in part.mesh.shape.items()}, "rules": c["parallel"].get("rules", "fsdp"),
@@ -208,6 +218,19 @@ def report(config: Mapping[str, Any], topology: str, per_device_batch: int | Non
     if sampler:
         out["sampler"] = sampler_report(module, part, c, abstract_state.params, batch)
     return out
+
+
+_OOM = re.compile(r"required for .*?\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+
+
+def _oom_figures(error: str, device: Any) -> dict[str, Any]:
+    """What the compiler's out-of-memory message says: needed and available GiB."""
+    chip, fraction = chip_of(device)
+    m = _OOM.search(error)
+    needed = int(float(m.group(1)) * GiB) if m else None
+    return {"chip": chip.name, "hbm_per_device_bytes": needed,
+            "hbm_capacity_bytes": int(chip.hbm_bytes * fraction),
+            "hbm_available_per_compiler_bytes": int(float(m.group(2)) * GiB) if m else None}
 
 
 def _tokens(module: Any) -> int | None:
@@ -309,7 +332,9 @@ def max_batch(config: Mapping[str, Any], topology: str, *, start: int = 1, limit
         if b not in results:
             r = report(config, topology, b, **kwargs)
             results[b] = r
-            print(f"  per-device batch {b}: {r['hbm_per_device_bytes'] / GiB:.2f} GiB "
+            need = r["hbm_per_device_bytes"]
+            print(f"  per-device batch {b}: "
+                  f"{'?' if need is None else f'{need / GiB:.2f}'} GiB "
                   f"({'fits' if r['fits'] else 'does not fit'}; compiled in "
                   f"{r.get('compile_seconds', 0):.0f} s)", file=sys.stderr, flush=True)
             tried.append({"per_device_batch": b, "fits": r["fits"],
@@ -319,14 +344,15 @@ def max_batch(config: Mapping[str, Any], topology: str, *, start: int = 1, limit
     b = max(1, min(start, limit))
     while not fits(b):
         if b == 1:
-            raise ValueError(f"not even a per-device batch of 1 fits on {topology}: "
-                             f"{results[1]['hbm_per_device_bytes'] / GiB:.1f} GiB needed")
+            need = results[1]["hbm_per_device_bytes"]
+            raise ValueError(f"not even a per-device batch of 1 fits on {topology}"
+                             + ("" if need is None else f": {need / GiB:.1f} GiB needed"))
         b //= 2
     lo, hi = b, None  # lo fits; hi (if known) does not
     if b < limit:
         b2 = min(2 * b, limit)
         if fits(b2):
-            h1, h2 = results[b]["hbm_per_device_bytes"], results[b2]["hbm_per_device_bytes"]
+            h1, h2 = results[b]["hbm_per_device_bytes"], results[b2]["hbm_per_device_bytes"]  # fit: known
             per_example = (h2 - h1) / (b2 - b)
             cap = results[b]["hbm_capacity_bytes"]
             guess = limit if per_example <= 0 else b + int((cap - h1) // per_example)

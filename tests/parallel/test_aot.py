@@ -121,3 +121,14 @@ def test_clear_errors_for_unknown_topologies_and_configs():
         aot.with_defaults({"train": {}})
     c, assumed = aot.with_defaults({"model": {"family": "pixart"}})
     assert c["model"]["dtype"] == "bfloat16" and "optim" in assumed
+
+
+def test_compiler_out_of_memory_is_a_report_not_a_crash():
+    pytest.importorskip("libtpu")
+    from jdit.config import load_config
+
+    config = load_config(Path(__file__).parents[2] / "configs" / "pixart_sigma_xl2_256.py",
+                         ["model.depth=2"]).to_dict()
+    r = aot.report(config, "v5e:2x2", 4096, caption_length=8, scan_layers=True)
+    assert r["fits"] is False and "RESOURCE_EXHAUSTED" in r["error"]
+    assert r["hbm_per_device_bytes"] > r["hbm_available_per_compiler_bytes"] > 10 * 2**30

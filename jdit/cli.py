@@ -180,6 +180,13 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from jdit.benchmarks import kernels
+
+    _emit(kernels.run(args.topology), args.json)
+    return 0
+
+
 def cmd_bench_compile(args: argparse.Namespace) -> int:
     from jdit.benchmarks import compile_time
 
@@ -281,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     batt.add_argument("--repeats", type=int, default=3)
     batt.add_argument("--json", default=None)
     batt.set_defaults(func=cmd_bench_attention)
+    bker = bench_sub.add_parser("kernels", help="Pallas kernels vs XLA attention, TPU compiles")
+    bker.add_argument("--topology", default="v5e:2x2")
+    bker.add_argument("--json", default=None)
+    bker.set_defaults(func=cmd_bench_kernels)
     comp = bench_sub.add_parser("compile", help="compile time of a full-size model, scan vs not")
     comp.add_argument("--preset", default="pixart_sigma_xl2_1024")
     comp.add_argument("--forward-only", action="store_true", help="skip the gradient program")

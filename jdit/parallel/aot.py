@@ -53,13 +53,15 @@ CHIPS: dict[str, Chip] = {
 }
 
 # Used when a config holds only a model (e.g. configs/pixart_sigma_xl2_1024.py): what a TPU
-# training run of it would look like. Reported under "assumed".
+# training run of it would look like (bfloat16, full remat, the Pallas flash-attention kernel,
+# AdamW, FSDP over every chip, 8 examples per chip). Reported under "assumed".
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "model": {"dtype": "bfloat16", "remat_policy": "full"},
+    "model": {"dtype": "bfloat16", "remat_policy": "full", "attention_impl": "pallas"},
     "diffusion": {"objective": "ddpm", "schedule": "linear"},
     "optim": {"name": "adamw", "lr": 2e-5, "weight_decay": 3e-2, "grad_clip": 0.01,
               "warmup_steps": 1000, "schedule": "constant"},
-    "train": {"steps": 100_000, "seed": 0, "ema_decay": 0.9999, "cond_dropout": 0.1},
+    "train": {"steps": 100_000, "seed": 0, "ema_decay": 0.9999, "cond_dropout": 0.1,
+              "per_device_batch": 8},  # within the official recipes' per-GPU 2-12 at 1024
     "parallel": {"mesh": {"data": 1, "fsdp": -1, "tensor": 1}, "rules": "fsdp"},
 }
 
@@ -162,8 +164,8 @@ def report(config: Mapping[str, Any], topology: str, per_device_batch: int | Non
         c["model"]["scan_layers"] = scan_layers
     part = Partitioner.from_config(c["parallel"], devices)
     if per_device_batch is None:
-        per_device_batch = max(1, int(c["train"].get("batch_size", part.batch_shards))
-                               // part.batch_shards)
+        per_device_batch = int(c["train"].get("per_device_batch") or max(
+            1, int(c["train"].get("batch_size", part.batch_shards)) // part.batch_shards))
     global_batch = per_device_batch * part.batch_shards
     module = build(c["model"])
     steps = int(c["train"]["steps"])

@@ -38,7 +38,7 @@ def test_fully_masked_row_stays_finite():
 
 def test_unknown_attention_impl_lists_choices():
     x = jnp.ones((1, 2, 1, 4))
-    with pytest.raises(ValueError, match=r"unknown attention_impl 'flash'.*\['xla'\]"):
+    with pytest.raises(ValueError, match=r"unknown attention_impl 'flash'.*\['pallas', 'xla'\]"):
         dot_product_attention(x, x, x, impl="flash")
 
 

@@ -58,3 +58,12 @@ def test_bars_benchmark_trains_evaluates_and_judges(tmp_path):
     assert result["all_passed"] is False
     with pytest.raises(ValueError, match="bars exist for"):
         bars.run(["imagenet"])
+
+
+def test_attention_benchmark_runs_and_reports_growth():
+    from jdit.benchmarks import attention
+
+    result = attention.run(tokens=(64, 256), repeats=1, log=lambda s: None)
+    assert [r["tokens"] for r in result["rows"]] == [64, 256]
+    assert all(r["softmax_s"] > 0 and r["linear_s"] > 0 for r in result["rows"])
+    assert result["linear_growth"]["tokens_ratio"] == 4.0

@@ -33,15 +33,24 @@ def _median_seconds(fn: Callable[..., jax.Array], args: Sequence[jax.Array], rep
 
 def run(tokens: Sequence[int] = (1024, 4096, 16384), heads: int = 2, head_dim: int = 32,
         repeats: int = 3, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Softmax once per size (``repeats`` times); linear attention ``5 * repeats`` rounds over all
+    sizes in turn, so that the growth ratio is not skewed by the machine's load drifting."""
     log = log or (lambda s: print(s, file=sys.stderr))
     softmax = jax.jit(lambda q, k, v: xla_attention(q, k, v))
     linear = jax.jit(lambda q, k, v: reference.linear_attention(q, k, v))
-    rows = []
+    inputs = {}
     for n in tokens:
         keys = jax.random.split(jax.random.PRNGKey(n), 3)
-        q, k, v = (jax.random.normal(key, (1, n, heads, head_dim)) for key in keys)
-        s = _median_seconds(softmax, (q, k, v), repeats)
-        lin = _median_seconds(linear, (q, k, v), repeats)
+        inputs[n] = tuple(jax.random.normal(key, (1, n, heads, head_dim)) for key in keys)
+        jax.block_until_ready(linear(*inputs[n]))  # compile
+    linear_times: dict[int, list[float]] = {n: [] for n in tokens}
+    for _ in range(5 * repeats):
+        for n in tokens:
+            linear_times[n].append(_median_seconds(linear, inputs[n], 1))
+    rows = []
+    for n in tokens:
+        s = _median_seconds(softmax, inputs[n], repeats)
+        lin = statistics.median(linear_times[n])
         rows.append({"tokens": n, "softmax_s": s, "linear_s": lin, "speedup": s / lin})
         log(f"{n:6d} tokens: softmax {s * 1e3:9.2f} ms, linear {lin * 1e3:7.2f} ms, "
             f"linear is {s / lin:7.1f}x faster")
@@ -50,4 +59,6 @@ def run(tokens: Sequence[int] = (1024, 4096, 16384), heads: int = 2, head_dim: i
         a, b = rows[-2], rows[-1]
         out["linear_growth"] = {"tokens_ratio": b["tokens"] / a["tokens"],
                                 "time_ratio": b["linear_s"] / a["linear_s"]}
+        log(f"linear attention, {a['tokens']} -> {b['tokens']} tokens: "
+            f"time x{out['linear_growth']['time_ratio']:.2f}")
     return out

@@ -204,10 +204,10 @@ class BucketBatchSampler:
         self.members: list[np.ndarray] = [np.flatnonzero(inverse == b) for b in range(len(keys))]
         gb = self.global_batch_size
         per_bucket = [len(m) // gb if self.drop_last else -(-len(m) // gb) for m in self.members]
-        self.batches_per_bucket = dict(zip(self.buckets, per_bucket))
+        self.batches_per_bucket = dict(zip(self.buckets, per_bucket, strict=False))
         self._len = sum(per_bucket)
         if self._len == 0:
-            counts = {b: len(m) for b, m in zip(self.buckets, self.members)}
+            counts = {b: len(m) for b, m in zip(self.buckets, self.members, strict=False)}
             raise ValueError(f"no bucket holds a full global batch of {gb} examples "
                              f"(batch_size {self.batch_size} x {self.shard_count} shards); "
                              f"examples per bucket: {counts}")

@@ -267,7 +267,7 @@ def _sample(
         raise ValueError(f"the {split!r} split is empty for the requested kind of prompt")
     pick_s = rng.integers(0, max(len(singles), 1), size=num)
     pick_p = rng.integers(0, max(len(pairs), 1), size=num)
-    objects = [pairs[j] if p else singles[i] for p, i, j in zip(is_pair, pick_s, pick_p)]
+    objects = [pairs[j] if p else singles[i] for p, i, j in zip(is_pair, pick_s, pick_p, strict=False)]
     images = np.empty((num, size, size, 3), np.float32)
     for n, objs in enumerate(objects):
         images[n] = to_float(render(objs, size, rng if jitter else None))
@@ -582,7 +582,7 @@ def detect_batch(
     color = np.where(f["hue_off"] <= max_hue_off, f["color"], len(_COLOR_NAMES))
     out: list[list[Obj]] = [[] for _ in range(len(images))]
     shapes, colors = SHAPES + (UNKNOWN,), _COLOR_NAMES + (UNKNOWN,)
-    for i, c, s, p in zip(f["image"], color, shape, f["position"]):
+    for i, c, s, p in zip(f["image"], color, shape, f["position"], strict=False):
         out[i].append(Obj(colors[c], shapes[s], POSITIONS[p]))
     for objs in out:
         objs.sort(key=lambda o: (_POS_INDEX[o.position], o.color, o.shape))
@@ -659,7 +659,7 @@ def scores(
     out = np.zeros(len(images), bool)
     for s in range(0, len(images), 512):
         found = detect_batch(images[s : s + 512], **kwargs)
-        out[s : s + 512] = [_matches(f, e) for f, e in zip(found, objects_list[s : s + 512])]
+        out[s : s + 512] = [_matches(f, e) for f, e in zip(found, objects_list[s : s + 512], strict=False)]
     return out
 
 

@@ -11,10 +11,21 @@ from flax import linen as nn
 from jdit.models.checks import check_config, check_latents, check_vector
 from jdit.nn.attention import SelfAttention
 from jdit.nn.embeddings import (
-    LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    sincos_pos_embed_2d,
+    unpatchify,
 )
 from jdit.nn.layers import (
-    MLP_NAMES, TOKEN_NAMES, Array, DType, Mlp, constrain, layer_norm, modulate,
+    MLP_NAMES,
+    TOKEN_NAMES,
+    Array,
+    DType,
+    Mlp,
+    constrain,
+    layer_norm,
+    modulate,
 )
 from jdit.nn.modulation import AdaLNModulation, FinalLayer
 from jdit.nn.stack import run_blocks

@@ -17,7 +17,16 @@ from jdit.models.checks import check_config, check_context, check_latents, check
 from jdit.nn.attention import KV_COMPRESS_MODES, CrossAttention, SelfAttention
 from jdit.nn.embeddings import PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
 from jdit.nn.layers import (
-    MLP_NAMES, TOKEN_NAMES, Array, DType, Mlp, constrain, layer_norm, modulate, normal, zeros,
+    MLP_NAMES,
+    TOKEN_NAMES,
+    Array,
+    DType,
+    Mlp,
+    constrain,
+    layer_norm,
+    modulate,
+    normal,
+    zeros,
 )
 from jdit.nn.modulation import AdaLNModulation, FinalLayer, scale_shift_table
 from jdit.nn.stack import run_blocks

@@ -23,8 +23,13 @@ import optax
 from flax import linen as nn
 
 from jdit.diffusion import (
-    DDPMSchedule, FlowSchedule, diffusion_loss, flow_loss, learned_sigma_loss,
-    sample_ddpm_timesteps, sample_flow_sigmas,
+    DDPMSchedule,
+    FlowSchedule,
+    diffusion_loss,
+    flow_loss,
+    learned_sigma_loss,
+    sample_ddpm_timesteps,
+    sample_flow_sigmas,
 )
 
 Array = jax.Array

@@ -130,8 +130,8 @@ def test_sampler_is_deterministic_and_seeded():
     a = [BucketBatchSampler(sizes, 4, table=256, seed=7).batch(i) for i in range(30)]
     b = [BucketBatchSampler(sizes, 4, table=256, seed=7).batch(i) for i in range(30)]
     c = [BucketBatchSampler(sizes, 4, table=256, seed=8).batch(i) for i in range(30)]
-    assert all(x.bucket == y.bucket and np.array_equal(x.indices, y.indices) for x, y in zip(a, b))
-    assert any(not np.array_equal(x.indices, y.indices) for x, y in zip(a, c))
+    assert all(x.bucket == y.bucket and np.array_equal(x.indices, y.indices) for x, y in zip(a, b, strict=False))
+    assert any(not np.array_equal(x.indices, y.indices) for x, y in zip(a, c, strict=False))
 
 
 def test_sampler_shards_share_the_bucket_and_split_the_global_batch():
@@ -166,9 +166,9 @@ def test_sampler_resumes_from_its_state():
     expected = [next(it) for _ in range(40)]  # crosses epoch boundaries
     fresh = pickle.loads(pickle.dumps(BucketBatchSampler(_sizes(), 4, table=256, seed=3)))
     fresh.set_state(state)
-    got = [b for b, _ in zip(fresh, range(40))]
+    got = [b for b, _ in zip(fresh, range(40), strict=False)]
     assert all(x.bucket == y.bucket and np.array_equal(x.indices, y.indices)
-               for x, y in zip(expected, got))
+               for x, y in zip(expected, got, strict=False))
     with pytest.raises(ValueError, match="position"):
         fresh.set_state({"step": 3})
 
@@ -209,7 +209,7 @@ def test_bucketed_loader_over_an_image_folder(tmp_path):
     following = [next(it) for _ in range(4)]
     resumed = iter(ds)
     resumed.set_state(state)
-    for a, b in zip(following, [next(resumed) for _ in range(4)]):
+    for a, b in zip(following, [next(resumed) for _ in range(4)], strict=False):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
     finite = list(make_bucketed_dataset(src, sampler, num_epochs=2))

@@ -26,14 +26,14 @@ def _write(directory, n=7, **kw):
     examples = [_example(i, rng) for i in range(n)]
     ids = [f"img-{(i * 5) % n:03d}" for i in range(n)]  # not sorted: order is insertion order
     with FeatureCacheWriter(directory, **kw) as w:
-        for k, ex in zip(ids, examples):
+        for k, ex in zip(ids, examples, strict=False):
             w.add(k, **ex)
     return ids, examples
 
 
 def _check(cache, ids, examples):
     assert len(cache) == len(ids) and cache.ids == ids
-    for i, (k, ex) in enumerate(zip(ids, examples)):
+    for i, (k, ex) in enumerate(zip(ids, examples, strict=False)):
         got = cache[i]
         assert got["id"] == k and cache.index_of(k) == i
         assert set(got) == {"id", *ex}
@@ -217,7 +217,7 @@ def test_cache_feeds_the_loaders(tmp_path):
         h, w = b["bucket"]
         assert b["latent"].shape == (2, h, w, 4) and b["latent"].dtype == np.float16
         assert b["text"].shape == (2, 5, 8) and b["text_mask"].shape == (2, 5)
-        for k, lat in zip(b["id"], b["latent"]):
+        for k, lat in zip(b["id"], b["latent"], strict=False):
             np.testing.assert_array_equal(lat, examples[int(k[1:])]["latent"])
     # Same-shape fields only: make_dataset over the text features, resumable.
     text_only = [{"text": cache[i]["text"], "id": cache[i]["id"]} for i in range(len(cache))]
@@ -228,6 +228,6 @@ def test_cache_feeds_the_loaders(tmp_path):
     after = [next(it) for _ in range(3)]
     it2 = iter(ds)
     it2.set_state(state)
-    for a, b in zip(after, [next(it2) for _ in range(3)]):
+    for a, b in zip(after, [next(it2) for _ in range(3)], strict=False):
         np.testing.assert_array_equal(a["text"], b["text"])
         assert list(a["id"]) == list(b["id"])

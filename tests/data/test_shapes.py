@@ -304,7 +304,7 @@ def test_evaluator_rejects_wrong_attributes(rendered):
     rng = np.random.default_rng(0)
     data = rendered[32]
     images, prompts = [], []
-    for img, objs in zip(data["images"][:400], data["objects"][:400]):
+    for img, objs in zip(data["images"][:400], data["objects"][:400], strict=False):
         for wrong in _wrong_variants(objs, rng):
             images.append(img)
             prompts.append(wrong)

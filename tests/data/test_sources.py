@@ -13,9 +13,9 @@ tfds = pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("grain")
 Image = pytest.importorskip("PIL.Image")
 
-from jdit.data import loader, sources
-from jdit.data.loader import make_dataset, resize_center_crop, shard_bounds, to_unit_range
-from jdit.data.sources import ImageFolderSource, tfds_source
+from jdit.data import loader, sources  # noqa: E402 (after the importorskips)
+from jdit.data.loader import make_dataset, resize_center_crop, shard_bounds, to_unit_range  # noqa: E402 (after the importorskips)
+from jdit.data.sources import ImageFolderSource, tfds_source  # noqa: E402 (after the importorskips)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -147,7 +147,7 @@ def test_tfds_through_loader_resumes_exactly():
         rest = _batches(it, 5)
         resumed = iter(ds)
         resumed.set_state(state)
-        for a, b in zip(rest, _batches(resumed, 5)):
+        for a, b in zip(rest, _batches(resumed, 5), strict=False):
             _same(a, b)
         assert first[0]["image"].shape == (3, 8, 6, 3)
         assert first[0]["image"].dtype == np.float32
@@ -312,7 +312,7 @@ def test_resumed_iterator_matches_uninterrupted_one():
         del it
         resumed = iter(ds)
         resumed.set_state(state)
-        for a, b in zip(uninterrupted[stop:], _batches(resumed, 12 - stop)):
+        for a, b in zip(uninterrupted[stop:], _batches(resumed, 12 - stop), strict=False):
             _same(a, b)
 
 
@@ -335,12 +335,12 @@ def test_worker_processes_give_the_same_batches_and_resume():
     reference = _batches(iter(make_dataset(data, 4, **kw)), 8)
     ds = make_dataset(data, 4, worker_count=2, **kw)
     it = iter(ds)
-    for a, b in zip(reference[:3], _batches(it, 3)):
+    for a, b in zip(reference[:3], _batches(it, 3), strict=False):
         _same(a, b)
     state = it.get_state()
     del it
     resumed = iter(ds)
     resumed.set_state(state)
-    for a, b in zip(reference[3:], _batches(resumed, 5)):
+    for a, b in zip(reference[3:], _batches(resumed, 5), strict=False):
         _same(a, b)
     del resumed

@@ -13,8 +13,12 @@ from torch.distributions import Normal, kl_divergence
 
 from jdit.diffusion import DDPMSchedule, FlowSchedule
 from jdit.diffusion.objectives import (
-    diffusion_loss, discretized_gaussian_log_likelihood, flow_loss, learned_sigma_loss,
-    learned_sigma_vb, loss_weight,
+    diffusion_loss,
+    discretized_gaussian_log_likelihood,
+    flow_loss,
+    learned_sigma_loss,
+    learned_sigma_vb,
+    loss_weight,
 )
 from jdit.diffusion.timesteps import sample_flow_sigmas
 

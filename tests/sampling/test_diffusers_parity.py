@@ -12,10 +12,15 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, HeunDiscreteScheduler,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    HeunDiscreteScheduler,
+    SASolverScheduler,
 )
-from diffusers import SASolverScheduler
 from diffusers.schedulers import scheduling_ddpm, scheduling_sasolver
 
 import jdit

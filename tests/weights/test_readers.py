@@ -13,7 +13,10 @@ import safetensors.torch
 import torch
 
 from jdit.weights import (
-    extract_state_dict, load_torch_checkpoint, read_safetensors, read_safetensors_folder,
+    extract_state_dict,
+    load_torch_checkpoint,
+    read_safetensors,
+    read_safetensors_folder,
     write_safetensors,
 )
 

@@ -4,8 +4,10 @@ from jdit.models.dit import DiT, DiTBlock
 from jdit.models.loading import from_pretrained, init_params, param_shapes, save_pretrained
 from jdit.models.pixart import PixArt, PixArtBlock
 from jdit.models.registry import FAMILIES, PRESETS, architecture, build, preset
+from jdit.models.sana import Sana, SanaBlock
 
 __all__ = [
     "FAMILIES", "PRESETS", "DiT", "DiTBlock", "PixArt", "PixArtBlock", "architecture", "build",
-    "from_pretrained", "init_params", "param_shapes", "preset", "save_pretrained",
+    "Sana", "SanaBlock", "from_pretrained", "init_params", "param_shapes", "preset",
+    "save_pretrained",
 ]

@@ -24,6 +24,7 @@ from jdit.models import registry
 from jdit.nn.stack import stack_params, unstack_params
 from jdit.weights import dit as dit_weights
 from jdit.weights import pixart as pixart_weights
+from jdit.weights import sana as sana_weights
 from jdit.weights.checkpoint import is_jdit_checkpoint, read_checkpoint, write_checkpoint
 from jdit.weights.safetensors_io import read_safetensors, read_safetensors_folder
 from jdit.weights.state_dict import StateDict, Tree, check_tree
@@ -53,11 +54,16 @@ def _diffusers_family(cfg: dict[str, Any], folder: Path) -> str:
         return "pixart"
     if cls == "DiTTransformer2DModel" or (cls == "Transformer2DModel" and norm == "ada_norm_zero"):
         return "dit"
+    if cls in sana_weights.DIFFUSERS_CLASSES:
+        return "sana"
     raise ValueError(
         f"{folder}/config.json: unsupported diffusers class {cls!r} (norm_type={norm!r}); supported: "
-        "PixArtTransformer2DModel, DiTTransformer2DModel, Transformer2DModel with ada_norm_single "
-        "or ada_norm_zero"
+        "PixArtTransformer2DModel, DiTTransformer2DModel, SanaTransformer2DModel, "
+        "Transformer2DModel with ada_norm_single or ada_norm_zero"
     )
+
+
+WEIGHTS = {"dit": dit_weights, "pixart": pixart_weights, "sana": sana_weights}
 
 
 def _read_diffusers_tensors(folder: Path) -> dict[str, np.ndarray]:
@@ -70,6 +76,8 @@ def _read_diffusers_tensors(folder: Path) -> dict[str, np.ndarray]:
 
 
 def _official_family(sd: StateDict) -> str:
+    if "attention_y_norm.weight" in sd or "blocks.0.mlp.inverted_conv.conv.weight" in sd:
+        return "sana"
     if "y_embedder.y_proj.fc1.weight" in sd:
         return "pixart"
     if "y_embedder.embedding_table.weight" in sd:
@@ -89,6 +97,10 @@ _REQUIRED_OFFICIAL = {
     "dit": {
         "input_size": "the training latent size (no pos_embed in the file)",
         "num_heads": "the number of attention heads (not stored in the weights)",
+    },
+    "sana": {
+        "input_size": "the training latent size (32 at 1024 px)",
+        "cross_num_heads": "the cross-attention heads (16 for SANA-600M, 20 for 1.6B)",
     },
 }
 
@@ -118,7 +130,7 @@ def _resolve(path: Path, state_dict_key: str | None, overrides: dict[str, Any]
             raise FileNotFoundError(f"{path}: no config.json (not a diffusers or jdit model folder)")
         cfg = json.loads(cfg_file.read_text())
         family = _diffusers_family(cfg, path)
-        weights = dit_weights if family == "dit" else pixart_weights
+        weights = WEIGHTS[family]
         sd = StateDict(_read_diffusers_tensors(path), str(path))
         return family, weights.config_from_diffusers(cfg), _converting(sd, weights.convert_diffusers)
     if not path.is_file():
@@ -131,7 +143,7 @@ def _resolve(path: Path, state_dict_key: str | None, overrides: dict[str, Any]
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
     probe = StateDict(tensors, str(path))
     family = _official_family(probe)
-    weights = dit_weights if family == "dit" else pixart_weights
+    weights = WEIGHTS[family]
     sd = StateDict(tensors, str(path), ignore=weights.OFFICIAL_IGNORED)
     fields = weights.config_from_official(sd, overrides.get("num_heads"))
     missing = {k: why for k, why in _REQUIRED_OFFICIAL[family].items()

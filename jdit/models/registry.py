@@ -17,8 +17,9 @@ from flax import linen as nn
 
 from jdit.models.dit import DiT
 from jdit.models.pixart import PixArt
+from jdit.models.sana import Sana
 
-FAMILIES: dict[str, type[nn.Module]] = {"dit": DiT, "pixart": PixArt}
+FAMILIES: dict[str, type[nn.Module]] = {"dit": DiT, "pixart": PixArt, "sana": Sana}
 
 # Fields that choose how a model runs, not what it computes: not stored in checkpoints.
 RUNTIME_FIELDS = ("scan_layers", "remat_policy", "attention_impl", "dtype", "param_dtype", "precision")
@@ -26,6 +27,9 @@ RUNTIME_FIELDS = ("scan_layers", "remat_policy", "attention_impl", "dtype", "par
 _XL2 = dict(patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0,
             learn_sigma=True)
 _PIXART_XL2 = dict(_XL2, caption_channels=4096)
+_SANA = dict(patch_size=1, in_channels=32, out_channels=32, mlp_ratio=2.5, caption_channels=2304)
+_SANA_600M = dict(hidden_size=1152, depth=28, num_heads=36, cross_num_heads=16, **_SANA)
+_SANA_1600M = dict(hidden_size=2240, depth=20, num_heads=70, cross_num_heads=20, **_SANA)
 _KV = dict(kv_compress="conv", kv_compress_ratio=2, kv_compress_layers=tuple(range(14, 28)))
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -42,6 +46,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pixart_sigma_xl2_2k": dict(family="pixart", input_size=256, pe_interpolation=4.0, **_PIXART_XL2),
     "pixart_sigma_xl2_1024_kvcompress": dict(family="pixart", input_size=128, pe_interpolation=2.0,
                                              **_PIXART_XL2, **_KV),
+    # SANA on the 32x DC-AE (32 latent channels, patch 1): NoPE up to 1024 px, sin-cos above.
+    "sana_600m_512": dict(family="sana", input_size=16, **_SANA_600M),
+    "sana_600m_1024": dict(family="sana", input_size=32, **_SANA_600M),
+    "sana_1600m_512": dict(family="sana", input_size=16, **_SANA_1600M),
+    "sana_1600m_1024": dict(family="sana", input_size=32, **_SANA_1600M),
+    "sana_1600m_2k": dict(family="sana", input_size=64, pos_embed=True, pe_interpolation=1.0,
+                          **_SANA_1600M),
+    "sana_1600m_4k": dict(family="sana", input_size=128, pos_embed=True, pe_interpolation=2.0,
+                          **_SANA_1600M),
 }
 
 

@@ -20,15 +20,18 @@ from jdit.nn.embeddings import (
     timestep_sinusoid,
     unpatchify,
 )
-from jdit.nn.layers import LOGICAL_AXES, AffineLayerNorm, Dense, Mlp, layer_norm, modulate
+from jdit.nn.layers import LOGICAL_AXES, AffineLayerNorm, Dense, Mlp, RMSNorm, layer_norm, modulate
+from jdit.nn.linear_attention import LinearSelfAttention, linear_attention
+from jdit.nn.mix_ffn import DepthwiseConv3x3, MixFFN
 from jdit.nn.modulation import AdaLNModulation, FinalLayer, scale_shift_table
 from jdit.nn.stack import REMAT_POLICIES, run_blocks, stack_params, unstack_params
 
 __all__ = [
     "ATTENTION_IMPLS", "KV_COMPRESS_MODES", "LOGICAL_AXES", "REMAT_POLICIES",
-    "AdaLNModulation", "AffineLayerNorm", "CrossAttention", "Dense", "FinalLayer", "KVCompress",
-    "LabelEmbedder", "Mlp", "PatchEmbed", "SelfAttention", "TimestepEmbedder",
-    "compressed_length", "dot_product_attention", "layer_norm", "modulate",
+    "AdaLNModulation", "AffineLayerNorm", "CrossAttention", "Dense", "DepthwiseConv3x3",
+    "FinalLayer", "KVCompress", "LabelEmbedder", "LinearSelfAttention", "Mlp", "MixFFN",
+    "PatchEmbed", "RMSNorm", "SelfAttention", "TimestepEmbedder",
+    "compressed_length", "dot_product_attention", "layer_norm", "linear_attention", "modulate",
     "register_attention_impl", "run_blocks", "scale_shift_table", "sincos_pos_embed_2d",
     "sincos_pos_embed_factors", "stack_params", "timestep_sinusoid", "unpatchify",
     "unstack_params", "xla_attention",

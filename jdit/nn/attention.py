@@ -18,6 +18,7 @@ from jdit.nn.layers import (
     Dense,
     DType,
     Initializer,
+    RMSNorm,
     constrain,
     xavier_uniform,
 )
@@ -86,14 +87,14 @@ def pallas_attention(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernel(q, k, v, mask)
-    q_spec = _fitting_spec(Q_NAMES, q.shape, mesh)
-    kv_spec = _fitting_spec(KV_NAMES, k.shape, mesh)
+    q_spec = fitting_spec(Q_NAMES, q.shape, mesh)
+    kv_spec = fitting_spec(KV_NAMES, k.shape, mesh)
     mask_spec = jax.sharding.PartitionSpec(kv_spec[0], None)
     return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, mask_spec),
                          out_specs=q_spec, check_vma=False)(q, k, v, mask)
 
 
-def _fitting_spec(names: tuple[str | None, ...], shape: tuple[int, ...],
+def fitting_spec(names: tuple[str | None, ...], shape: tuple[int, ...],
                   mesh: jax.sharding.AbstractMesh) -> jax.sharding.PartitionSpec:
     """Mesh axes for logical ``names`` under the active rules, keeping only the axes that
     divide each dimension (shard_map needs even blocks)."""
@@ -275,10 +276,14 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Attention from image tokens to caption tokens, padded caption tokens masked out."""
+    """Attention from image tokens to caption tokens, padded caption tokens masked out.
+
+    ``qk_norm``: RMSNorm (eps 1e-5) of q and k across all heads (SANA 1.5's ``cross_norm``).
+    """
 
     num_heads: int
     head_dim: int
+    qk_norm: bool = False
     out_init: Initializer = xavier_uniform
     attention_impl: str = "xla"
     dtype: DType = jnp.float32
@@ -292,7 +297,13 @@ class CrossAttention(nn.Module):
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         q = Dense((heads, hd), ("embed",), ("heads", "kv"), name="q", **common)(x)
         kv = Dense((2, heads, hd), ("embed",), (None, "heads", "kv"), name="kv", **common)(context)
-        k, v = constrain(kv[:, :, 0], CAPTION_KV_NAMES), constrain(kv[:, :, 1], CAPTION_KV_NAMES)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        if self.qk_norm:
+            q = RMSNorm(1e-5, param_dtype=self.param_dtype, name="q_norm")(
+                q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+            k = RMSNorm(1e-5, param_dtype=self.param_dtype, name="k_norm")(
+                k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+        k, v = constrain(k, CAPTION_KV_NAMES), constrain(v, CAPTION_KV_NAMES)
         o = dot_product_attention(
             constrain(q, Q_NAMES), k, v, context_mask,
             impl=self.attention_impl, precision=self.precision,

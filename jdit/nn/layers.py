@@ -130,6 +130,29 @@ class AffineLayerNorm(nn.Module):
         return y.astype(x.dtype)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis with a learned scale, computed in float32 (diffusers ``RMSNorm``;
+    SANA's caption norm and its QK-norm across heads). ``scale_init`` is SANA's
+    ``scale_factor`` (0.01 for the official caption norm)."""
+
+    eps: float = 1e-5
+    scale_init: float = 1.0
+    axis_name: str | None = "embed"
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.constant(self.scale_init),
+                                         (self.axis_name,)),
+            (x.shape[-1],), self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
 TOKEN_NAMES = ("batch", "length", "act_embed")  # the residual stream (B, L, D)
 MLP_NAMES = ("batch", "length", "act_mlp")  # an MLP's hidden layer (B, L, F)
 

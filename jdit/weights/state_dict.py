@@ -58,23 +58,30 @@ class StateDict:
             return None
         return np.asarray(value)
 
-    def linear(self, prefix: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Tree | None:
-        """``nn.Linear`` (out, in) -> kernel ``in_shape + out_shape`` and bias ``out_shape``."""
+    def linear(self, prefix: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+               bias: bool = True, conv1x1: bool = False) -> Tree | None:
+        """``nn.Linear`` (out, in) -> kernel ``in_shape + out_shape`` and bias ``out_shape``.
+        ``conv1x1``: a 1×1 ``Conv2d`` (out, in, 1, 1), the same map."""
         fan_in, fan_out = math.prod(in_shape), math.prod(out_shape)
-        w = self.take(f"{prefix}.weight", (fan_out, fan_in))
-        b = self.take(f"{prefix}.bias", (fan_out,))
-        if w is None or b is None:
+        w = self.take(f"{prefix}.weight", (fan_out, fan_in) + ((1, 1) if conv1x1 else ()))
+        b = self.take(f"{prefix}.bias", (fan_out,)) if bias else None
+        if w is None or (bias and b is None):
             return None
-        return {"kernel": w.T.reshape(in_shape + out_shape), "bias": b.reshape(out_shape)}
+        out = {"kernel": w.reshape(fan_out, fan_in).T.reshape(in_shape + out_shape)}
+        if b is not None:
+            out["bias"] = b.reshape(out_shape)
+        return out
 
-    def stacked_linears(self, prefixes: list[str], in_dim: int, out_shape: tuple[int, ...]) -> Tree | None:
+    def stacked_linears(self, prefixes: list[str], in_dim: int, out_shape: tuple[int, ...],
+                        bias: bool = True) -> Tree | None:
         """Several ``nn.Linear`` (e.g. to_q, to_k, to_v) fused on a new axis after the input."""
-        parts = [self.linear(p, (in_dim,), out_shape) for p in prefixes]
-        kernels = [p["kernel"] for p in parts if p is not None]
-        biases = [p["bias"] for p in parts if p is not None]
-        if len(kernels) < len(parts):
+        parts = [self.linear(p, (in_dim,), out_shape, bias=bias) for p in prefixes]
+        if any(p is None for p in parts):
             return None
-        return {"kernel": np.stack(kernels, axis=1), "bias": np.stack(biases, axis=0)}
+        out = {"kernel": np.stack([p["kernel"] for p in parts], axis=1)}
+        if bias:
+            out["bias"] = np.stack([p["bias"] for p in parts], axis=0)
+        return out
 
     def layer_norm(self, prefix: str, dim: int) -> Tree | None:
         scale = self.take(f"{prefix}.weight", (dim,))
@@ -87,11 +94,20 @@ class StateDict:
         b = self.take(f"{prefix}.bias", (hidden,))
         return None if w is None or b is None else {"kernel": w.transpose(2, 3, 1, 0), "bias": b}
 
-    def depthwise_conv(self, prefix: str, channels: int, k: int) -> Tree | None:
-        """Depthwise ``Conv2d`` (D, 1, k, k) -> kernel (k, k, D)."""
-        w = self.take(f"{prefix}.weight", (channels, 1, k, k))
-        b = self.take(f"{prefix}.bias", (channels,))
-        return None if w is None or b is None else {"kernel": w[:, 0].transpose(1, 2, 0), "bias": b}
+    def depthwise_conv(self, prefix: str, channels: int | tuple[int, ...], k: int) -> Tree | None:
+        """Depthwise ``Conv2d`` (D, 1, k, k) -> kernel (k, k, *channels), bias ``channels``
+        (``channels`` a tuple splits D, e.g. (2, F) for a GLU's value and gate halves)."""
+        shape = (channels,) if isinstance(channels, int) else tuple(channels)
+        d = math.prod(shape)
+        w = self.take(f"{prefix}.weight", (d, 1, k, k))
+        b = self.take(f"{prefix}.bias", (d,))
+        if w is None or b is None:
+            return None
+        return {"kernel": w[:, 0].transpose(1, 2, 0).reshape(k, k, *shape), "bias": b.reshape(shape)}
+
+    def rms_norm(self, prefix: str, dim: int) -> Tree | None:
+        scale = self.take(f"{prefix}.weight", (dim,))
+        return None if scale is None else {"scale": scale}
 
     def finish(self) -> None:
         unexpected = sorted(set(self.tensors) - self.used)

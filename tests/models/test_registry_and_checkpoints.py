@@ -74,7 +74,7 @@ def test_config_files_build_their_preset(name):
     module = jdit.models.build(config.model)
     assert jdit.models.architecture(module) == jdit.models.architecture(
         jdit.models.build(jdit.models.preset(name)))
-    assert config.resolution // 8 == module.input_size
+    assert config.resolution // config.get("latent_factor", 8) == module.input_size
 
 
 def test_save_and_load_round_trip_across_layouts(tmp_path):

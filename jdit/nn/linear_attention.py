@@ -1,0 +1,85 @@
+"""ReLU linear self-attention (SANA's LiteLA): O(N) in the number of tokens.
+
+``out = relu(q)(relu(k)ᵀv) / (relu(q)·Σ relu(k) + eps)`` per head, with float32 states and
+division whatever the compute dtype. ``attention_impl="pallas"`` runs
+``pallas_kernels.linear_attention`` (Mosaic on TPU, inside ``shard_map`` under a mesh); anything
+else runs its jnp reference, which XLA compiles well on every backend.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jdit.nn.attention import Q_NAMES, fitting_spec
+from jdit.nn.layers import Array, Dense, DType, RMSNorm, constrain
+
+FP16_MAX = 65504.0
+
+
+def linear_attention(q: Array, k: Array, v: Array, *, eps: float = 1e-15,
+                     chunk_size: int | None = None, impl: str = "xla") -> Array:
+    """q, k, v (B, L, H, D) -> (B, L, H, D) in q's dtype. ``chunk_size``: block-causal."""
+    from pallas_kernels import linear_attention as kernel
+    from pallas_kernels import reference
+
+    if impl != "pallas":
+        return reference.linear_attention(q, k, v, eps=eps, chunk_size=chunk_size)
+
+    def run(q: Array, k: Array, v: Array) -> Array:
+        def on(interpret: bool):
+            return functools.partial(kernel, eps=eps, chunk_size=chunk_size, interpret=interpret)
+
+        gpu = functools.partial(reference.linear_attention, eps=eps, chunk_size=chunk_size)
+        return jax.lax.platform_dependent(q, k, v, tpu=on(False), cuda=gpu, rocm=gpu,
+                                          default=on(True))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return run(q, k, v)
+    # Every token's output needs the whole sequence's state: split over batch and heads only.
+    spec = fitting_spec(("batch", None, "act_heads", None), q.shape, mesh)
+    return jax.shard_map(run, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+
+
+class LinearSelfAttention(nn.Module):
+    """SANA's linear self-attention: fused q/k/v projection (no bias by default), optional
+    RMSNorm of q and k across all heads (SANA 1.5), linear attention, output projection.
+
+    With a float16 compute dtype the output is clipped to ±65504, as SANA and diffusers do: the
+    fp16-trained SANA 1.0 checkpoints overflow there otherwise.
+    """
+
+    num_heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    eps: float = 1e-15
+    chunk_size: int | None = None
+    attention_impl: str = "xla"
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    precision: jax.lax.Precision | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, n, width = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        qkv = Dense((3, heads, hd), ("embed",), (None, "heads", "kv"), use_bias=self.qkv_bias,
+                    name="qkv", **common)(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.qk_norm:
+            q = RMSNorm(1e-5, param_dtype=self.param_dtype, name="q_norm")(q.reshape(b, n, -1))
+            k = RMSNorm(1e-5, param_dtype=self.param_dtype, name="k_norm")(k.reshape(b, n, -1))
+            q, k = q.reshape(b, n, heads, hd), k.reshape(b, n, heads, hd)
+        q, k, v = (constrain(t, Q_NAMES) for t in (q, k, v))
+        o = linear_attention(q, k, v, eps=self.eps, chunk_size=self.chunk_size,
+                             impl=self.attention_impl)
+        out = Dense(width, ("heads", "kv"), ("embed",), name="out", **common)(constrain(o, Q_NAMES))
+        if jnp.dtype(self.dtype) == jnp.float16:
+            out = jnp.clip(out, -FP16_MAX, FP16_MAX)
+        return out

@@ -180,6 +180,14 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_scaling(args: argparse.Namespace) -> int:
+    from jdit.benchmarks import scaling
+
+    tokens = tuple(int(t) for t in args.tokens.split(","))
+    _emit(scaling.run(tokens, width=args.width, repeats=args.repeats), args.json)
+    return 0
+
+
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from jdit.benchmarks import kernels
 
@@ -288,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     batt.add_argument("--repeats", type=int, default=3)
     batt.add_argument("--json", default=None)
     batt.set_defaults(func=cmd_bench_attention)
+    bsc = bench_sub.add_parser("scaling", help="SANA vs PixArt block forward, 1K-16K tokens (CPU)")
+    bsc.add_argument("--tokens", default="1024,4096,16384")
+    bsc.add_argument("--width", type=int, default=256)
+    bsc.add_argument("--repeats", type=int, default=3)
+    bsc.add_argument("--json", default=None)
+    bsc.set_defaults(func=cmd_bench_scaling)
     bker = bench_sub.add_parser("kernels", help="Pallas kernels vs XLA attention, TPU compiles")
     bker.add_argument("--topology", default="v5e:2x2")
     bker.add_argument("--json", default=None)

@@ -67,3 +67,12 @@ def test_attention_benchmark_runs_and_reports_growth():
     assert [r["tokens"] for r in result["rows"]] == [64, 256]
     assert all(r["softmax_s"] > 0 and r["linear_s"] > 0 for r in result["rows"])
     assert result["linear_growth"]["tokens_ratio"] == 4.0
+
+
+def test_scaling_benchmark_runs_both_blocks():
+    from jdit.benchmarks import scaling
+
+    result = scaling.run(tokens=(64, 256), width=64, repeats=1, log=lambda s: None)
+    assert [r["tokens"] for r in result["rows"]] == [64, 256]
+    assert all(r["pixart_block_s"] > 0 and r["sana_block_s"] > 0 for r in result["rows"])
+    assert result["sana_growth"]["tokens_ratio"] == 4.0

@@ -45,6 +45,30 @@ def linear_attention(q: Array, k: Array, v: Array, *, eps: float = 1e-15,
     return jax.shard_map(run, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
 
 
+Cache = tuple[Array, Array]  # (state Σ relu(k)ᵀv (B, H, D, Dv), key sum Σ relu(k) (B, H, D)), float32
+
+
+def empty_cache(batch: int, heads: int, head_dim: int, value_dim: int | None = None) -> Cache:
+    """The state before the first chunk: zeros, whose size does not grow with the sequence."""
+    dv = head_dim if value_dim is None else value_dim
+    return (jnp.zeros((batch, heads, head_dim, dv), jnp.float32),
+            jnp.zeros((batch, heads, head_dim), jnp.float32))
+
+
+def linear_attention_chunk(q: Array, k: Array, v: Array, cache: Cache, *,
+                           eps: float = 1e-15) -> tuple[Array, Cache]:
+    """One chunk of block-causal linear attention from a cache of all earlier chunks: the chunk's
+    tokens see each other and everything before. q, k, v (B, C, H, D); returns the chunk's
+    output and the cache after it. Chunk by chunk this equals ``linear_attention(...,
+    chunk_size=C)`` over the whole sequence, in constant memory."""
+    qf, kf = (jnp.maximum(t.astype(jnp.float32), 0.0) for t in (q, k))
+    state = cache[0] + jnp.einsum("bchd,bche->bhde", kf, v.astype(jnp.float32))
+    ksum = cache[1] + jnp.sum(kf, axis=1)
+    num = jnp.einsum("bchd,bhde->bche", qf, state)
+    den = jnp.einsum("bchd,bhd->bch", qf, ksum)[..., None] + eps
+    return (num / den).astype(q.dtype), (state, ksum)
+
+
 class LinearSelfAttention(nn.Module):
     """SANA's linear self-attention: fused q/k/v projection (no bias by default), optional
     RMSNorm of q and k across all heads (SANA 1.5), linear attention, output projection.
@@ -65,7 +89,9 @@ class LinearSelfAttention(nn.Module):
     precision: jax.lax.Precision | None = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, cache: Cache | None = None) -> Array | tuple[Array, Cache]:
+        """x (B, L, D) -> (B, L, D). With a ``cache`` (``empty_cache`` to start), x is the next
+        chunk of a block-causal sequence: returns its output and the updated cache."""
         b, n, width = x.shape
         heads, hd = self.num_heads, self.head_dim
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
@@ -77,9 +103,12 @@ class LinearSelfAttention(nn.Module):
             k = RMSNorm(1e-5, param_dtype=self.param_dtype, name="k_norm")(k.reshape(b, n, -1))
             q, k = q.reshape(b, n, heads, hd), k.reshape(b, n, heads, hd)
         q, k, v = (constrain(t, Q_NAMES) for t in (q, k, v))
-        o = linear_attention(q, k, v, eps=self.eps, chunk_size=self.chunk_size,
-                             impl=self.attention_impl)
+        if cache is not None:
+            o, cache = linear_attention_chunk(q, k, v, cache, eps=self.eps)
+        else:
+            o = linear_attention(q, k, v, eps=self.eps, chunk_size=self.chunk_size,
+                                 impl=self.attention_impl)
         out = Dense(width, ("heads", "kv"), ("embed",), name="out", **common)(constrain(o, Q_NAMES))
         if jnp.dtype(self.dtype) == jnp.float16:
             out = jnp.clip(out, -FP16_MAX, FP16_MAX)
-        return out
+        return out if cache is None else (out, cache)

@@ -28,6 +28,7 @@ from jdit.nn.layers import (
     normal,
     zeros,
 )
+from jdit.nn.linear_attention import LinearSelfAttention
 from jdit.nn.modulation import AdaLNModulation, FinalLayer, scale_shift_table
 from jdit.nn.stack import run_blocks
 
@@ -42,6 +43,9 @@ class PixArtBlock(nn.Module):
     kv_compress: str | None = None
     kv_compress_ratio: int = 1
     qk_norm: bool = False
+    self_attention: str = "softmax"
+    linear_heads: int | None = None
+    linear_v_conv: int = 0
     attention_impl: str = "xla"
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
@@ -59,11 +63,18 @@ class PixArtBlock(nn.Module):
             mods[:, i : i + 1] for i in range(6)
         )
         h = modulate(layer_norm(x, 1e-6), shift_msa, scale_msa).astype(dt)
-        h = SelfAttention(
-            self.num_heads, d // self.num_heads, qk_norm=self.qk_norm,
-            kv_compress=self.kv_compress, kv_compress_ratio=self.kv_compress_ratio,
-            grid_hw=self.grid_hw, attention_impl=self.attention_impl, name="attn", **common,
-        )(h)
+        if self.self_attention == "linear":  # LiT
+            heads = self.linear_heads or self.num_heads
+            h = LinearSelfAttention(
+                heads, d // heads, qkv_bias=True, qk_norm=False, v_conv=self.linear_v_conv,
+                grid_hw=self.grid_hw, attention_impl=self.attention_impl, name="attn", **common,
+            )(h)
+        else:
+            h = SelfAttention(
+                self.num_heads, d // self.num_heads, qk_norm=self.qk_norm,
+                kv_compress=self.kv_compress, kv_compress_ratio=self.kv_compress_ratio,
+                grid_hw=self.grid_hw, attention_impl=self.attention_impl, name="attn", **common,
+            )(h)
         x = x + gate_msa * h.astype(jnp.float32)
         h = CrossAttention(
             self.num_heads, d // self.num_heads, out_init=zeros,
@@ -100,6 +111,11 @@ class PixArt(nn.Module):
     kv_compress_ratio: int = 2
     kv_compress_layers: tuple[int, ...] = ()
     qk_norm: bool = False
+    # LiT: ReLU linear self-attention instead of softmax, with its own (few) heads and a
+    # depthwise conv on V; every other weight is PixArt's (jdit.models.lit.inherit)
+    self_attention: str = "softmax"  # "softmax" | "linear"
+    linear_heads: int | None = None
+    linear_v_conv: int = 0
     scan_layers: bool = False
     remat_policy: str = "none"
     attention_impl: str = "xla"
@@ -137,6 +153,16 @@ class PixArt(nn.Module):
         check_config("PixArt", self.hidden_size, self.num_heads, self.depth, self.patch_size)
         if self.micro_condition and self.hidden_size % 3:
             raise ValueError("PixArt: micro_condition needs hidden_size divisible by 3")
+        if self.self_attention not in ("softmax", "linear"):
+            raise ValueError(f"PixArt: self_attention must be 'softmax' or 'linear', got "
+                             f"{self.self_attention!r}")
+        if self.self_attention == "linear":
+            heads = self.linear_heads or self.num_heads
+            if self.hidden_size % heads or self.kv_compress is not None or self.qk_norm:
+                raise ValueError(
+                    f"PixArt with linear self-attention: hidden_size {self.hidden_size} must be "
+                    f"divisible by linear_heads {heads}, and KV compression and QK-norm are "
+                    "softmax-only")
         if self.kv_compress is not None:
             if self.kv_compress not in KV_COMPRESS_MODES:
                 raise ValueError(
@@ -195,7 +221,8 @@ class PixArt(nn.Module):
         shared = dict(
             hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, grid_hw=grid,
             kv_compress=self.kv_compress, qk_norm=self.qk_norm,
-            attention_impl=self.attention_impl, **common,
+            self_attention=self.self_attention, linear_heads=self.linear_heads,
+            linear_v_conv=self.linear_v_conv, attention_impl=self.attention_impl, **common,
         )
         h = run_blocks(
             PixArtBlock, self.per_layer(), shared, tokens, y, context_mask, t0,

@@ -22,13 +22,13 @@ from jdit.nn.embeddings import (
 )
 from jdit.nn.layers import LOGICAL_AXES, AffineLayerNorm, Dense, Mlp, RMSNorm, layer_norm, modulate
 from jdit.nn.linear_attention import LinearSelfAttention, linear_attention
-from jdit.nn.mix_ffn import DepthwiseConv3x3, MixFFN
+from jdit.nn.mix_ffn import DepthwiseConv, MixFFN
 from jdit.nn.modulation import AdaLNModulation, FinalLayer, scale_shift_table
 from jdit.nn.stack import REMAT_POLICIES, run_blocks, stack_params, unstack_params
 
 __all__ = [
     "ATTENTION_IMPLS", "KV_COMPRESS_MODES", "LOGICAL_AXES", "REMAT_POLICIES",
-    "AdaLNModulation", "AffineLayerNorm", "CrossAttention", "Dense", "DepthwiseConv3x3",
+    "AdaLNModulation", "AffineLayerNorm", "CrossAttention", "Dense", "DepthwiseConv",
     "FinalLayer", "KVCompress", "LabelEmbedder", "LinearSelfAttention", "Mlp", "MixFFN",
     "PatchEmbed", "RMSNorm", "SelfAttention", "TimestepEmbedder",
     "compressed_length", "dot_product_attention", "layer_norm", "linear_attention", "modulate",

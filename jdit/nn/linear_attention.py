@@ -16,6 +16,7 @@ from flax import linen as nn
 
 from jdit.nn.attention import Q_NAMES, fitting_spec
 from jdit.nn.layers import Array, Dense, DType, RMSNorm, constrain
+from jdit.nn.mix_ffn import DepthwiseConv
 
 FP16_MAX = 65504.0
 
@@ -74,13 +75,17 @@ class LinearSelfAttention(nn.Module):
     RMSNorm of q and k across all heads (SANA 1.5), linear attention, output projection.
 
     With a float16 compute dtype the output is clipped to ±65504, as SANA and diffusers do: the
-    fp16-trained SANA 1.0 checkpoints overflow there otherwise.
+    fp16-trained SANA 1.0 checkpoints overflow there otherwise. ``v_conv=k`` (LiT): a depthwise
+    k×k convolution of V over the token grid (``grid_hw``) is added to the attention output,
+    restoring the local detail linear attention blurs.
     """
 
     num_heads: int
     head_dim: int
     qkv_bias: bool = False
     qk_norm: bool = False
+    v_conv: int = 0
+    grid_hw: tuple[int, int] | None = None
     eps: float = 1e-15
     chunk_size: int | None = None
     attention_impl: str = "xla"
@@ -108,6 +113,12 @@ class LinearSelfAttention(nn.Module):
         else:
             o = linear_attention(q, k, v, eps=self.eps, chunk_size=self.chunk_size,
                                  impl=self.attention_impl)
+        if self.v_conv:
+            if self.grid_hw is None or cache is not None:
+                raise ValueError("LinearSelfAttention: v_conv needs grid_hw and no cache")
+            local = DepthwiseConv(("heads", "kv"), self.v_conv, self.param_dtype, self.dtype,
+                                  name="v_conv")(v.reshape(b, *self.grid_hw, heads, hd))
+            o = o + local.reshape(o.shape).astype(o.dtype)
         out = Dense(width, ("heads", "kv"), ("embed",), name="out", **common)(constrain(o, Q_NAMES))
         if jnp.dtype(self.dtype) == jnp.float16:
             out = jnp.clip(out, -FP16_MAX, FP16_MAX)

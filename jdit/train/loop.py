@@ -113,6 +113,19 @@ class Run:
         self.tx = make_optimizer(c["optim"], steps)
         self.partitioner = Partitioner.from_config(c.get("parallel"), devices)
         self.generate = make_generator(self.module, self.task, c, self.partitioner)
+        self._teacher: tuple[Any, Any] | None = None
+
+    @property
+    def teacher(self) -> tuple[Any, Any] | None:
+        """``(module, EMA params)`` of the frozen teacher named by ``distill.teacher`` (a jdit
+        workdir), placed in this run's parameter shardings; None without distillation."""
+        d = self.config.get("distill") or {}
+        if self._teacher is None and d.get("teacher"):
+            trained, params, _ = load_trained(d["teacher"])
+            module = trained.module
+            self._teacher = (module, jax.device_put(
+                params, self.partitioner.param_shardings(module)))
+        return self._teacher
 
     def init_state(self) -> TrainState:
         return init_state(self.module, self.tx, int(self.config["train"].get("seed", 0)))
@@ -140,7 +153,7 @@ class Run:
         """``train_step`` jitted with explicit state shardings, the state donated. Call it inside
         ``self.partitioner.activate()``."""
         shardings = self.state_shardings()
-        step = make_train_step(self.module, self.tx, self.lr, self.config, null)
+        step = make_train_step(self.module, self.tx, self.lr, self.config, null, self.teacher)
         return jax.jit(step, in_shardings=(shardings, None),
                        out_shardings=(shardings, self.partitioner.replicated), donate_argnums=0)
 
@@ -176,6 +189,9 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
         state = run.sharded_init()
         if tc.get("init_from"):
             state = jax.device_put(init_from(state, run, str(tc["init_from"])),
+                                   run.state_shardings())
+        elif (c.get("distill") or {}).get("inherit") and run.teacher is not None:
+            state = jax.device_put(inherit_teacher(state, run, workdir if primary else None),
                                    run.state_shardings())
     null = task.null() if task.kind == "text" else None
     train_step = run.jit_train_step(None if null is None else (null["context"],
@@ -244,6 +260,27 @@ def init_from(state: TrainState, run: Run, path: str) -> TrainState:
                                     **({"pe_interpolation": m.pe_interpolation}
                                        if hasattr(m, "pe_interpolation") else {}))
     check_tree(params, state.params, path)
+    params = jax.tree.map(lambda p, like: jax.numpy.asarray(p, like.dtype), params, state.params)
+    return state.replace(params=params, ema_params=jax.tree.map(jax.numpy.copy, params),
+                         opt_state=run.tx.init(params))
+
+
+def inherit_teacher(state: TrainState, run: Run, workdir: Path | None) -> TrainState:
+    """LiT's start: the teacher's weights except its self-attention (``jdit.models.lit``); the
+    report of what was and was not inherited goes to ``workdir/inherited.json``."""
+    from jdit.models import lit
+
+    assert run.teacher is not None
+    d = run.config["distill"]
+    params, report = lit.inherit(jax.device_get(run.teacher[1]), run.module,
+                                 jax.random.PRNGKey(int(run.config["train"].get("seed", 0))),
+                                 load_attention=bool(d.get("load_attention", False)))
+    if workdir is not None:
+        (workdir / "inherited.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"inherited {len(report['inherited'])} weights from {d['teacher']}; initialised "
+              f"{len(report['initialised'])} (attention-specific or mismatched), "
+              f"{len(report['unused'])} teacher weights unused: see inherited.json",
+              file=sys.stderr)
     params = jax.tree.map(lambda p, like: jax.numpy.asarray(p, like.dtype), params, state.params)
     return state.replace(params=params, ema_params=jax.tree.map(jax.numpy.copy, params),
                          opt_state=run.tx.init(params))

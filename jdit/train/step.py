@@ -9,6 +9,11 @@ scaled_linear | squaredcos_cap_v2), ``prediction`` (epsilon | v | sample), ``wei
 (None | min_snr) and ``snr_gamma`` — a learned-sigma model trains with PixArt's hybrid loss; for
 flow ``flow_shift``, ``timestep_sampler`` (uniform | logit_normal | mode | cosmap) with
 ``logit_mean``/``logit_std``/``mode_scale``, and ``weighting`` (None | sigma_sqrt | cosmap).
+
+Distillation (LiT, ``jdit.models.lit``): with a frozen ``teacher = (module, params)`` the loss
+gains ``output_weight · ‖out_T − out_S‖²`` on the prediction (ε, or the flow velocity) and, for
+learned-sigma models, ``variance_weight · ‖v_T − v_S‖²`` on the variance channels (LiT's best:
+0.5 and 0.05), both means over pixels, on the same noisy input and condition.
 """
 
 from __future__ import annotations
@@ -83,10 +88,37 @@ def _conditioning(module: nn.Module, batch: Batch, drop: Array,
     return {"context": ctx, "context_mask": mask, **micro}
 
 
+Teacher = tuple[nn.Module, Any]
+
+
+def _distill_losses(out: Array, target: Array, channels: int, distill: Mapping[str, Any]
+                    ) -> Array:
+    """Per-example teacher terms; ``channels`` is the image's (the prediction's first part)."""
+    def mse(a: Array, b: Array) -> Array:
+        return jnp.mean(jnp.square(a - b), axis=tuple(range(1, a.ndim)))
+
+    target = jax.lax.stop_gradient(target)
+    losses = float(distill.get("output_weight", 0.5)) * mse(out[..., :channels],
+                                                            target[..., :channels])
+    if out.shape[-1] > channels:  # learned sigma: the variance interpolation channels
+        losses += float(distill.get("variance_weight", 0.05)) * mse(out[..., channels:],
+                                                                    target[..., channels:])
+    return losses
+
+
 def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: float,
-                 null: tuple[Array, Array] | None) -> Callable[[Any, Batch, Array], Array]:
+                 null: tuple[Array, Array] | None, teacher: Teacher | None = None,
+                 distill: Mapping[str, Any] | None = None
+                 ) -> Callable[[Any, Batch, Array], Array]:
     schedule = make_schedule(diffusion)
     weighting = diffusion.get("weighting")
+
+    def taught(losses: Array, out: Array, x_t: Array, t: Array, x0: Array,
+               cond: dict[str, Array]) -> Array:
+        if teacher is None:
+            return losses
+        target = teacher[0].apply({"params": teacher[1]}, x_t, t, **cond)
+        return losses + _distill_losses(out, target, x0.shape[-1], distill or {})
 
     def loss_fn(params: Any, batch: Batch, rng: Array) -> Array:
         x0 = batch["images"].astype(jnp.float32)
@@ -103,8 +135,9 @@ def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: 
                 mode_scale=float(diffusion.get("mode_scale", 1.29)))
             sigma = schedule.shift_sigma(sigma)
             x_t = schedule.add_noise(x0, noise, sigma)
-            out = module.apply({"params": params}, x_t, sigma * schedule.num_train_timesteps, **cond)
-            losses = flow_loss(out, x0, noise, sigma, weighting)
+            t = sigma * schedule.num_train_timesteps
+            out = module.apply({"params": params}, x_t, t, **cond)
+            losses = taught(flow_loss(out, x0, noise, sigma, weighting), out, x_t, t, x0, cond)
         else:
             t = sample_ddpm_timesteps(rng_t, b, schedule.num_train_timesteps)
             x_t = schedule.add_noise(x0, noise, t)
@@ -116,6 +149,7 @@ def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: 
                                         prediction=diffusion.get("prediction", "epsilon"),
                                         weighting=weighting,
                                         snr_gamma=float(diffusion.get("snr_gamma", 5.0)))
+            losses = taught(losses, out, x_t, t.astype(jnp.float32), x0, cond)
         return jnp.mean(losses)
 
     return loss_fn
@@ -123,16 +157,17 @@ def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: 
 
 def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, cfg: Mapping[str, Any],
-                    null: tuple[Array, Array] | None = None
+                    null: tuple[Array, Array] | None = None, teacher: Teacher | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
-    """``cfg`` is the whole config (``diffusion`` and ``train`` sections are read).
+    """``cfg`` is the whole config (``diffusion``, ``train`` and ``distill`` sections are read).
 
     ``train.accumulate`` splits the batch into that many micro-batches whose gradients are
     averaged (one optimizer step); ``train.ema_decay`` with ``train.ema_warmup`` uses
     ``min(decay, (1 + step) / (10 + step))``.
     """
     train = cfg["train"]
-    loss_fn = make_loss_fn(module, cfg["diffusion"], float(train.get("cond_dropout", 0.1)), null)
+    loss_fn = make_loss_fn(module, cfg["diffusion"], float(train.get("cond_dropout", 0.1)), null,
+                           teacher, cfg.get("distill"))
     grad_fn = jax.value_and_grad(loss_fn)
     accumulate = int(train.get("accumulate", 1))
     decay = float(train.get("ema_decay", 0.9999))

@@ -131,7 +131,10 @@ def with_defaults(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
             continue
         if section not in c:
             c[section] = dict(values)
-            assumed[section] = values
+            if section == "diffusion" and c["model"].get("family") == "sana":  # flow models
+                c[section] = {"objective": "flow", "flow_shift": float(c.get("flow_shift", 3.0)),
+                              "timestep_sampler": "logit_normal"}
+            assumed[section] = c[section]
     return c, assumed
 
 

@@ -60,6 +60,17 @@ def test_small_pixart_compiles_for_v5e_and_reports_a_roofline():
 
 
 @pytest.mark.slow
+def test_small_sana_compiles_for_v5e_with_the_linear_attention_kernel():
+    code, r = jdit_aot("--config", str(ROOT / "configs" / "sana_600m_512.py"),
+                       "--topology", "v5e:2x2", "--batch", "2", "--caption-length", "32",
+                       "--config.model.depth=2", "--config.model.hidden_size=256",
+                       "--config.model.num_heads=8", "--config.model.cross_num_heads=4")
+    assert code == 0 and r["fits"], r
+    assert r["assumed"]["model"]["attention_impl"] == "pallas"
+    assert r["assumed"]["diffusion"]["objective"] == "flow"  # SANA is a flow model
+    assert r["tokens_per_example"] == 256 and r["roofline_mfu_bound"] > 0
+
+
 def test_pixart_sigma_xl_1024_compiles_and_fits_on_v5p_2x2x2():
     code, r = jdit_aot("--config", str(ROOT / "configs" / "pixart_sigma_xl2_1024.py"),
                        "--topology", "v5p:2x2x2", "--batch", "4", "--scan-layers", "on")

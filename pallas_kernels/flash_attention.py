@@ -10,8 +10,9 @@ semantics). Gradients come from ``jax.custom_vjp`` with two backward kernels (Fl
 one accumulates dK and dV over query blocks, one accumulates dQ over key blocks; both recompute
 the probabilities from the saved log-sum-exp.
 
-``interpret``: ``False`` (Mosaic, TPU), ``True`` (run the kernel with XLA on any backend, for
-tests), or a ``pltpu.InterpretParams`` (TPU semantics, slower).
+``interpret``: ``False`` (compiled for the platform: Mosaic on TPU, the Triton form of
+``pallas_kernels.gpu`` on GPUs, the jnp reference elsewhere), ``True`` (run the TPU kernel with
+XLA on any backend, for tests), or a ``pltpu.InterpretParams`` (TPU semantics, slower).
 """
 
 from __future__ import annotations
@@ -265,9 +266,23 @@ def flash_attention(q: Array, k: Array, v: Array, *, kv_mask: Array | None = Non
         x = jnp.swapaxes(x, 1, 2)
         return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
 
-    out = _attention(heads_major(q, lq_pad), heads_major(k, lk_pad), heads_major(v, lk_pad),
-                     mask, scale, bq, bk, interpret)
-    return jnp.swapaxes(out[:, :, :lq], 1, 2)
+    def tpu(q: Array, k: Array, v: Array, mask: Array) -> Array:
+        out = _attention(heads_major(q, lq_pad), heads_major(k, lk_pad), heads_major(v, lk_pad),
+                         mask, scale, bq, bk, interpret)
+        return jnp.swapaxes(out[:, :, :lq], 1, 2)
+
+    if interpret:
+        return tpu(q, k, v, mask)
+    from pallas_kernels import gpu, reference
+
+    def triton(q: Array, k: Array, v: Array, mask: Array) -> Array:
+        return gpu.flash_attention(q, k, v, kv_mask=mask[:, 0, :lk], sm_scale=scale)
+
+    def fallback(q: Array, k: Array, v: Array, mask: Array) -> Array:
+        return reference.flash_attention(q, k, v, kv_mask=mask[:, 0, :lk], sm_scale=scale)
+
+    return jax.lax.platform_dependent(q, k, v, mask, tpu=tpu, cuda=triton, rocm=triton,
+                                      default=fallback)
 
 
 __all__ = ["flash_attention"]

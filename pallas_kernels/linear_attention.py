@@ -2,6 +2,7 @@
 
     out = linear_attention(q, k, v, eps=1e-15, chunk_size=None, interpret=False)
     # q, k (B, L, H, D), v (B, L, H, Dv);  out = φ(q)(φ(k)ᵀv) / (φ(q)·Σφ(k) + eps), φ = ReLU
+    # interpret=False: Mosaic on TPU, pallas_kernels.gpu's Triton form on GPUs, else the reference
 
 Layout: the kernels read q, k and v where they lie, as (B, L, H·D) (a free reshape), in tiles of
 ``rows × W`` lanes with W = 128 (or the head dim when that is larger): one tile holds W / D whole
@@ -373,8 +374,22 @@ def linear_attention(q: Array, k: Array, v: Array, *, eps: float = 1e-15,
     rows = chunk_size if chunk_size is not None else min(block_size, -(-length // 8) * 8)
     t = _Tiling(length=length, lanes=h * head, head=head, rows=rows,
                 width=max(head, min(LANES, h * head)))
-    out = _linear(flat(q), flat(k), flat(v), float(eps), t, chunk_size is not None, interpret)
-    return out.reshape(b, length, h, head)[..., :dv]
+    def tpu(q: Array, k: Array, v: Array) -> Array:
+        out = _linear(flat(q), flat(k), flat(v), float(eps), t, chunk_size is not None, interpret)
+        return out.reshape(b, length, h, head)[..., :dv]
+
+    if interpret:
+        return tpu(q, k, v)
+    from pallas_kernels import gpu, reference
+
+    def triton(q: Array, k: Array, v: Array) -> Array:
+        return gpu.linear_attention(q, k, v, eps=eps, chunk_size=chunk_size)
+
+    def fallback(q: Array, k: Array, v: Array) -> Array:
+        return reference.linear_attention(q, k, v, eps=eps, chunk_size=chunk_size)
+
+    return jax.lax.platform_dependent(q, k, v, tpu=tpu, cuda=triton, rocm=triton,
+                                      default=fallback)
 
 
 __all__ = ["linear_attention"]

@@ -61,8 +61,8 @@ def pallas_attention(
     q: Array, k: Array, v: Array, kv_mask: Array | None = None,
     precision: jax.lax.Precision | None = None,
 ) -> Array:
-    """``pallas_kernels.flash_attention``: Mosaic on TPU; on GPUs its jnp reference (XLA fuses it;
-    no Triton kernel ships, as none could be tested here); interpreted elsewhere (CPU tests).
+    """``pallas_kernels.flash_attention``: Mosaic on TPU, its Triton form on GPUs, interpreted
+    elsewhere (CPU tests).
 
     Under an active mesh and rule table (``Partitioner.activate()``) the kernel runs inside
     ``jax.shard_map`` (Mosaic kernels cannot be partitioned automatically): queries split over
@@ -70,17 +70,14 @@ def pallas_attention(
     only (gathered whole along their length, as the XLA path does).
     """
     del precision  # the kernel accumulates in float32 from the input dtype
-    from pallas_kernels import flash_attention, reference
+    from pallas_kernels import flash_attention
 
     def kernel(q: Array, k: Array, v: Array, mask: Array) -> Array:
         def run(interpret: bool) -> Callable[..., Array]:
             return lambda q, k, v, m: flash_attention(q, k, v, kv_mask=m, interpret=interpret)
 
-        def gpu(q: Array, k: Array, v: Array, m: Array) -> Array:
-            return reference.flash_attention(q, k, v, kv_mask=m)
-
-        return jax.lax.platform_dependent(q, k, v, mask, tpu=run(False), cuda=gpu, rocm=gpu,
-                                          default=run(True))
+        return jax.lax.platform_dependent(q, k, v, mask, tpu=run(False), cuda=run(False),
+                                          rocm=run(False), default=run(True))
 
     mask = (jnp.ones(k.shape[:2], jnp.int32) if kv_mask is None
             else kv_mask.astype(jnp.int32))

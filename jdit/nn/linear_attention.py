@@ -2,8 +2,9 @@
 
 ``out = relu(q)(relu(k)ᵀv) / (relu(q)·Σ relu(k) + eps)`` per head, with float32 states and
 division whatever the compute dtype. ``attention_impl="pallas"`` runs
-``pallas_kernels.linear_attention`` (Mosaic on TPU, inside ``shard_map`` under a mesh); anything
-else runs its jnp reference, which XLA compiles well on every backend.
+``pallas_kernels.linear_attention`` (Mosaic on TPU, Triton on GPUs, interpreted on CPU; inside
+``shard_map`` under a mesh); anything else runs its jnp reference, which XLA compiles well on
+every backend.
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ def linear_attention(q: Array, k: Array, v: Array, *, eps: float = 1e-15,
         def on(interpret: bool):
             return functools.partial(kernel, eps=eps, chunk_size=chunk_size, interpret=interpret)
 
-        gpu = functools.partial(reference.linear_attention, eps=eps, chunk_size=chunk_size)
-        return jax.lax.platform_dependent(q, k, v, tpu=on(False), cuda=gpu, rocm=gpu,
-                                          default=on(True))
+        return jax.lax.platform_dependent(q, k, v, tpu=on(False), cuda=on(False),
+                                          rocm=on(False), default=on(True))
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:

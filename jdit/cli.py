@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     btr.add_argument("--json", default=None)
     btr.set_defaults(func=cmd_bench_train)
     bbar = bench_sub.add_parser("bars", help="train + eval the tiny recipes against the bars")
-    bbar.add_argument("recipes", nargs="*", default=["shapes_tiny", "digits_tiny"])
+    bbar.add_argument("recipes", nargs="*", default=["shapes_tiny", "digits_tiny", "shapes_tiny_linear"])
     bbar.add_argument("--configs", default="configs", help="folder holding the recipe configs")
     bbar.add_argument("--workdir", default=None, help="keep the runs here (default: temporary)")
     bbar.add_argument("--json", default=None)

@@ -76,3 +76,15 @@ def test_scaling_benchmark_runs_both_blocks():
     assert [r["tokens"] for r in result["rows"]] == [64, 256]
     assert all(r["pixart_block_s"] > 0 and r["sana_block_s"] > 0 for r in result["rows"])
     assert result["sana_growth"]["tokens_ratio"] == 4.0
+
+
+def test_linear_shapes_recipe_trains_a_few_steps(tmp_path):
+    """configs/shapes_tiny_linear.py (its bars are checked by `jdit bench bars`)."""
+    from jdit.config import load_config
+    from jdit.train.loop import train
+
+    config = load_config("configs/shapes_tiny_linear.py")
+    assert config.model.family == "sana" and config.diffusion.objective == "flow"
+    config.train.update(batch_size=8, steps=2, sample_every=0, log_every=1)
+    last = train(config, tmp_path / "run", quiet=True)
+    assert last["loss"] > 0

@@ -1,10 +1,11 @@
 """``jdit bench bars``: the issue's quality bars for the embedded recipes, end to end.
 
-Trains ``configs/shapes_tiny.py`` and/or ``configs/digits_tiny.py`` exactly as ``jdit train``
+Trains ``configs/shapes_tiny.py``, ``shapes_tiny_linear.py`` and/or ``digits_tiny.py`` exactly as ``jdit train``
 does (same loop, checkpoints and sample grids included), times the training wall clock, runs
 ``jdit eval`` on the result and compares both with the bars:
 
-- shapes_tiny: training <= 15 min, adherence_single >= 0.90, adherence_pair >= 0.70;
+- shapes_tiny and shapes_tiny_linear (SANA-style): training <= 15 min, adherence_single >= 0.90,
+  adherence_pair >= 0.70;
 - digits_tiny: training <= 10 min, digit_accuracy >= 0.95.
 
 Takes 15-25 minutes on 2 CPU cores; too long for the test suite, so it is a benchmark.
@@ -24,6 +25,7 @@ BARS: dict[str, dict[str, Any]] = {
                                                     "adherence_pair": 0.70}},
     "digits_tiny": {"max_train_s": 10 * 60, "min": {"digit_accuracy": 0.95}},
 }
+BARS["shapes_tiny_linear"] = BARS["shapes_tiny"]
 
 
 def run_one(name: str, config_dir: Path, workdir: Path,

@@ -29,7 +29,7 @@ from jdit.nn.layers import (
     zeros,
 )
 from jdit.nn.linear_attention import LinearSelfAttention
-from jdit.nn.modulation import AdaLNModulation, FinalLayer, scale_shift_table
+from jdit.nn.modulation import AdaLNModulation, FinalLayer, block_modulations
 from jdit.nn.stack import run_blocks
 
 
@@ -58,10 +58,8 @@ class PixArtBlock(nn.Module):
         d, dt = self.hidden_size, self.dtype
         common = dict(dtype=dt, param_dtype=self.param_dtype, precision=self.precision)
         x = constrain(x, TOKEN_NAMES)
-        mods = scale_shift_table(self, 6, d, self.param_dtype)[None] + t0
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            mods[:, i : i + 1] for i in range(6)
-        )
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block_modulations(
+            self, d, t0, self.param_dtype)
         h = modulate(layer_norm(x, 1e-6), shift_msa, scale_msa).astype(dt)
         if self.self_attention == "linear":  # LiT
             heads = self.linear_heads or self.num_heads

@@ -54,6 +54,14 @@ def scale_shift_table(module: nn.Module, num_chunks: int, hidden_size: int,
     )
 
 
+def block_modulations(module: nn.Module, hidden_size: int, t0: Array,
+                      param_dtype: DType = jnp.float32) -> tuple[Array, ...]:
+    """adaLN-single inside a block (PixArt, SANA): the block's ``(6, D)`` table plus the shared
+    ``t0`` (B, 6, D), as shift, scale, gate for attention then for the MLP, each (B, 1, D)."""
+    mods = scale_shift_table(module, 6, hidden_size, param_dtype)[None] + t0
+    return tuple(mods[:, i : i + 1] for i in range(6))
+
+
 class FinalLayer(nn.Module):
     """``LN -> modulate(shift, scale) -> Dense(p*p*C_out)`` with zero-initialised output.
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,25 +75,3 @@ def test_distillation_adds_the_teacher_terms(objective):
                           {"output_weight": 1.0, "variance_weight": 0.1})
     assert float(double(other, batch, rng)) - float(plain(other, batch, rng)) == pytest.approx(
         2 * gap, rel=1e-4)
-
-
-def test_distilled_run_from_a_teacher_workdir(tmp_path):
-    """`jdit train` with a `distill` section: inherits, reports, trains with the teacher."""
-    from jdit.config import load_config
-    from jdit.train.loop import train
-
-    base = load_config("configs/shapes_tiny.py")
-    base.train.steps, base.train.sample_every, base.train.log_every = 3, 0, 1
-    base.train.batch_size = 8
-    base.model.depth, base.model.hidden_size = 1, 32
-    train(base, tmp_path / "teacher", quiet=True)
-
-    student = load_config("configs/shapes_tiny.py")
-    student.train.steps, student.train.sample_every, student.train.log_every = 3, 0, 1
-    student.train.batch_size = 8
-    student.model = lit.student_config(dict(base.model), linear_heads=1)
-    student.distill = dict(teacher=str(tmp_path / "teacher"), inherit=True, output_weight=0.5)
-    last = train(student, tmp_path / "student", quiet=True)
-    assert np.isfinite(last["loss"])
-    report = json.loads((tmp_path / "student" / "inherited.json").read_text())
-    assert report["inherited"] and report["initialised"]

@@ -30,6 +30,7 @@ LOGICAL_AXES: dict[str, str] = {
     "caption": "input width of caption features (e.g. 4096 for T5-XXL)",
     "classes": "rows of a class-label embedding table",
     "layers": "the stacked layer axis of scanned blocks",
+    "vocab": "rows of a token-embedding table (T5)",
 }
 
 xavier_uniform = nn.initializers.xavier_uniform()

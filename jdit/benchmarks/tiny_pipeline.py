@@ -1,0 +1,112 @@
+"""Small random diffusers pipelines saved to a folder: what the pipeline parity tests, the
+notebooks' offline mode and ``jdit bench pipeline`` load, since no weights can be downloaded.
+
+Built with torch, diffusers and transformers (the ``test`` extra): a sentencepiece tokenizer
+trained on the spot, a random T5 v1.1 encoder, a random PixArt (or DiT) transformer, a random
+AutoencoderKL and the default DPM-Solver++ scheduler. Weights are perturbed so no layer is left
+at its zero or identity initialisation.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WORDS = ("a an the of in on and with red green blue yellow small big happy cactus desert cat "
+         "dog horse astronaut moon photo painting circle square triangle top bottom left right "
+         "middle sky forest snowy fox cup coffee table wooden").split()
+
+
+def train_tokenizer(folder: Path, vocab_size: int = 64, seed: int = 0) -> Path:
+    """A T5-style sentencepiece unigram model (pad 0, eos 1, unk 2) at ``folder/spiece.model``."""
+    import sentencepiece as spm
+
+    rng = np.random.default_rng(seed)
+    sentences = [" ".join(rng.choice(WORDS, 8)) for _ in range(2000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model,
+                                   vocab_size=vocab_size, model_type="unigram", pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+                                   minloglevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    return folder / "spiece.model"
+
+
+def _perturb(module: Any, seed: int, std: float = 0.05) -> Any:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+    return module.eval()
+
+
+def vae(seed: int = 2, levels: int = 2) -> Any:
+    from diffusers import AutoencoderKL
+
+    channels = (8, 16, 16, 16)[:levels]
+    return _perturb(AutoencoderKL(
+        block_out_channels=channels, layers_per_block=1, norm_num_groups=4, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, sample_size=32), seed)
+
+
+def text_to_image(folder: str | Path, kind: str = "sigma", sample_size: int = 32,
+                  width: int = 16, seed: int = 0) -> Any:
+    """A ``PixArtSigmaPipeline`` (``kind="sigma"``) or ``PixArtAlphaPipeline`` (``"alpha"``;
+    micro-conditions when ``sample_size`` is 128, as PixArt-α 1024) saved at ``folder``;
+    returns the diffusers pipeline. The VAE downsamples 8× like the real ones, so
+    ``sample_size`` 32 is a "256 px" model with PixArt's 256 aspect-ratio bins."""
+    import torch
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        PixArtAlphaPipeline,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    train_tokenizer(folder / "_spm", seed=seed)
+    tokenizer = T5Tokenizer.from_pretrained(str(folder / "_spm"))
+    encoder = _perturb(T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+        relative_attention_max_distance=16)), seed)
+    heads = 2
+    transformer = _perturb(PixArtTransformer2DModel(
+        sample_size=sample_size, num_layers=2, num_attention_heads=heads,
+        attention_head_dim=width // heads, in_channels=4, out_channels=8, caption_channels=32,
+        cross_attention_dim=width, use_additional_conditions=sample_size == 128), seed + 1)
+    cls = PixArtSigmaPipeline if kind == "sigma" else PixArtAlphaPipeline
+    pipe = cls(tokenizer=tokenizer, text_encoder=encoder, vae=vae(seed + 2, levels=4),
+               transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def class_to_image(folder: str | Path, seed: int = 0, num_classes: int = 1000) -> Any:
+    """A ``DiTPipeline`` (learned sigma) saved at ``folder``; diffusers hard-codes the null
+    class id 1000, so ``num_classes`` stays 1000 for a parity comparison."""
+    import torch
+    from diffusers import DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+
+    torch.manual_seed(seed)
+    transformer = _perturb(DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes), seed + 1)
+    # diffusers keeps a copy of the timestep and class embedders in every block; converted DiT
+    # checkpoints hold identical copies (the original model has one), so keep them identical
+    first = transformer.transformer_blocks[0].norm1.emb.state_dict()
+    for block in transformer.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(first)
+    pipe = DiTPipeline(transformer=transformer, vae=vae(seed + 2),
+                       scheduler=DPMSolverMultistepScheduler())
+    pipe.save_pretrained(folder)
+    return pipe

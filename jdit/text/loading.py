@@ -1,0 +1,44 @@
+"""``jdit.text.from_pretrained``: a T5 encoder and its weights from a transformers folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jdit.text.t5 import T5Encoder
+from jdit.weights.safetensors_io import read_safetensors_folder
+from jdit.weights.state_dict import StateDict, check_tree
+
+
+def from_pretrained(path: str | Path, dtype: Any = jnp.float32, *,
+                    param_dtype: Any = jnp.float32) -> tuple[T5Encoder, Any]:
+    """``(module, params)`` from a folder with ``config.json`` and ``model.safetensors`` (or
+    sharded ``model-0000i-of-0000n.safetensors`` with their index); a pipeline folder's
+    ``text_encoder/`` works, and so does the pipeline folder itself. ``dtype`` is the compute
+    dtype (norms and softmax stay float32); weights are cast to ``param_dtype``."""
+    path = Path(path)
+    if (path / "text_encoder").is_dir() and not (path / "config.json").exists():
+        path = path / "text_encoder"
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json (not a transformers T5 folder)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("model_type") not in (None, "t5", "umt5"):
+        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not T5")
+    module = T5Encoder.from_config(cfg, dtype=dtype, param_dtype=param_dtype)
+    if any(path.glob("*.bin")) and not any(path.glob("*.safetensors")):
+        raise ValueError(f"{path}: only PyTorch .bin weights; jdit reads .safetensors (convert "
+                         f"with transformers: model.save_pretrained(dir, safe_serialization=True))")
+    from jdit.weights.t5 import convert, encoder_tensors
+
+    tensors = encoder_tensors(read_safetensors_folder(path, "model"))
+    tree = convert(StateDict(tensors, str(path)), module)
+    expected = jax.eval_shape(lambda: nn.meta.unbox(module.init(
+        jax.random.key(0), **module.example_inputs()))["params"])
+    check_tree(tree, expected, str(path))
+    return module, jax.tree.map(lambda a: jnp.asarray(a, param_dtype), tree)

@@ -63,6 +63,13 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    if (args.workdir is None) == (args.pretrained is None):
+        raise SystemExit("jdit sample: pass exactly one of --workdir (a trained run) and "
+                         "--pretrained (a diffusers pipeline folder or hub repo id)")
+    if args.pretrained is not None:
+        args.num = args.num or 1
+        return _sample_pretrained(args)
+    args.num = args.num or 4
     from jdit.train.loop import sample_prompts
 
     kwargs = {k: v for k, v in dict(guidance_scale=args.guidance_scale, solver=args.solver,
@@ -70,6 +77,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sample_prompts(args.workdir, args.prompt, args.out, num_per_prompt=args.num, seed=args.seed,
                    **kwargs)
     print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _sample_pretrained(args: argparse.Namespace) -> int:
+    """One PNG per image from a published pipeline: OUT_0.png, OUT_1.png, ... (or OUT.png)."""
+    import json
+    from pathlib import Path
+
+    from jdit.pipelines import ClassToImage, TextToImage
+    from jdit.pipelines.hub import model_index, resolve
+
+    folder = resolve(args.pretrained)
+    is_dit = model_index(folder)["_class_name"] == "DiTPipeline"
+    kwargs = {k: v for k, v in dict(guidance_scale=args.guidance_scale, solver=args.solver,
+                                    num_steps=args.steps).items() if v is not None}
+    if is_dit:
+        pipe = ClassToImage.from_pretrained(folder)
+        labels = [int(p) for p in args.prompt for _ in range(args.num)]
+        images = pipe(labels, seed=args.seed, output_type="pil", **kwargs)
+    else:
+        pipe = TextToImage.from_pretrained(folder)
+        images = pipe(args.prompt, seed=args.seed, height=args.height, width=args.width,
+                      negative_prompt=args.negative_prompt, num_images_per_prompt=args.num,
+                      output_type="pil", **kwargs)
+    out = Path(args.out)
+    paths = [out] if len(images) == 1 else [
+        out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(len(images))]
+    for image, path in zip(images, paths, strict=True):
+        image.save(path)
+    print(json.dumps({"images": [str(p) for p in paths]}))
     return 0
 
 
@@ -150,6 +187,18 @@ def cmd_bench_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    from jdit.benchmarks import pipeline
+
+    result = pipeline.run(repeats=args.repeats, num_steps=args.steps, width=args.width)
+    _emit(result, args.json)
+    print(f"{result['image_size']} px x {result['batch']}, {args.steps} steps + CFG: diffusers "
+          f"{result['diffusers_s']:.3f} s, jdit {result['jdit_s']:.3f} s: jdit is "
+          f"{result['speedup']:.2f}x diffusers (compile {result['jdit_compile_s']:.1f} s; images "
+          f"differ by {result['max_abs_image_difference']:.1e})", file=sys.stderr)
+    return 0
+
+
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from jdit.benchmarks import train
 
@@ -218,12 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let JAX discover the hosts (TPU pod slices, SLURM)")
     train.set_defaults(func=cmd_train, takes_extra=True)
 
-    smp = sub.add_parser("sample", help="sample a grid from a trained workdir")
-    smp.add_argument("--workdir", required=True)
+    smp = sub.add_parser("sample", help="sample a grid from a trained workdir, or PNGs from a "
+                                         "published pipeline (--pretrained)")
+    smp.add_argument("--workdir", default=None, help="a jdit train run directory")
+    smp.add_argument("--pretrained", default=None,
+                     help="a diffusers pipeline folder or hub repo id (PixArt-α/Σ, DiT)")
     smp.add_argument("--prompt", action="append", required=True,
                      help="a prompt (text models) or class id (class models); repeatable")
-    smp.add_argument("--out", default="samples.png")
-    smp.add_argument("--num", type=int, default=4, help="images per prompt")
+    smp.add_argument("--out", default="samples.png",
+                     help="the grid (--workdir), or the PNG name; several images get _0, _1, ...")
+    smp.add_argument("--num", type=int, default=None,
+                     help="images per prompt (default 4 for a grid, 1 with --pretrained)")
+    smp.add_argument("--height", type=int, default=None, help="--pretrained: image height")
+    smp.add_argument("--width", type=int, default=None, help="--pretrained: image width")
+    smp.add_argument("--negative-prompt", default="", help="--pretrained: negative prompt")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--guidance-scale", type=float, default=None)
     smp.add_argument("--solver", default=None)
@@ -278,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     bsmp.add_argument("--steps", type=int, default=20)
     bsmp.add_argument("--json", default=None)
     bsmp.set_defaults(func=cmd_bench_sample)
+    bpipe = bench_sub.add_parser("pipeline",
+                                 help="text-to-image generation: jdit vs diffusers, same pipeline")
+    bpipe.add_argument("--repeats", type=int, default=5)
+    bpipe.add_argument("--steps", type=int, default=20)
+    bpipe.add_argument("--width", type=int, default=64, help="the random transformer's width")
+    bpipe.add_argument("--json", default=None)
+    bpipe.set_defaults(func=cmd_bench_pipeline)
     btr = bench_sub.add_parser("train", help="PixArt training step: jdit vs diffusers + torch")
     btr.add_argument("--repeats", type=int, default=5)
     btr.add_argument("--threads", type=int, default=2, help="torch intra-op threads")

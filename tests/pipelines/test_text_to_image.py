@@ -1,0 +1,162 @@
+"""TextToImage / ClassToImage against the diffusers pipelines on small random ones.
+
+Same folder, prompts, latents and scheduler on both sides; the images (in [0, 1]) must agree
+within 1e-3 (max abs). Resolution binning is off in those comparisons (DESIGN.md); its
+resize-and-crop is checked against torch separately.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jdit.benchmarks import tiny_pipeline
+from jdit.pipelines import ClassToImage, TextToImage
+from jdit.pipelines.output import resize_and_crop
+
+PROMPTS = ["A Red Circle in the top left ", "a happy cactus in the desert with a small blue cup"]
+TOL = 1e-3
+
+
+def _latents(shape, seed=0):
+    nchw = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return nchw, nchw.permute(0, 2, 3, 1).numpy()
+
+
+def _diffusers(pipe, latents, **kwargs):
+    out = pipe(PROMPTS, latents=latents, use_resolution_binning=False, clean_caption=False,
+               output_type="np", **kwargs)
+    return out.images
+
+
+@pytest.fixture(scope="module")
+def sigma(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sigma")
+    return folder, tiny_pipeline.text_to_image(folder, "sigma")
+
+
+def test_pixart_sigma_pipeline_matches_diffusers(sigma):
+    folder, reference = sigma
+    nchw, nhwc = _latents((2, 4, 8, 8))
+    args = dict(num_inference_steps=20, guidance_scale=4.5, max_sequence_length=12,
+                negative_prompt="", height=64, width=64)
+    want = _diffusers(reference, nchw, **args)
+    pipe = TextToImage.from_pretrained(folder)
+    got = pipe(PROMPTS, num_steps=20, guidance_scale=4.5, latents=nhwc, max_sequence_length=12,
+               height=64, width=64, use_resolution_binning=False)
+    assert got.shape == want.shape == (2, 64, 64, 3)
+    assert 0.02 < float(want.std()), "a degenerate reference image proves nothing"
+    assert np.abs(got - want).max() <= TOL
+    # without guidance (g <= 1: one pass, no negative prompt) and with a negative prompt
+    small = dict(height=64, width=64, max_sequence_length=12)
+    want = _diffusers(reference, nchw, num_inference_steps=8, guidance_scale=1.0, **small)
+    got = pipe(PROMPTS, num_steps=8, guidance_scale=1.0, latents=nhwc,
+               use_resolution_binning=False, **small)
+    assert np.abs(got - want).max() <= TOL
+    want = _diffusers(reference, nchw, num_inference_steps=8, guidance_scale=3.0,
+                      negative_prompt="blurry photo of a dog", **small)
+    got = pipe(PROMPTS, num_steps=8, guidance_scale=3.0, latents=nhwc,
+               negative_prompt="blurry photo of a dog", use_resolution_binning=False, **small)
+    assert np.abs(got - want).max() <= TOL
+
+
+def test_pixart_alpha_1024_layout_with_micro_conditions(tmp_path):
+    """sample_size 128 (PixArt-α 1024): resolution and aspect ratio condition the model."""
+    # width 24: diffusers splits the micro-condition embedding in thirds of the width
+    reference = tiny_pipeline.text_to_image(tmp_path, "alpha", sample_size=128, width=24)
+    nchw, nhwc = _latents((2, 4, 8, 12))
+    want = _diffusers(reference, nchw, num_inference_steps=3, guidance_scale=4.5, height=64,
+                      width=96, max_sequence_length=10)
+    pipe = TextToImage.from_pretrained(tmp_path)
+    assert pipe.transformer.micro_condition and pipe.max_sequence_length == 120
+    got = pipe(PROMPTS, num_steps=3, guidance_scale=4.5, height=64, width=96, latents=nhwc,
+               max_sequence_length=10, use_resolution_binning=False)
+    assert np.abs(got - want).max() <= TOL
+
+
+def test_outputs_binning_solvers_and_errors(sigma):
+    folder, _ = sigma
+    pipe = TextToImage.from_pretrained(folder)
+    images = pipe("a red circle", num_steps=4, output_type="pil", num_images_per_prompt=2,
+                  height=64, width=64, use_resolution_binning=False)
+    assert len(images) == 2 and images[0].size == (64, 64)
+    latent = pipe(PROMPTS, num_steps=4, output_type="latent", height=64, width=64,
+                  use_resolution_binning=False)
+    assert latent.shape == (2, 8, 8, 4)
+    # binning: generated at the nearest 256-table bucket of the requested ratio (here 320 x 192),
+    # then resized and cropped back to what was asked for
+    assert pipe("a cat", num_steps=2, height=300, width=180).shape == (1, 300, 180, 3)
+    assert pipe("a cat", num_steps=4, solver="sa-solver", height=64, width=64,
+                use_resolution_binning=False).shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe("a cat", output_type="tensor")
+    with pytest.raises(ValueError, match="latents of shape"):
+        pipe("a cat", latents=np.zeros((1, 4, 8, 8), np.float32), height=64, width=64,
+             use_resolution_binning=False)
+    with pytest.raises(ValueError, match="prompts"):
+        pipe([])
+
+
+def test_resize_and_crop_matches_torch():
+    x = np.random.default_rng(0).random((2, 40, 56, 3)).astype(np.float32)
+    for height, width in [(30, 30), (64, 48), (40, 20), (100, 90)]:
+        ratio = max(height / 40, width / 56)
+        rh, rw = int(40 * ratio), int(56 * ratio)
+        ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2),
+                                              size=(rh, rw), mode="bilinear",
+                                              align_corners=False)
+        top, left = (rh - height) // 2, (rw - width) // 2
+        ref = ref[:, :, top: top + height, left: left + width].permute(0, 2, 3, 1).numpy()
+        got = np.asarray(resize_and_crop(jnp.asarray(x), height, width))
+        np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+def test_dit_pipeline_matches_diffusers(tmp_path):
+    reference = tiny_pipeline.class_to_image(tmp_path)
+    _, nhwc = _latents((3, 4, 8, 8), seed=1)  # what DiTPipeline draws from this generator
+    labels = [3, 999, 0]
+    want = reference(labels, guidance_scale=4.0, num_inference_steps=12, output_type="np",
+                     generator=torch.Generator().manual_seed(1)).images
+    pipe = ClassToImage.from_pretrained(tmp_path)
+    got = pipe(labels, guidance_scale=4.0, num_steps=12, latents=nhwc)
+    assert got.shape == want.shape == (3, 16, 16, 3)
+    assert np.abs(got - want).max() <= TOL
+    with pytest.raises(ValueError, match="class_labels"):
+        pipe([1000])
+
+
+def test_folders_that_are_not_supported(tmp_path, monkeypatch):
+    sana = tmp_path / "sana"
+    sana.mkdir()
+    (sana / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline"}))
+    with pytest.raises(NotImplementedError, match="Gemma-2"):
+        TextToImage.from_pretrained(sana)
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        TextToImage.from_pretrained(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="Offline"):
+        TextToImage.from_pretrained("nobody-here/no-such-pipeline")
+
+
+def test_jdit_sample_pretrained_writes_pngs(sigma, tmp_path):
+    folder, _ = sigma
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "jdit.cli", "sample", "--pretrained",
+                           str(folder), "--prompt", "a red circle", "--prompt", "a blue square",
+                           "--steps", "4", "--height", "64", "--width", "64",
+                           "--out", str(tmp_path / "img.png")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    paths = json.loads(done.stdout.strip().splitlines()[-1])["images"]
+    assert [Path(p).name for p in paths] == ["img_0.png", "img_1.png"]
+    from PIL import Image
+
+    assert Image.open(paths[0]).size == (64, 64)

@@ -196,6 +196,10 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
           f"{result['diffusers_s']:.3f} s, jdit {result['jdit_s']:.3f} s: jdit is "
           f"{result['speedup']:.2f}x diffusers (compile {result['jdit_compile_s']:.1f} s; images "
           f"differ by {result['max_abs_image_difference']:.1e})", file=sys.stderr)
+    for part in ("t5", "step", "vae_decode"):
+        ours, theirs = (result["components_s"][k][part] for k in ("jdit", "diffusers"))
+        print(f"  {part:>10}: diffusers {theirs * 1e3:7.1f} ms, jdit {ours * 1e3:7.1f} ms",
+              file=sys.stderr)
     return 0
 
 

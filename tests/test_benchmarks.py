@@ -88,3 +88,11 @@ def test_linear_shapes_recipe_trains_a_few_steps(tmp_path):
     config.train.update(batch_size=8, steps=2, sample_every=0, log_every=1)
     last = train(config, tmp_path / "run", quiet=True)
     assert last["loss"] > 0
+
+
+def test_pipeline_benchmark_runs_and_the_images_agree():
+    from jdit.benchmarks import pipeline
+
+    result = pipeline.run(repeats=1, num_steps=2, width=16, log=lambda s: None)
+    assert result["max_abs_image_difference"] <= 1e-3 and result["speedup"] > 0
+    assert set(result["components_s"]["jdit"]) == {"t5", "step", "vae_decode"}

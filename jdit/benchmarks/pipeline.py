@@ -53,6 +53,7 @@ def run(repeats: int = 5, num_steps: int = 20, width: int = 64, batch: int = 2,
                                  use_resolution_binning=False, clean_caption=False,
                                  output_type="np").images
 
+        parts = _components(pipe, reference, prompts, nhwc, repeats)
         log("compiling jdit's pipeline ...")
         start = time.perf_counter()
         first = ours()
@@ -77,5 +78,59 @@ def run(repeats: int = 5, num_steps: int = 20, width: int = 64, batch: int = 2,
         "jdit_compile_s": compile_s,
         "max_abs_image_difference": float(np.abs(first - want).max()),
         "repeats": repeats,
+        "components_s": parts,
         "jdit_all_s": t_ours, "diffusers_all_s": t_theirs,
     }
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _components(pipe: Any, reference: Any, prompts: list[str], latents: np.ndarray,
+                repeats: int) -> dict[str, dict[str, float]]:
+    """Where the time goes: T5 on the 2B CFG batch, one guided transformer forward (2B), the
+    VAE decode (B), each side timed alone."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    b, length = len(prompts), pipe.max_sequence_length
+    ids = jnp.ones((2 * b, length), jnp.int32)
+    x2 = jnp.concatenate([jnp.asarray(latents)] * 2)
+    t2 = jnp.full((2 * b,), 500.0)
+    ctx2 = jnp.zeros((2 * b, length, pipe.text_encoder.d_model), jnp.float32)
+    encode = jax.jit(lambda p, i: pipe.text_encoder.apply({"params": p}, i, i))
+    forward = jax.jit(lambda p, x, t, c, m: pipe.transformer.apply(
+        {"params": p}, x, t, context=c, context_mask=m))
+    decode = jax.jit(pipe.decode)
+    z = jnp.asarray(latents)
+    ours = {
+        "t5": _median_time(lambda: encode(pipe.text_encoder_params, ids).block_until_ready(),
+                           repeats),
+        "step": _median_time(lambda: forward(pipe.transformer_params, x2, t2, ctx2,
+                                             ids).block_until_ready(), repeats),
+        "vae_decode": _median_time(lambda: decode(pipe.vae_params, z).block_until_ready(),
+                                   repeats),
+    }
+    ids_t = torch.ones((2 * b, length), dtype=torch.long)
+    x2_t = torch.from_numpy(np.asarray(x2)).permute(0, 3, 1, 2).contiguous()
+    t2_t, ctx2_t = torch.full((2 * b,), 500), torch.zeros(2 * b, length, ctx2.shape[-1])
+    z_t = torch.from_numpy(np.asarray(latents)).permute(0, 3, 1, 2).contiguous()
+    with torch.inference_mode():
+        theirs = {
+            "t5": _median_time(lambda: reference.text_encoder(ids_t, attention_mask=ids_t),
+                               repeats),
+            "step": _median_time(lambda: reference.transformer(
+                x2_t, encoder_hidden_states=ctx2_t, timestep=t2_t,
+                encoder_attention_mask=ids_t.float(),
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None}), repeats),
+            "vae_decode": _median_time(lambda: reference.vae.decode(z_t), repeats),
+        }
+    return {"jdit": ours, "diffusers": theirs}

@@ -160,3 +160,15 @@ def test_jdit_sample_pretrained_writes_pngs(sigma, tmp_path):
     from PIL import Image
 
     assert Image.open(paths[0]).size == (64, 64)
+
+
+@pytest.mark.slow
+def test_batch_split_over_a_data_mesh_gives_the_same_images(sigma):
+    folder, _ = sigma
+    script = Path(__file__).with_name("eight_devices.py")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, str(script), str(folder)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [x for x in done.stdout.splitlines() if x.startswith("max_abs_difference")][-1]
+    assert float(line.split()[1]) <= 1e-5

@@ -117,10 +117,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aot_pipeline(args: argparse.Namespace) -> int:
+    from jdit.parallel import aot_pipeline
+
+    mesh = None
+    if args.mesh:
+        mesh = {k.strip(): int(v) for k, v in (item.split("=") for item in args.mesh.split(","))}
+    print(f"compiling the {args.pipeline} pipeline for {args.topology} ...", file=sys.stderr)
+    if args.max_batch:
+        result = aot_pipeline.max_batch(args.topology, args.pipeline, start=args.batch or 1,
+                                        mesh=mesh)
+    else:
+        result = aot_pipeline.report(args.topology, args.batch or 1, args.pipeline, mesh=mesh)
+    _emit(result, args.json)
+    if not result.get("fits"):
+        print(f"{args.topology}: does NOT fit at per-device batch {result['per_device_batch']}",
+              file=sys.stderr)
+        return 1
+    print(f"{args.topology}: per-device batch {result['per_device_batch']} (global "
+          f"{result['global_batch']}), {result['hbm_per_device_bytes'] / 2**30:.2f} of "
+          f"{result['hbm_capacity_bytes'] / 2**30:.1f} GiB; roofline "
+          f"{result['roofline_total_seconds']:.2f} s per batch = "
+          f"{result['images_per_second']:.2f} images/s (MFU bound {result['mfu_bound']:.2f}); "
+          f"T5 weights {result['t5_parameter_bytes_per_device'] / 2**30:.2f} GiB per chip",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_aot(args: argparse.Namespace, extra: list[str]) -> int:
     import os
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # before libtpu is loaded
+    if (args.config is None) == (args.pipeline is None):
+        raise SystemExit("jdit aot: pass exactly one of --config (a train step) and --pipeline "
+                         "(a whole text-to-image pipeline, e.g. pixart_sigma_1024)")
+    if args.pipeline:
+        return _aot_pipeline(args)
     from jdit.config import load_config
     from jdit.parallel import aot
 
@@ -307,8 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=cmd_convert)
 
     aot = sub.add_parser(
-        "aot", help="compile the train step for a TPU topology (libtpu): memory, FLOPs, roofline")
-    aot.add_argument("--config", required=True, help="a model or training config file")
+        "aot", help="compile the train step (or a whole pipeline) for a TPU topology (libtpu): "
+                    "memory, FLOPs, roofline")
+    aot.add_argument("--config", default=None, help="a model or training config file")
+    aot.add_argument("--pipeline", default=None, choices=("pixart_sigma_1024", "tiny"),
+                     help="instead: T5-XXL + PixArt-Σ + SDXL VAE, 20 CFG steps, as one program")
     aot.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5p:4x4x4, v6e:4x4")
     aot.add_argument("--batch", type=int, default=None,
                      help="per-device batch (default: train.batch_size over the batch shards)")

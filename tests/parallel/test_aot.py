@@ -143,3 +143,16 @@ def test_compiler_out_of_memory_is_a_report_not_a_crash():
     r = aot.report(config, "v5e:2x2", 4096, caption_length=8, scan_layers=True)
     assert r["fits"] is False and "RESOURCE_EXHAUSTED" in r["error"]
     assert r["hbm_per_device_bytes"] > r["hbm_available_per_compiler_bytes"] > 10 * 2**30
+
+
+@pytest.mark.slow
+def test_a_whole_pipeline_compiles_with_t5_sharded():
+    """`jdit aot --pipeline`: T5 -> guided sampler -> VAE as one program (a tiny stand-in for
+    pixart_sigma_1024, whose figures are in BENCHMARKS.md), parameters FSDP-sharded."""
+    code, r = jdit_aot("--pipeline", "tiny", "--topology", "v5e:2x2", "--batch", "2")
+    assert code == 0 and r["fits"], r
+    assert r["global_batch"] == 8 and r["mesh"]["fsdp"] == 4
+    assert set(r["roofline_seconds"]) == {"encode", "step", "decode"}
+    assert r["images_per_second"] > 0 and 0 < r["mfu_bound"] <= 1
+    t5_bytes = 2 * r["parameters"]["t5"]  # bfloat16
+    assert r["t5_parameter_bytes_per_device"] < t5_bytes / 2  # split, not copied to each chip

@@ -28,8 +28,11 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32, *,
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no config.json (not a transformers T5 folder)")
     cfg = json.loads(cfg_file.read_text())
-    if cfg.get("model_type") not in (None, "t5", "umt5"):
-        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not T5")
+    if cfg.get("model_type") == "umt5":  # one relative bias per layer, not T5's shared one
+        raise ValueError(f"{path}: UMT5 is not supported (expected model_type 't5' or 'mt5')")
+    if cfg.get("model_type") not in (None, "t5", "mt5"):
+        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not T5 (expected "
+                         f"'t5' or 'mt5')")
     module = T5Encoder.from_config(cfg, dtype=dtype, param_dtype=param_dtype)
     if any(path.glob("*.bin")) and not any(path.glob("*.safetensors")):
         raise ValueError(f"{path}: only PyTorch .bin weights; jdit reads .safetensors (convert "

@@ -70,8 +70,13 @@ class T5FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         common = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-        act = {"gelu": lambda h: jax.nn.gelu(h, approximate=True), "silu": jax.nn.silu,
-               "relu": jax.nn.relu}[self.kind.removeprefix("gated-")]
+        # transformers maps "gated-gelu" to the tanh GELU ("gelu_new") but plain "gelu" to the
+        # exact erf one
+        act = {"gated-gelu": lambda h: jax.nn.gelu(h, approximate=True),
+               "gelu": lambda h: jax.nn.gelu(h, approximate=False),
+               "gated-silu": jax.nn.silu, "relu": jax.nn.relu}.get(self.kind)
+        if act is None:
+            raise ValueError(f"T5 feed_forward_proj {self.kind!r}: expected one of {FEED_FORWARD}")
         if self.kind.startswith("gated-"):
             h = act(Dense(self.d_ff, ("embed",), ("mlp",), name="wi_0", **common)(x))
             h = h * Dense(self.d_ff, ("embed",), ("mlp",), name="wi_1", **common)(x)

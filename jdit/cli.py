@@ -273,6 +273,14 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_tiling(args: argparse.Namespace) -> int:
+    from jdit.benchmarks import tiling
+
+    _emit(tiling.run(args.size, tile=args.tile, overlap=args.overlap, repeats=args.repeats,
+                     topology=args.topology), args.json)
+    return 0
+
+
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from jdit.benchmarks import kernels
 
@@ -405,6 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     bsc.add_argument("--repeats", type=int, default=3)
     bsc.add_argument("--json", default=None)
     bsc.set_defaults(func=cmd_bench_scaling)
+    btile = bench_sub.add_parser("tiling", help="VAE decode: untiled, blended and exact tiles")
+    btile.add_argument("--size", type=int, default=64, help="latent side (CPU part)")
+    btile.add_argument("--tile", type=int, default=32)
+    btile.add_argument("--overlap", type=int, default=8)
+    btile.add_argument("--repeats", type=int, default=3)
+    btile.add_argument("--topology", default=None,
+                       help="also compile the SDXL VAE at 2K / 4K for one chip, e.g. v5e:1x1")
+    btile.add_argument("--json", default=None)
+    btile.set_defaults(func=cmd_bench_tiling)
     bker = bench_sub.add_parser("kernels", help="Pallas kernels vs XLA attention, TPU compiles")
     bker.add_argument("--topology", default="v5e:2x2")
     bker.add_argument("--json", default=None)

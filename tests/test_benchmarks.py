@@ -78,6 +78,18 @@ def test_scaling_benchmark_runs_both_blocks():
     assert result["sana_growth"]["tokens_ratio"] == 4.0
 
 
+def test_tiling_benchmark_reports_every_way():
+    from jdit.benchmarks import tiling
+
+    result = tiling.run(size=12, widths=(16, 32), tile=5, overlap=2, repeats=1,
+                        log=lambda s: None)
+    ways = result["ways"]
+    assert set(ways) == {"untiled", "blended", "exact", "exact_store_latent_only"}
+    assert ways["exact"]["max_abs_diff_vs_untiled"] < 1e-4
+    assert ways["blended"]["max_abs_diff_vs_untiled"] > ways["exact"]["max_abs_diff_vs_untiled"]
+    assert all(w["seconds"] > 0 for w in ways.values())
+
+
 def test_linear_shapes_recipe_trains_a_few_steps(tmp_path):
     """configs/shapes_tiny_linear.py (its bars are checked by `jdit bench bars`)."""
     from jdit.config import load_config

@@ -1,7 +1,9 @@
-"""Autoencoders: AutoencoderKL (the SD / SDXL VAEs of PixArt), with tiled decoding."""
+"""Autoencoders: AutoencoderKL (the SD / SDXL VAEs of PixArt), with tiled decoding (blended, or
+exact with whole-image GroupNorm statistics)."""
 
+from jdit.autoencoders.exact_tiling import decode_tiled_exact
 from jdit.autoencoders.kl import AutoencoderKL
 from jdit.autoencoders.loading import from_pretrained
 from jdit.autoencoders.tiling import decode_tiled
 
-__all__ = ["AutoencoderKL", "decode_tiled", "from_pretrained"]
+__all__ = ["AutoencoderKL", "decode_tiled", "decode_tiled_exact", "from_pretrained"]

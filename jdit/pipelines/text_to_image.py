@@ -142,9 +142,9 @@ class TextToImage:
                                       **kwargs)
 
     def _program(self, solver: str, num_steps: int, guided: bool, spec: SamplerSpec,
-                 decode: bool) -> Any:
+                 decode: bool, tiling: tuple[str, int] | None = None) -> Any:
         """encode → sample → decode, jitted once per static signature."""
-        sig = (solver, num_steps, guided, spec, decode)
+        sig = (solver, num_steps, guided, spec, decode, tiling)
         if sig in self._compiled:
             return self._compiled[sig]
         model_fn = ClassifierFreeGuidance(self._denoise_fn) if guided else self._denoise_fn
@@ -167,16 +167,27 @@ class TextToImage:
                              key=key if solver in ("ddpm", "sa-solver") else None)
             if not decode:
                 return latents
-            return self.decode(params["vae"], latents)
+            return self.decode(params["vae"], latents, tiling)
 
         self._compiled[sig] = jax.jit(run)
         return self._compiled[sig]
 
-    def decode(self, vae_params: Any, latents: Array) -> Array:
-        """Latents as the transformer sees them → images in [0, 1] (NHWC, float32)."""
+    def decode(self, vae_params: Any, latents: Array, tiling: tuple[str, int] | None = None
+               ) -> Array:
+        """Latents as the transformer sees them → images in [0, 1] (NHWC, float32).
+        ``tiling``: ``("blended" | "exact", tile in latents)`` or None (whole)."""
+        from jdit import autoencoders
+
         scale = float(self.vae.scaling_factor)
         shift = float(self.vae.shift_factor or 0.0)
-        images = self.vae.apply({"params": vae_params}, latents / scale + shift, method="decode")
+        z = latents / scale + shift
+        if tiling is None:
+            images = self.vae.apply({"params": vae_params}, z, method="decode")
+        elif tiling[0] == "exact":
+            images = autoencoders.decode_tiled_exact(self.vae, vae_params, z, tile=tiling[1])
+        else:
+            images = autoencoders.decode_tiled(self.vae, vae_params, z, tile=tiling[1],
+                                               overlap=tiling[1] // 4)
         return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
     def _batch_sharded(self, x: np.ndarray | Array) -> Array:
@@ -193,16 +204,22 @@ class TextToImage:
                  seed: int = 0, latents: Array | np.ndarray | None = None,
                  negative_prompt: str | Sequence[str] = "", solver: str | None = None,
                  max_sequence_length: int | None = None, output_type: str = "np", *,
-                 num_images_per_prompt: int = 1, use_resolution_binning: bool = True
+                 num_images_per_prompt: int = 1, use_resolution_binning: bool = True,
+                 vae_tiling: str | None = None, vae_tile: int = 64
                  ) -> np.ndarray | list[Any]:
         """Images for ``prompts``: ``np`` (B, H, W, 3) float32 in [0, 1], ``pil`` a list of
         PIL images, or ``latent`` the final latents (B, h, w, C), NHWC. ``height``/``width``
         default to the model's training size; with ``use_resolution_binning`` the image is
         generated at the nearest PixArt aspect-ratio bucket and resized and cropped back.
         ``latents`` (standard normal, (B, H/8, W/8, C)) replace the noise drawn from ``seed``.
-        ``solver`` None uses the folder's scheduler, else any jdit solver on its schedule."""
+        ``solver`` None uses the folder's scheduler, else any jdit solver on its schedule.
+        ``vae_tiling`` for 2K / 4K images: ``"blended"`` (overlapping ``vae_tile`` latent tiles
+        blended, per-tile GroupNorm) or ``"exact"`` (equal to the whole decode, several times
+        its compute; :func:`jdit.autoencoders.decode_tiled_exact`)."""
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r}")
+        if vae_tiling not in (None, "blended", "exact"):
+            raise ValueError(f"vae_tiling must be None, 'blended' or 'exact', got {vae_tiling!r}")
         texts = [t for t in _texts(prompts) for _ in range(num_images_per_prompt)]
         negs = _texts(negative_prompt) if not isinstance(negative_prompt, str) else [
             negative_prompt.lower().strip()] * len(_texts(prompts))
@@ -239,7 +256,8 @@ class TextToImage:
         spec = self.scheduler
         chosen = solver or spec.solver
         guided = guidance_scale > 1.0
-        run = self._program(chosen, int(num_steps), guided, spec, output_type != "latent")
+        tiling = None if vae_tiling is None else (vae_tiling, int(vae_tile))
+        run = self._program(chosen, int(num_steps), guided, spec, output_type != "latent", tiling)
         params = {"transformer": self.transformer_params, "text_encoder": self.text_encoder_params,
                   "vae": self.vae_params}
         batch = [self._batch_sharded(a) for a in (ids, mask, neg_ids, neg_mask, noise)]

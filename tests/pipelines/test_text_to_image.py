@@ -96,6 +96,14 @@ def test_outputs_binning_solvers_and_errors(sigma):
     assert pipe("a cat", num_steps=2, height=300, width=180).shape == (1, 300, 180, 3)
     assert pipe("a cat", num_steps=4, solver="sa-solver", height=64, width=64,
                 use_resolution_binning=False).shape == (1, 64, 64, 3)
+    # tiled VAE decoding: exact equals the whole decode; blended is an approximation
+    common = dict(num_steps=2, height=64, width=64, use_resolution_binning=False)
+    whole = pipe("a cat", **common)
+    exact = pipe("a cat", vae_tiling="exact", vae_tile=3, **common)
+    np.testing.assert_allclose(exact, whole, atol=1e-5)
+    assert pipe("a cat", vae_tiling="blended", vae_tile=4, **common).shape == whole.shape
+    with pytest.raises(ValueError, match="vae_tiling"):
+        pipe("a cat", vae_tiling="tiles")
     with pytest.raises(ValueError, match="output_type"):
         pipe("a cat", output_type="tensor")
     with pytest.raises(ValueError, match="latents of shape"):

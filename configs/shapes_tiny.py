@@ -23,8 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
                             logit_mean=0.0, logit_std=1.0)
     config.optim = dict(name="adamw", lr=3e-3, b2=0.99, warmup_steps=100, schedule="cosine",
                         end_lr_factor=0.1, weight_decay=0.0, grad_clip=1.0)
-    config.train = dict(steps=1900, batch_size=64, seed=0, ema_decay=0.995, cond_dropout=0.1,
-                        log_every=50, sample_every=950, checkpoint_every=500,
+    config.train = dict(steps=2400, batch_size=64, seed=0, ema_decay=0.995, cond_dropout=0.1,
+                        log_every=50, sample_every=1200, checkpoint_every=500,
                         keep_checkpoints=2)
     config.sample = dict(solver="dpm++2m", steps=20, guidance_scale=3.0)
     # One device here; on more, data parallel (see docs/parallelism.md).

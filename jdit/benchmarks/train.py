@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdit.benchmarks.forward import CONFIG, _times, forward_flops
+from jdit.benchmarks.forward import CONFIG, _times, forward_flops, matmul_gflops
 
 
 def run(repeats: int = 5, threads: int = 2, config: dict[str, int] | None = None,
@@ -100,7 +100,11 @@ def run(repeats: int = 5, threads: int = 2, config: dict[str, int] | None = None
         jt_ += _times(jdit_once, 1)
     flops = 3 * forward_flops(c)  # forward + backward ≈ 3 forwards
     t_torch, t_jdit = statistics.median(tt), statistics.median(jt_)
+    # the machine's ceiling: one large float32 matmul in each library, same run
+    jax_peak, torch_peak = matmul_gflops(torch, repeats)
     return {"benchmark": "train", "config": c, "threads": threads, "first_loss_rel_err": err,
             "diffusers_s": t_torch, "jdit_s": t_jdit, "speedup": t_torch / t_jdit,
             "diffusers_gflops": flops / t_torch / 1e9, "jdit_gflops": flops / t_jdit / 1e9,
+            "jax_matmul_gflops": jax_peak, "torch_matmul_gflops": torch_peak,
+            "gflops_needed_for_1_5x": 1.5 * flops / t_torch / 1e9,
             "diffusers_s_all": tt, "jdit_s_all": jt_}

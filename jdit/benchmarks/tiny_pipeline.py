@@ -91,6 +91,71 @@ def text_to_image(folder: str | Path, kind: str = "sigma", sample_size: int = 32
     return pipe
 
 
+def gemma_tokenizer(folder: Path, vocab_size: int = 320, seed: int = 0) -> Any:
+    """A Gemma-style tokenizer (sentencepiece BPE with byte fallback; <pad> 0, <eos> 1, <bos> 2,
+    <unk> 3) as transformers' ``GemmaTokenizer``, trained on the spot; right padding, as
+    SANA uses it."""
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer
+
+    rng = np.random.default_rng(seed)
+    sentences = [" ".join(rng.choice(WORDS, 8)) for _ in range(2000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+        eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", byte_fallback=True,
+        hard_vocab_limit=False, minloglevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer = GemmaTokenizer.from_pretrained(str(folder), add_bos_token=True)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def sana(folder: str | Path, sample_size: int = 8, width: int = 32, seed: int = 0) -> Any:
+    """A ``SanaPipeline`` saved at ``folder``: a random Gemma-2 encoder (sliding and global
+    layers), a random SANA transformer, a random DC-AE (4× down, 8 latent channels, a ViT
+    stage) and SANA's flow DPM-Solver++ scheduler; returns the diffusers pipeline."""
+    import torch
+    from diffusers import (
+        AutoencoderDC,
+        DPMSolverMultistepScheduler,
+        SanaPipeline,
+        SanaTransformer2DModel,
+    )
+    from transformers import Gemma2Config, Gemma2Model
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = gemma_tokenizer(folder / "_spm", seed=seed)
+    encoder = _perturb(Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2)), seed)
+    latent = 8
+    transformer = _perturb(SanaTransformer2DModel(
+        in_channels=latent, out_channels=latent, num_attention_heads=width // 16,
+        attention_head_dim=16, num_layers=2, num_cross_attention_heads=2,
+        cross_attention_head_dim=width // 2, cross_attention_dim=width, caption_channels=32,
+        mlp_ratio=2.5, sample_size=sample_size, patch_size=1), seed + 1)
+    blocks = ("ResBlock", "ResBlock", "EfficientViTBlock")
+    vae = _perturb(AutoencoderDC(
+        in_channels=3, latent_channels=latent, attention_head_dim=8,
+        encoder_block_types=blocks, decoder_block_types=blocks,
+        encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
+        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+        upsample_block_type="interpolate", downsample_block_type="Conv",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407), seed + 2)
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction",
+                                            use_flow_sigmas=True, flow_shift=3.0)
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
+                        transformer=transformer, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
 def class_to_image(folder: str | Path, seed: int = 0, num_classes: int = 1000) -> Any:
     """A ``DiTPipeline`` (learned sigma) saved at ``folder``; diffusers hard-codes the null
     class id 1000, so ``num_classes`` stays 1000 for a parity comparison."""

@@ -1,4 +1,4 @@
-"""``TextToImage``: PixArt-α / PixArt-Σ generation from a diffusers pipeline folder, in JAX.
+"""``TextToImage``: PixArt-α / PixArt-Σ / SANA generation from a diffusers pipeline folder, in JAX.
 
     pipe = TextToImage.from_pretrained("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS")
     images = pipe(["a small cactus with a happy face in the Sahara desert"], seed=0)
@@ -12,6 +12,12 @@ dropped before the solver, ``latents / scaling_factor`` decoded and mapped to [0
 resolution binning to PixArt's aspect-ratio table with a resize-and-crop back. (diffusers'
 ``clean_caption`` needs bs4 and ftfy and rewrites captions with many regular expressions; it is
 not reproduced: clean captions yourself if you rely on it.)
+
+SANA differs in its text side, as diffusers' ``SanaPipeline`` does it: a Gemma-2 encoder, the
+prompt prefixed with SANA's "complex human instruction" and tokenized to that instruction's
+length plus ``max_sequence_length - 2``, of whose features the first and the last
+``max_sequence_length - 1`` are kept; the negative prompt without the instruction. Its
+autoencoder is a DC-AE (32× down, 32 channels).
 """
 
 from __future__ import annotations
@@ -35,13 +41,36 @@ from jdit.pipelines.schedulers import SamplerSpec, from_diffusers_config
 from jdit.sampling import ClassifierFreeGuidance, sample
 
 Array = jax.Array
-# diffusers pipeline class -> default max_sequence_length and the binning tables by sample_size
-PIPELINES = {
-    "PixArtAlphaPipeline": {"max_sequence_length": 120, "bins": {32: 256, 64: 512, 128: 1024}},
+# SANA's prompt prefix (diffusers' SanaPipeline default; the published models were tuned with it)
+SANA_INSTRUCTION = "\n".join([
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual "
+    "descriptions suitable for image generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, "
+    "and spatial relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly "
+    "without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round "
+    "shape, sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red "
+    "flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, "
+    "featuring glowing street lamps, a diverse crowd of people in colorful clothing, and a "
+    "double-decker bus passing by towering glass skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any "
+    "additional commentary or evaluations:",
+    "User Prompt: ",
+])
+# diffusers pipeline class -> default max_sequence_length, the binning tables by sample_size,
+# the text encoder family and the prompt prefix
+PIPELINES: dict[str, dict[str, Any]] = {
+    "PixArtAlphaPipeline": {"max_sequence_length": 120, "bins": {32: 256, 64: 512, 128: 1024},
+                            "text": "t5", "instruction": None},
     "PixArtSigmaPipeline": {"max_sequence_length": 300,
-                            "bins": {32: 256, 64: 512, 128: 1024, 256: 2048}},
+                            "bins": {32: 256, 64: 512, 128: 1024, 256: 2048},
+                            "text": "t5", "instruction": None},
+    "SanaPipeline": {"max_sequence_length": 300, "bins": {16: 512, 32: 1024, 64: 2048},
+                     "text": "gemma2", "instruction": SANA_INSTRUCTION},
 }
-SOLVER_NOT_IN_FOLDER = ("SanaPipeline",)
 
 
 def _texts(prompts: str | Sequence[str]) -> list[str]:
@@ -67,6 +96,7 @@ class TextToImage:
     max_sequence_length: int = 300
     bins: dict[int, int] = dataclasses.field(default_factory=dict)
     mesh: Mesh | None = None
+    instruction: str | None = None  # SANA's prompt prefix (see the module docstring)
 
     def __post_init__(self) -> None:
         self._compiled: dict[Any, Any] = {}
@@ -83,9 +113,9 @@ class TextToImage:
                         param_dtype: Any = jnp.float32, mesh: Mesh | None = None,
                         revision: str | None = None,
                         **transformer_overrides: Any) -> TextToImage:
-        """Load a diffusers ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline`` folder, or a hub
-        repo id (downloaded with ``huggingface_hub`` when online). ``dtype`` is the
-        transformer's compute dtype; T5 and the VAE default to float32 as diffusers recommends.
+        """Load a diffusers ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline`` / ``SanaPipeline``
+        folder, or a hub repo id (downloaded with ``huggingface_hub`` when online). ``dtype`` is the
+        transformer's compute dtype; the text encoder and the VAE default to float32.
         ``param_dtype`` stores the transformer's and T5's weights (bfloat16 halves T5-XXL's 19 GB;
         the VAE keeps float32 weights). With a ``mesh``, batches are split over its ``data``
         axis."""
@@ -94,11 +124,6 @@ class TextToImage:
         folder = hub.resolve(path_or_repo_id, revision)
         index = hub.model_index(folder)
         name = index["_class_name"]
-        if name in SOLVER_NOT_IN_FOLDER:
-            raise NotImplementedError(
-                f"{folder}: {name} needs the Gemma-2 text encoder and the DC-AE autoencoder, which "
-                f"jdit does not implement yet. Its transformer loads with "
-                f"jdit.models.from_pretrained('{folder / 'transformer'}')")
         if name not in PIPELINES:
             raise ValueError(f"{folder}: pipeline class {name!r} is not a text-to-image pipeline "
                              f"jdit loads; expected one of {sorted(PIPELINES)}")
@@ -111,18 +136,20 @@ class TextToImage:
                                                        **transformer_overrides)
         encoder, e_params = text.from_pretrained(folder / "text_encoder", dtype=text_dtype,
                                                  param_dtype=param_dtype)
-        tokenizer = text.T5Tokenizer.from_pretrained(folder / "tokenizer")
+        spec = PIPELINES[name]
+        tokenizers = {"t5": text.T5Tokenizer, "gemma2": text.GemmaTokenizer}
+        tokenizer = tokenizers[spec["text"]].from_pretrained(folder / "tokenizer")
         vae, v_params = autoencoders.from_pretrained(folder / "vae", dtype=vae_dtype)
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        spec = PIPELINES[name]
         return cls(transformer, t_params, encoder, e_params, tokenizer, vae, v_params,
-                   from_diffusers_config(sched), spec["max_sequence_length"], spec["bins"], mesh)
+                   from_diffusers_config(sched), spec["max_sequence_length"], spec["bins"], mesh,
+                   spec["instruction"])
 
     # -- pieces ----------------------------------------------------------------------------
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.block_out_channels) - 1)
+        return int(self.vae.scale_factor)
 
     @property
     def latent_channels(self) -> int:
@@ -154,6 +181,10 @@ class TextToImage:
                 key: Array) -> Array:
             encode = self.text_encoder.apply
             ctx = encode({"params": params["text_encoder"]}, ids, mask)
+            if self.instruction is not None:  # keep the first and the last L - 1 positions
+                keep = jnp.asarray([0] + list(range(ids.shape[1] - neg_ids.shape[1] + 1,
+                                                    ids.shape[1])))
+                ctx, mask = ctx[:, keep], mask[:, keep]
             if guided:
                 neg = encode({"params": params["text_encoder"]}, neg_ids, neg_mask)
                 ctx, mask = jnp.concatenate([neg, ctx]), jnp.concatenate([neg_mask, mask])
@@ -179,7 +210,7 @@ class TextToImage:
         from jdit import autoencoders
 
         scale = float(self.vae.scaling_factor)
-        shift = float(self.vae.shift_factor or 0.0)
+        shift = float(getattr(self.vae, "shift_factor", None) or 0.0)
         z = latents / scale + shift
         if tiling is None:
             images = self.vae.apply({"params": vae_params}, z, method="decode")
@@ -247,7 +278,11 @@ class TextToImage:
             if noise.shape != shape:
                 raise ValueError(f"latents of shape {noise.shape}; expected {shape} (NHWC)")
         length = int(max_sequence_length or self.max_sequence_length)
-        ids, mask = self.tokenize(texts, length)
+        if self.instruction is None:
+            ids, mask = self.tokenize(texts, length)
+        else:  # SANA: the instruction's tokens plus length - 2, reduced to length in the program
+            extra = len(self.tokenizer.encode(self.instruction))
+            ids, mask = self.tokenize([self.instruction + t for t in texts], extra + length - 2)
         neg_ids, neg_mask = self.tokenize(negs, length)
         micro: tuple[Array, ...] = ()
         if getattr(self.transformer, "micro_condition", False):

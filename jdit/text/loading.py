@@ -1,4 +1,5 @@
-"""``jdit.text.from_pretrained``: a T5 encoder and its weights from a transformers folder."""
+"""``jdit.text.from_pretrained``: a T5 or Gemma-2 encoder and its weights from a transformers
+folder (by the config's ``model_type``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from jdit.weights.state_dict import StateDict, check_tree
 
 
 def from_pretrained(path: str | Path, dtype: Any = jnp.float32, *,
-                    param_dtype: Any = jnp.float32) -> tuple[T5Encoder, Any]:
+                    param_dtype: Any = jnp.float32) -> tuple[Any, Any]:
     """``(module, params)`` from a folder with ``config.json`` and ``model.safetensors`` (or
     sharded ``model-0000i-of-0000n.safetensors`` with their index); a pipeline folder's
     ``text_encoder/`` works, and so does the pipeline folder itself. ``dtype`` is the compute
@@ -28,11 +29,13 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32, *,
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no config.json (not a transformers T5 folder)")
     cfg = json.loads(cfg_file.read_text())
+    if cfg.get("model_type") == "gemma2":
+        return _gemma2(path, cfg, dtype, param_dtype)
     if cfg.get("model_type") == "umt5":  # one relative bias per layer, not T5's shared one
         raise ValueError(f"{path}: UMT5 is not supported (expected model_type 't5' or 'mt5')")
     if cfg.get("model_type") not in (None, "t5", "mt5"):
-        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not T5 (expected "
-                         f"'t5' or 'mt5')")
+        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not T5 or Gemma-2 "
+                         f"(expected 't5', 'mt5' or 'gemma2')")
     module = T5Encoder.from_config(cfg, dtype=dtype, param_dtype=param_dtype)
     if any(path.glob("*.bin")) and not any(path.glob("*.safetensors")):
         raise ValueError(f"{path}: only PyTorch .bin weights; jdit reads .safetensors (convert "
@@ -40,6 +43,19 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32, *,
     from jdit.weights.t5 import convert, encoder_tensors
 
     tensors = encoder_tensors(read_safetensors_folder(path, "model"))
+    tree = convert(StateDict(tensors, str(path)), module)
+    expected = jax.eval_shape(lambda: nn.meta.unbox(module.init(
+        jax.random.key(0), **module.example_inputs()))["params"])
+    check_tree(tree, expected, str(path))
+    return module, jax.tree.map(lambda a: jnp.asarray(a, param_dtype), tree)
+
+
+def _gemma2(path: Path, cfg: dict[str, Any], dtype: Any, param_dtype: Any) -> tuple[Any, Any]:
+    from jdit.text.gemma2 import Gemma2Encoder
+    from jdit.weights.gemma2 import convert, decoder_tensors
+
+    module = Gemma2Encoder.from_config(cfg, dtype=dtype, param_dtype=param_dtype)
+    tensors = decoder_tensors(read_safetensors_folder(path, "model"))
     tree = convert(StateDict(tensors, str(path)), module)
     expected = jax.eval_shape(lambda: nn.meta.unbox(module.init(
         jax.random.key(0), **module.example_inputs()))["params"])

@@ -68,6 +68,29 @@ def test_pixart_sigma_pipeline_matches_diffusers(sigma):
     assert np.abs(got - want).max() <= TOL
 
 
+@pytest.fixture(scope="module")
+def sana(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sana")
+    return folder, tiny_pipeline.sana(folder)
+
+
+def test_sana_pipeline_matches_diffusers(sana):
+    """Gemma-2 features of the instruction-prefixed prompt (first + last 299 kept), flow
+    DPM-Solver++, DC-AE decode: as diffusers' SanaPipeline."""
+    folder, reference = sana
+    nchw, nhwc = _latents((2, 8, 8, 8))
+    pipe = TextToImage.from_pretrained(folder)
+    assert pipe.vae_scale_factor == 4 and pipe.instruction is not None
+    for kwargs in (dict(guidance_scale=4.5), dict(guidance_scale=1.0),
+                   dict(guidance_scale=3.0, negative_prompt="blurry photo of a dog")):
+        want = _diffusers(reference, nchw, num_inference_steps=10, height=32, width=32, **kwargs)
+        got = pipe(PROMPTS, num_steps=10, latents=nhwc, height=32, width=32,
+                   use_resolution_binning=False, **kwargs)
+        assert got.shape == want.shape == (2, 32, 32, 3)
+        assert 0.02 < float(want.std()), "a degenerate reference image proves nothing"
+        assert np.abs(got - want).max() <= TOL, kwargs
+
+
 def test_pixart_alpha_1024_layout_with_micro_conditions(tmp_path):
     """sample_size 128 (PixArt-α 1024): resolution and aspect ratio condition the model."""
     # width 24: diffusers splits the micro-condition embedding in thirds of the width
@@ -142,11 +165,11 @@ def test_dit_pipeline_matches_diffusers(tmp_path):
 
 
 def test_folders_that_are_not_supported(tmp_path, monkeypatch):
-    sana = tmp_path / "sana"
-    sana.mkdir()
-    (sana / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline"}))
-    with pytest.raises(NotImplementedError, match="Gemma-2"):
-        TextToImage.from_pretrained(sana)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match="FluxPipeline"):
+        TextToImage.from_pretrained(other)
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         TextToImage.from_pretrained(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -81,7 +81,7 @@ def test_scaling_benchmark_runs_both_blocks():
 def test_tiling_benchmark_reports_every_way():
     from jdit.benchmarks import tiling
 
-    result = tiling.run(size=12, widths=(16, 32), tile=5, overlap=2, repeats=1,
+    result = tiling.run(size=10, widths=(8, 16), tile=4, overlap=2, repeats=1,
                         log=lambda s: None)
     ways = result["ways"]
     assert set(ways) == {"untiled", "blended", "exact", "exact_store_latent_only"}

@@ -47,7 +47,8 @@ def run(size: int = 64, widths: Sequence[int] = (32, 64, 128, 128), tile: int = 
         overlap: int = 8, repeats: int = 3, topology: str | None = None,
         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     log = log or (lambda s: print(s, file=sys.stderr))
-    vae = AutoencoderKL(block_out_channels=tuple(widths), layers_per_block=2, norm_num_groups=16)
+    vae = AutoencoderKL(block_out_channels=tuple(widths), layers_per_block=2,
+                        norm_num_groups=min(16, *widths))
     params = nn.meta.unbox(vae.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3))))["params"]
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))

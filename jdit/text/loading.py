@@ -42,8 +42,12 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32, *,
                          f"with transformers: model.save_pretrained(dir, safe_serialization=True))")
     from jdit.weights.t5 import convert, encoder_tensors
 
-    tensors = encoder_tensors(read_safetensors_folder(path, "model"))
-    tree = convert(StateDict(tensors, str(path)), module)
+    return _checked(path, module, convert(StateDict(
+        encoder_tensors(read_safetensors_folder(path, "model")), str(path)), module), param_dtype)
+
+
+def _checked(path: Path, module: Any, tree: Any, param_dtype: Any) -> tuple[Any, Any]:
+    """``(module, params)`` once the converted tree has exactly the module's shapes."""
     expected = jax.eval_shape(lambda: nn.meta.unbox(module.init(
         jax.random.key(0), **module.example_inputs()))["params"])
     check_tree(tree, expected, str(path))
@@ -55,9 +59,5 @@ def _gemma2(path: Path, cfg: dict[str, Any], dtype: Any, param_dtype: Any) -> tu
     from jdit.weights.gemma2 import convert, decoder_tensors
 
     module = Gemma2Encoder.from_config(cfg, dtype=dtype, param_dtype=param_dtype)
-    tensors = decoder_tensors(read_safetensors_folder(path, "model"))
-    tree = convert(StateDict(tensors, str(path)), module)
-    expected = jax.eval_shape(lambda: nn.meta.unbox(module.init(
-        jax.random.key(0), **module.example_inputs()))["params"])
-    check_tree(tree, expected, str(path))
-    return module, jax.tree.map(lambda a: jnp.asarray(a, param_dtype), tree)
+    return _checked(path, module, convert(StateDict(
+        decoder_tensors(read_safetensors_folder(path, "model")), str(path)), module), param_dtype)

@@ -9,10 +9,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
 from jdit.autoencoders.dc import AutoencoderDC
 from jdit.autoencoders.kl import AutoencoderKL
+from jdit.nn.init import abstract_params
 from jdit.weights import autoencoder_dc, autoencoder_kl
 from jdit.weights.safetensors_io import read_safetensors_folder
 from jdit.weights.state_dict import StateDict, check_tree
@@ -44,7 +44,5 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32, *,
     module = cls.from_config(cfg, dtype=dtype, param_dtype=param_dtype)
     tensors = read_safetensors_folder(path, "diffusion_pytorch_model")
     tree = convert(StateDict(tensors, str(path)), module)
-    expected = jax.eval_shape(lambda: nn.meta.unbox(module.init(
-        jax.random.key(0), **module.example_inputs()))["params"])
-    check_tree(tree, expected, str(path))
+    check_tree(tree, abstract_params(module), str(path))
     return module, jax.tree.map(lambda a: jnp.asarray(a, param_dtype), tree)

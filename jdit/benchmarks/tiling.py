@@ -11,6 +11,7 @@ that TPU topology through libtpu: memory per chip untiled and tiled.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -20,9 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 from jdit.autoencoders import AutoencoderKL, decode_tiled, decode_tiled_exact
+from jdit.nn.init import abstract_params, init_params
 
 GiB = 2 ** 30
 
@@ -49,7 +50,7 @@ def run(size: int = 64, widths: Sequence[int] = (32, 64, 128, 128), tile: int = 
     log = log or (lambda s: print(s, file=sys.stderr))
     vae = AutoencoderKL(block_out_channels=tuple(widths), layers_per_block=2,
                         norm_num_groups=min(16, *widths))
-    params = nn.meta.unbox(vae.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3))))["params"]
+    params = init_params(vae, jax.random.PRNGKey(1))
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
     params = tree.unflatten([a + 0.05 * jax.random.normal(k, a.shape)
@@ -89,13 +90,12 @@ SDXL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, nor
 def tpu_memory(topology: str, pixels: Sequence[int] = (2048, 4096), tile: int = 64,
                log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """HBM per chip of one SDXL VAE decode (float32, batch 1) on one chip of ``topology``."""
-    from jdit.parallel.aot import _oom_figures, analyse, topology_devices
+    from jdit.aot.roofline import analyse, oom_figures, topology_devices
 
     log = log or (lambda s: print(s, file=sys.stderr))
     device = topology_devices(topology)[0]
     vae = AutoencoderKL(**SDXL_VAE)
-    params = jax.eval_shape(lambda: nn.meta.unbox(
-        vae.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3))))["params"])
+    params = abstract_params(vae)
     sharding = jax.sharding.SingleDeviceSharding(device)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                           params)
@@ -112,10 +112,25 @@ def tpu_memory(topology: str, pixels: Sequence[int] = (2048, 4096), tile: int = 
             except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory verdict
                 if "memory" not in str(e).lower():
                     raise
-                oom = _oom_figures(str(e), device)
+                oom = oom_figures(str(e), device)
                 needed = oom["hbm_per_device_bytes"]
                 row = {"hbm_gib": needed / GiB if needed else None, "fits": False}
             row["compile_seconds"] = time.perf_counter() - t0
             result[f"{px}px/{name}"] = row
             log(f"{px} px {name}: {row}")
     return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=int, default=64, help="latent side (CPU part)")
+    parser.add_argument("--tile", type=int, default=32)
+    parser.add_argument("--overlap", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--topology", default=None,
+                        help="also compile the SDXL VAE at 2K / 4K for one chip, e.g. v5e:1x1")
+
+
+def main(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> int:
+    emit(run(args.size, tile=args.tile, overlap=args.overlap, repeats=args.repeats,
+             topology=args.topology))
+    return 0

@@ -1,10 +1,11 @@
 """Model families, the published architectures, and loading/saving weights."""
 
 from jdit.models.dit import DiT, DiTBlock
-from jdit.models.loading import from_pretrained, init_params, param_shapes, save_pretrained
+from jdit.models.loading import from_pretrained, param_shapes, save_pretrained
 from jdit.models.pixart import PixArt, PixArtBlock
 from jdit.models.registry import FAMILIES, PRESETS, architecture, build, preset
 from jdit.models.sana import Sana, SanaBlock
+from jdit.nn.init import init_params
 
 __all__ = [
     "FAMILIES", "PRESETS", "DiT", "DiTBlock", "PixArt", "PixArtBlock", "architecture", "build",

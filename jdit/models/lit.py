@@ -16,6 +16,7 @@ from typing import Any
 import jax
 from flax import linen as nn
 
+from jdit.nn.init import init_params
 from jdit.weights.state_dict import Tree, flatten, unflatten
 
 
@@ -44,7 +45,7 @@ def inherit(teacher_params: Tree, student: nn.Module, rng: jax.Array, *,
     ``load_attention=True`` copies those too where shapes agree). Returns the parameters and a
     report: ``inherited``, ``initialised`` (the attention-specific and any mismatched weights)
     and ``unused`` (teacher weights the student has no place for)."""
-    fresh = flatten(nn.meta.unbox(student.init(rng, **student.example_inputs()))["params"])
+    fresh = flatten(init_params(student, rng))
     teacher = flatten(teacher_params)
     out, report = {}, {"inherited": [], "initialised": [], "unused": []}
     for path, value in fresh.items():

@@ -9,8 +9,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
+from jdit.nn.init import abstract_params
 from jdit.text.t5 import T5Encoder
 from jdit.weights.safetensors_io import read_safetensors_folder
 from jdit.weights.state_dict import StateDict, check_tree
@@ -48,9 +48,7 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32, *,
 
 def _checked(path: Path, module: Any, tree: Any, param_dtype: Any) -> tuple[Any, Any]:
     """``(module, params)`` once the converted tree has exactly the module's shapes."""
-    expected = jax.eval_shape(lambda: nn.meta.unbox(module.init(
-        jax.random.key(0), **module.example_inputs()))["params"])
-    check_tree(tree, expected, str(path))
+    check_tree(tree, abstract_params(module), str(path))
     return module, jax.tree.map(lambda a: jnp.asarray(a, param_dtype), tree)
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import re
 
-import jax
 from flax import linen as nn
 
+from jdit.nn.init import abstract_params
 from jdit.weights.state_dict import StateDict, Tree, flatten, put
 
 # jdit leaf name -> PyTorch attribute ("scale" is an RMSNorm's or a BatchNorm2d's weight)
@@ -29,8 +29,7 @@ def torch_name(path: str) -> str:
 
 
 def convert(sd: StateDict, vae: nn.Module) -> Tree:
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(vae.init(
-        jax.random.key(0), **vae.example_inputs()))["params"])  # type: ignore[attr-defined]
+    shapes = abstract_params(vae)
     # BatchNorm2d's step counter does not enter eval-mode inference
     sd.used.update(k for k in sd.tensors if k.endswith(".num_batches_tracked"))
     tree: Tree = {}

@@ -7,7 +7,7 @@ import pytest
 from flax import linen as nn
 
 import jdit
-from jdit.nn import LOGICAL_AXES, REMAT_POLICIES
+from jdit.nn import LOGICAL_AXES, REMAT_POLICIES, abstract_params, init_params
 
 TINY = {
     "dit": dict(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=5),
@@ -21,9 +21,9 @@ TINY = {
 @pytest.mark.parametrize("scan", [False, True])
 def test_every_parameter_has_logical_axes(family, scan):
     module = jdit.models.build(family, **TINY[family], scan_layers=scan)
-    boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), **module.example_inputs()))
+    boxed = abstract_params(module, boxed=True)
     leaves = jax.tree_util.tree_flatten_with_path(
-        boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
     assert leaves
     for path, leaf in leaves:
         assert isinstance(leaf, nn.LogicallyPartitioned), path
@@ -37,14 +37,14 @@ def test_every_parameter_has_logical_axes(family, scan):
 
 def test_scanned_segments_follow_kv_compression_layers():
     module = jdit.models.build("pixart", **TINY["pixart"], scan_layers=True)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), **module.example_inputs()))
-    blocks = sorted(k for k in shapes["params"] if k.startswith("blocks_"))
+    shapes = abstract_params(module)
+    blocks = sorted(k for k in shapes if k.startswith("blocks_"))
     assert blocks == ["blocks_0_0", "blocks_1_2"]
-    assert "kv_compress" in shapes["params"]["blocks_1_2"]["attn"]
+    assert "kv_compress" in shapes["blocks_1_2"]["attn"]
 
 
 def test_remat_policy_names():
     assert {"none", "full", "dots"} <= set(REMAT_POLICIES)
     module = jdit.models.build("dit", **TINY["dit"], remat_policy="sometimes")
     with pytest.raises(ValueError, match="unknown remat_policy 'sometimes'"):
-        module.init(jax.random.key(0), **module.example_inputs())
+        init_params(module, jax.random.key(0))

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 import jdit
-from jdit.nn.layers import LOGICAL_AXES
+from jdit.nn import LOGICAL_AXES, abstract_params
 from jdit.parallel.rules import RULE_TABLES, rules_for, spec_for
 from jdit.weights import CheckpointMismatchError, read_safetensors, write_safetensors
 from jdit.weights.state_dict import flatten
@@ -207,7 +207,7 @@ def test_from_config_ignores_decoder_fields_and_names_missing_ones():
 
 def test_logical_axes_shard_big_matrices_with_fsdp():
     t5 = jdit.text.T5Encoder.from_config({**CONFIG, "feed_forward_proj": "gated-gelu"})
-    boxed = jax.eval_shape(lambda: t5.init(jax.random.key(0), **t5.example_inputs()))["params"]
+    boxed = abstract_params(t5, boxed=True)
     leaves = flatten(boxed)
     # table, relative bias, final norm; per block q k v o, two norms, wi_0 wi_1 wo
     assert len(leaves) == 3 + 2 * 9

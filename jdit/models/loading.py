@@ -10,9 +10,11 @@ Accepted sources:
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import jax
@@ -21,11 +23,9 @@ import numpy as np
 from flax import linen as nn
 
 from jdit.models import registry
+from jdit.nn.init import abstract_params
 from jdit.nn.stack import stack_params, unstack_params
-from jdit.weights import dit as dit_weights
-from jdit.weights import pixart as pixart_weights
-from jdit.weights import sana as sana_weights
-from jdit.weights.checkpoint import is_jdit_checkpoint, read_checkpoint, write_checkpoint
+from jdit.weights.jdit_folder import is_jdit_checkpoint, read_checkpoint, write_checkpoint
 from jdit.weights.safetensors_io import read_safetensors, read_safetensors_folder
 from jdit.weights.state_dict import StateDict, Tree, check_tree
 from jdit.weights.torch_pickle import extract_state_dict, load_torch_checkpoint
@@ -35,35 +35,28 @@ Converter = Callable[[StateDict, nn.Module], Tree]
 
 def param_shapes(module: nn.Module) -> Tree:
     """Parameter shapes of the unscanned layout, without allocating anything."""
-    flat_module = module.clone(scan_layers=False, remat_policy="none")
-    variables = jax.eval_shape(
-        lambda: flat_module.init(jax.random.key(0), **flat_module.example_inputs())
-    )
-    return nn.meta.unbox(variables)["params"]
+    return abstract_params(module.clone(scan_layers=False, remat_policy="none"))
 
 
-def init_params(module: nn.Module, rng: jax.Array) -> Tree:
-    """Freshly initialised parameters (the originals' initialisation), unboxed."""
-    return nn.meta.unbox(module.init(rng, **module.example_inputs()))["params"]
+def family_weights(family: str) -> ModuleType:
+    """The weights module of a registered family: ``jdit/weights/<family>.py`` (its name maps,
+    ``config_from_*`` readers and the facts that identify its checkpoints)."""
+    return importlib.import_module(f"jdit.weights.{family}")
 
 
 def _diffusers_family(cfg: dict[str, Any], folder: Path) -> str:
-    cls = cfg.get("_class_name")
-    norm = cfg.get("norm_type")
-    if cls == "PixArtTransformer2DModel" or (cls == "Transformer2DModel" and norm == "ada_norm_single"):
-        return "pixart"
-    if cls == "DiTTransformer2DModel" or (cls == "Transformer2DModel" and norm == "ada_norm_zero"):
-        return "dit"
-    if cls in sana_weights.DIFFUSERS_CLASSES:
-        return "sana"
-    raise ValueError(
-        f"{folder}/config.json: unsupported diffusers class {cls!r} (norm_type={norm!r}); supported: "
-        "PixArtTransformer2DModel, DiTTransformer2DModel, SanaTransformer2DModel, "
-        "Transformer2DModel with ada_norm_single or ada_norm_zero"
-    )
-
-
-WEIGHTS = {"dit": dit_weights, "pixart": pixart_weights, "sana": sana_weights}
+    cls, norm = cfg.get("_class_name"), cfg.get("norm_type")
+    for family in registry.FAMILIES:
+        weights = family_weights(family)
+        legacy = weights.DIFFUSERS_LEGACY_NORM_TYPE
+        if cls in weights.DIFFUSERS_CLASSES or (legacy is not None and norm == legacy
+                                                and cls == "Transformer2DModel"):
+            return family
+    supported = [c for f in registry.FAMILIES for c in family_weights(f).DIFFUSERS_CLASSES]
+    legacy = [f"Transformer2DModel with norm_type {family_weights(f).DIFFUSERS_LEGACY_NORM_TYPE!r}"
+              for f in registry.FAMILIES if family_weights(f).DIFFUSERS_LEGACY_NORM_TYPE]
+    raise ValueError(f"{folder}/config.json: unsupported diffusers class {cls!r} "
+                     f"(norm_type={norm!r}); supported: {', '.join(supported + legacy)}")
 
 
 def _read_diffusers_tensors(folder: Path) -> dict[str, np.ndarray]:
@@ -76,33 +69,14 @@ def _read_diffusers_tensors(folder: Path) -> dict[str, np.ndarray]:
 
 
 def _official_family(sd: StateDict) -> str:
-    if "attention_y_norm.weight" in sd or "blocks.0.mlp.inverted_conv.conv.weight" in sd:
-        return "sana"
-    if "y_embedder.y_proj.fc1.weight" in sd:
-        return "pixart"
-    if "y_embedder.embedding_table.weight" in sd:
-        return "dit"
-    raise ValueError(
-        f"{sd.source}: unrecognised checkpoint layout (neither official PixArt keys "
-        "'y_embedder.y_proj.*' nor official DiT keys 'y_embedder.embedding_table.*')"
-    )
-
-
-_REQUIRED_OFFICIAL = {
-    "pixart": {
-        "input_size": "the training latent size (no pos_embed buffer in the file)",
-        "pe_interpolation": "the position-embedding scale (α: 1, or 2 at 1024 px; Σ: px / 512)",
-        "num_heads": "the number of attention heads (not stored in the weights)",
-    },
-    "dit": {
-        "input_size": "the training latent size (no pos_embed in the file)",
-        "num_heads": "the number of attention heads (not stored in the weights)",
-    },
-    "sana": {
-        "input_size": "the training latent size (32 at 1024 px)",
-        "cross_num_heads": "the cross-attention heads (16 for SANA-600M, 20 for 1.6B)",
-    },
-}
+    """The one family whose official key markers are all present."""
+    markers = {f: family_weights(f).OFFICIAL_MARKERS for f in registry.FAMILIES}
+    found = [f for f, keys in markers.items() if all(k in sd for k in keys)]
+    if len(found) != 1:
+        what = "unrecognised" if not found else f"ambiguous ({found} all match)"
+        raise ValueError(f"{sd.source}: {what} checkpoint layout; official layouts are known by "
+                         + "; ".join(f"{f}: {list(keys)}" for f, keys in markers.items()))
+    return found[0]
 
 
 def _converting(sd: StateDict, convert: Converter) -> Callable[[nn.Module], Tree]:
@@ -130,7 +104,7 @@ def _resolve(path: Path, state_dict_key: str | None, overrides: dict[str, Any]
             raise FileNotFoundError(f"{path}: no config.json (not a diffusers or jdit model folder)")
         cfg = json.loads(cfg_file.read_text())
         family = _diffusers_family(cfg, path)
-        weights = WEIGHTS[family]
+        weights = family_weights(family)
         sd = StateDict(_read_diffusers_tensors(path), str(path))
         return family, weights.config_from_diffusers(cfg), _converting(sd, weights.convert_diffusers)
     if not path.is_file():
@@ -143,10 +117,10 @@ def _resolve(path: Path, state_dict_key: str | None, overrides: dict[str, Any]
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
     probe = StateDict(tensors, str(path))
     family = _official_family(probe)
-    weights = WEIGHTS[family]
+    weights = family_weights(family)
     sd = StateDict(tensors, str(path), ignore=weights.OFFICIAL_IGNORED)
     fields = weights.config_from_official(sd, overrides.get("num_heads"))
-    missing = {k: why for k, why in _REQUIRED_OFFICIAL[family].items()
+    missing = {k: why for k, why in weights.OFFICIAL_REQUIRED_FIELDS.items()
                if k not in fields and k not in overrides}
     if missing:
         raise ValueError(

@@ -13,11 +13,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from flax import linen as nn
 
-from jdit.models.dit import DiT
 from jdit.weights.state_dict import StateDict, Tree, put
 
-DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+# What identifies DiT checkpoints (jdit.models.loading reads these for every family):
+DIFFUSERS_CLASSES = ("DiTTransformer2DModel",)
+DIFFUSERS_LEGACY_NORM_TYPE = "ada_norm_zero"  # a generic "Transformer2DModel" with this norm
+OFFICIAL_MARKERS = ("y_embedder.embedding_table.weight",)  # all present
+OFFICIAL_IGNORED = ("pos_embed",)  # fixed sin-cos positions, recomputed
+OFFICIAL_REQUIRED_FIELDS = {  # fields an official file may not record, and why
+    "input_size": "the training latent size (no pos_embed in the file)",
+    "num_heads": "the number of attention heads (not stored in the weights)",
+}
 # Heads of the published DiT sizes, by width (S, B, L, XL); head_dim is not stored in weights.
 HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
 
@@ -74,7 +82,7 @@ def config_from_official(sd: StateDict, num_heads: int | None = None) -> dict[st
     return fields
 
 
-def _blocks(sd: StateDict, t: Tree, m: DiT, names: Mapping[str, str], qkv_fused: bool) -> None:
+def _blocks(sd: StateDict, t: Tree, m: nn.Module, names: Mapping[str, str], qkv_fused: bool) -> None:
     d, heads = m.hidden_size, m.num_heads
     hd, mlp = d // heads, int(d * m.mlp_ratio)
     for i in range(m.depth):
@@ -90,7 +98,7 @@ def _blocks(sd: StateDict, t: Tree, m: DiT, names: Mapping[str, str], qkv_fused:
         put(t, f"{o}/mlp/fc2", sd.linear(f"{s}.{names['fc2']}", (mlp,), (d,)))
 
 
-def convert_official(sd: StateDict, m: DiT) -> Tree:
+def convert_official(sd: StateDict, m: nn.Module) -> Tree:
     d, p = m.hidden_size, m.patch_size
     t: Tree = {}
     put(t, "patch_embed", sd.patch_conv("x_embedder.proj", m.in_channels, d, p))
@@ -104,10 +112,7 @@ def convert_official(sd: StateDict, m: DiT) -> Tree:
     return t
 
 
-OFFICIAL_IGNORED = ("pos_embed",)
-
-
-def convert_diffusers(sd: StateDict, m: DiT) -> Tree:
+def convert_diffusers(sd: StateDict, m: nn.Module) -> Tree:
     d, p = m.hidden_size, m.patch_size
     t: Tree = {}
     put(t, "patch_embed", sd.patch_conv("pos_embed.proj", m.in_channels, d, p))

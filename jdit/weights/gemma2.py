@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+from flax import linen as nn
 
-from jdit.text.gemma2 import Gemma2Encoder
 from jdit.weights.state_dict import StateDict, Tree, put
 
 
@@ -21,7 +21,7 @@ def decoder_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in tensors.items() if not k.startswith("lm_head.")}
 
 
-def convert(sd: StateDict, gemma: Gemma2Encoder) -> Tree:
+def convert(sd: StateDict, gemma: nn.Module) -> Tree:
     d, hd = gemma.hidden_size, gemma.head_dim
     h, kv, ff = gemma.num_attention_heads, gemma.num_key_value_heads, gemma.intermediate_size
     tree: Tree = {}

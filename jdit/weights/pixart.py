@@ -19,11 +19,21 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from flax import linen as nn
 
-from jdit.models.pixart import PixArt
 from jdit.weights.state_dict import StateDict, Tree, put
 
-DIFFUSERS_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")
+# What identifies PixArt checkpoints (jdit.models.loading reads these for every family):
+DIFFUSERS_CLASSES = ("PixArtTransformer2DModel",)
+DIFFUSERS_LEGACY_NORM_TYPE = "ada_norm_single"  # a generic "Transformer2DModel" with this norm
+OFFICIAL_MARKERS = ("y_embedder.y_proj.fc1.weight", "blocks.0.mlp.fc1.weight")  # all present
+# The stale pos_embed buffer and the null caption of official files are not model parameters.
+OFFICIAL_IGNORED = ("pos_embed", "y_embedder.y_embedding")
+OFFICIAL_REQUIRED_FIELDS = {  # fields an official file may not record, and why
+    "input_size": "the training latent size (no pos_embed buffer in the file)",
+    "pe_interpolation": "the position-embedding scale (α: 1, or 2 at 1024 px; Σ: px / 512)",
+    "num_heads": "the number of attention heads (not stored in the weights)",
+}
 
 
 def _unsupported(cfg: Mapping[str, Any], key: str, allowed: tuple[Any, ...]) -> None:
@@ -124,7 +134,7 @@ def _embedder(sd: StateDict, t: Tree, ours: str, theirs: str, l1: str, l2: str,
     put(t, f"{ours}/linear_2", sd.linear(f"{theirs}.{l2}", (out,), (out,)))
 
 
-def convert_diffusers(sd: StateDict, m: PixArt) -> Tree:
+def convert_diffusers(sd: StateDict, m: nn.Module) -> Tree:
     if m.kv_compress or m.qk_norm:
         raise ValueError("diffusers PixArt checkpoints have no KV compression or QK-norm weights")
     d, heads, p = m.hidden_size, m.num_heads, m.patch_size
@@ -156,10 +166,9 @@ def convert_diffusers(sd: StateDict, m: PixArt) -> Tree:
     return t
 
 
-OFFICIAL_IGNORED = ("pos_embed", "y_embedder.y_embedding")
 
 
-def convert_official(sd: StateDict, m: PixArt) -> Tree:
+def convert_official(sd: StateDict, m: nn.Module) -> Tree:
     d, heads, p = m.hidden_size, m.num_heads, m.patch_size
     hd, mlp = d // heads, int(d * m.mlp_ratio)
     t: Tree = {}

@@ -18,11 +18,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from jdit.models.sana import Sana
+from flax import linen as nn
+
 from jdit.weights.state_dict import StateDict, Tree, put
 
+# What identifies SANA checkpoints (jdit.models.loading reads these for every family):
 DIFFUSERS_CLASSES = ("SanaTransformer2DModel",)
+DIFFUSERS_LEGACY_NORM_TYPE = None
+OFFICIAL_MARKERS = ("y_embedder.y_proj.fc1.weight", "blocks.0.mlp.inverted_conv.conv.weight")
 OFFICIAL_IGNORED = ("pos_embed", "y_embedder.y_embedding")  # a stale buffer; the null caption
+OFFICIAL_REQUIRED_FIELDS = {  # fields an official file may not record, and why
+    "input_size": "the training latent size (32 at 1024 px)",
+    "cross_num_heads": "the cross-attention heads (16 for SANA-600M, 20 for 1.6B)",
+}
 
 
 def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -90,7 +98,7 @@ def config_from_official(sd: StateDict, num_heads: int | None = None) -> dict[st
     return fields
 
 
-def _common(sd: StateDict, m: Sana, names: Mapping[str, str]) -> Tree:
+def _common(sd: StateDict, m: nn.Module, names: Mapping[str, str]) -> Tree:
     d, p = m.hidden_size, m.patch_size
     t: Tree = {}
     put(t, "patch_embed", sd.patch_conv(names["patch"], m.in_channels, d, p))
@@ -105,7 +113,7 @@ def _common(sd: StateDict, m: Sana, names: Mapping[str, str]) -> Tree:
     return t
 
 
-def _mix_ffn(sd: StateDict, t: Tree, o: str, names: tuple[str, str, str], m: Sana) -> None:
+def _mix_ffn(sd: StateDict, t: Tree, o: str, names: tuple[str, str, str], m: nn.Module) -> None:
     """The three convolutions (inverted 1×1, depthwise 3×3, point 1×1) of a Mix-FFN."""
     d, f = m.hidden_size, int(m.hidden_size * m.mlp_ratio)
     inverted, depth, point = names
@@ -114,7 +122,7 @@ def _mix_ffn(sd: StateDict, t: Tree, o: str, names: tuple[str, str, str], m: San
     put(t, f"{o}/mlp/conv_point", sd.linear(point, (f,), (d,), bias=False, conv1x1=True))
 
 
-def convert_diffusers(sd: StateDict, m: Sana) -> Tree:
+def convert_diffusers(sd: StateDict, m: nn.Module) -> Tree:
     d, heads, cheads = m.hidden_size, m.num_heads, m.cross_num_heads
     hd, chd = d // heads, d // cheads
     emb = "time_embed.emb.timestep_embedder"
@@ -141,7 +149,7 @@ def convert_diffusers(sd: StateDict, m: Sana) -> Tree:
     return t
 
 
-def convert_official(sd: StateDict, m: Sana) -> Tree:
+def convert_official(sd: StateDict, m: nn.Module) -> Tree:
     d, heads, cheads = m.hidden_size, m.num_heads, m.cross_num_heads
     hd, chd = d // heads, d // cheads
     t = _common(sd, m, dict(patch="x_embedder.proj", t1="t_embedder.mlp.0", t2="t_embedder.mlp.2",

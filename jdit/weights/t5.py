@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+from flax import linen as nn
 
-from jdit.text.t5 import T5Encoder
 from jdit.weights.state_dict import StateDict, Tree, put
 
 
@@ -21,7 +21,7 @@ def encoder_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             if not k.startswith(("decoder.", "lm_head."))}
 
 
-def convert(sd: StateDict, t5: T5Encoder) -> Tree:
+def convert(sd: StateDict, t5: nn.Module) -> Tree:
     d, h, kv, ff = t5.d_model, t5.num_heads, t5.d_kv, t5.d_ff
     tree: Tree = {}
     table = "shared.weight" if "shared.weight" in sd else "encoder.embed_tokens.weight"

@@ -13,7 +13,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from jdit.benchmarks import tiny_pipeline
+from jdit.testing import tiny_pipelines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def outputs(nb: nbformat.NotebookNode, kind: str) -> list:
 
 @pytest.mark.slow
 def test_quickstart_notebook(tmp_path):
-    tiny_pipeline.text_to_image(tmp_path / "pipe")
+    tiny_pipelines.text_to_image(tmp_path / "pipe")
     nb = execute("quickstart", {"JDIT_NOTEBOOK_PIPELINE": str(tmp_path / "pipe")})
     assert len(outputs(nb, "image/png")) >= 4  # the grid, one per solver, the PIL image
 

@@ -73,11 +73,11 @@ def test_readme_example(tmp_path, monkeypatch):
 
 def test_readme_pipeline_snippet(tmp_path):
     """The text-to-image snippet, on a small random pipeline in place of the hub repo."""
-    from jdit.benchmarks import tiny_pipeline
+    from jdit.testing import tiny_pipelines
 
     code = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[2]
     assert "TextToImage.from_pretrained" in code
-    tiny_pipeline.text_to_image(tmp_path / "pipe", sample_size=8)
+    tiny_pipelines.text_to_image(tmp_path / "pipe", sample_size=8)
     code = code.replace('"PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"', repr(str(tmp_path / "pipe")))
     scope: dict = {}
     # sample_size 8 has no aspect-ratio bins: the snippet's default binning would refuse it

@@ -1,6 +1,6 @@
 """``jdit bench pipeline``: text-to-image generation time, jdit vs diffusers, in the same run.
 
-A small random PixArt-Σ pipeline (:mod:`jdit.benchmarks.tiny_pipeline`: T5 encoder, PixArt
+A small random PixArt-Σ pipeline (:mod:`jdit.testing.tiny_pipelines`: T5 encoder, PixArt
 transformer, 8× VAE; 256 px images) generates the same prompts from the same latents with
 20 DPM-Solver++ steps and classifier-free guidance on both sides: diffusers + torch (eager, as
 a user runs it) and jdit's ``TextToImage`` (one compiled program; the compile is reported apart
@@ -9,6 +9,7 @@ and excluded from the timing). Medians of ``repeats`` calls; the images must agr
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -26,15 +27,15 @@ def run(repeats: int = 5, num_steps: int = 20, width: int = 64, batch: int = 2,
         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     import torch
 
-    from jdit.benchmarks import tiny_pipeline
     from jdit.pipelines import TextToImage
+    from jdit.testing import tiny_pipelines
 
     log = log or (lambda s: print(s, file=sys.stderr))
     prompts = (PROMPTS * batch)[:batch]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "pipe"
         log("building a random PixArt-Σ pipeline ...")
-        reference = tiny_pipeline.text_to_image(folder, "sigma", width=width)
+        reference = tiny_pipelines.text_to_image(folder, "sigma", width=width)
         reference.set_progress_bar_config(disable=True)
         pipe = TextToImage.from_pretrained(folder)
         size = int(pipe.transformer.input_size) * pipe.vae_scale_factor
@@ -134,3 +135,23 @@ def _components(pipe: Any, reference: Any, prompts: list[str], latents: np.ndarr
             "vae_decode": _median_time(lambda: reference.vae.decode(z_t), repeats),
         }
     return {"jdit": ours, "diffusers": theirs}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--width", type=int, default=64, help="the random transformer's width")
+
+
+def main(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> int:
+    result = run(repeats=args.repeats, num_steps=args.steps, width=args.width)
+    emit(result)
+    print(f"{result['image_size']} px x {result['batch']}, {args.steps} steps + CFG: diffusers "
+          f"{result['diffusers_s']:.3f} s, jdit {result['jdit_s']:.3f} s: jdit is "
+          f"{result['speedup']:.2f}x diffusers (compile {result['jdit_compile_s']:.1f} s; images "
+          f"differ by {result['max_abs_image_difference']:.1e})", file=sys.stderr)
+    for part in ("t5", "step", "vae_decode"):
+        ours, theirs = (result["components_s"][k][part] for k in ("jdit", "diffusers"))
+        print(f"  {part:>10}: diffusers {theirs * 1e3:7.1f} ms, jdit {ours * 1e3:7.1f} ms",
+              file=sys.stderr)
+    return 0

@@ -13,10 +13,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jdit.config import section
 
 Array = jax.Array
 
@@ -164,3 +168,19 @@ class FlowSchedule:
 
 
 Schedule = DDPMSchedule | FlowSchedule
+
+
+def make_schedule(cfg: Mapping[str, Any]) -> Schedule:
+    """The schedule a config's ``diffusion`` section names (``objective``, ``schedule``,
+    ``flow_shift``; defaults in :data:`jdit.config.SECTIONS`)."""
+    cfg = section("diffusion", cfg)
+    if cfg["objective"] == "flow":
+        return FlowSchedule(float(cfg["flow_shift"]))
+    if cfg["objective"] != "ddpm":
+        raise ValueError(f"diffusion.objective must be 'ddpm' or 'flow', got {cfg['objective']!r}")
+    makers = {"linear": DDPMSchedule.linear, "scaled_linear": DDPMSchedule.scaled_linear,
+              "squaredcos_cap_v2": DDPMSchedule.squaredcos_cap_v2}
+    if cfg["schedule"] not in makers:
+        raise ValueError(f"diffusion.schedule must be one of {sorted(makers)}, got "
+                         f"{cfg['schedule']!r}")
+    return makers[cfg["schedule"]]()

@@ -58,7 +58,3 @@ def make_mesh(spec: Mapping[str, int] | None = None,
     except (ValueError, NotImplementedError, AssertionError):
         # Device kinds without a known physical layout (e.g. a subset of CPU devices).
         return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=types)
-
-
-def describe(mesh: Mesh) -> dict[str, int]:
-    return {name: int(size) for name, size in mesh.shape.items()}

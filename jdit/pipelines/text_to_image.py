@@ -62,7 +62,7 @@ SANA_INSTRUCTION = "\n".join([
 ])
 # diffusers pipeline class -> default max_sequence_length, the binning tables by sample_size,
 # the text encoder family and the prompt prefix
-PIPELINES: dict[str, dict[str, Any]] = {
+PIPELINE_CLASSES: dict[str, dict[str, Any]] = {
     "PixArtAlphaPipeline": {"max_sequence_length": 120, "bins": {32: 256, 64: 512, 128: 1024},
                             "text": "t5", "instruction": None},
     "PixArtSigmaPipeline": {"max_sequence_length": 300,
@@ -124,9 +124,9 @@ class TextToImage:
         folder = hub.resolve(path_or_repo_id, revision)
         index = hub.model_index(folder)
         name = index["_class_name"]
-        if name not in PIPELINES:
+        if name not in PIPELINE_CLASSES:
             raise ValueError(f"{folder}: pipeline class {name!r} is not a text-to-image pipeline "
-                             f"jdit loads; expected one of {sorted(PIPELINES)}")
+                             f"jdit loads; expected one of {sorted(PIPELINE_CLASSES)}")
         missing = [c for c in ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
                    if not (folder / c).is_dir()]
         if missing:
@@ -136,7 +136,7 @@ class TextToImage:
                                                        **transformer_overrides)
         encoder, e_params = text.from_pretrained(folder / "text_encoder", dtype=text_dtype,
                                                  param_dtype=param_dtype)
-        spec = PIPELINES[name]
+        spec = PIPELINE_CLASSES[name]
         tokenizers = {"t5": text.T5Tokenizer, "gemma2": text.GemmaTokenizer}
         tokenizer = tokenizers[spec["text"]].from_pretrained(folder / "tokenizer")
         vae, v_params = autoencoders.from_pretrained(folder / "vae", dtype=vae_dtype)

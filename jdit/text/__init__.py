@@ -5,7 +5,7 @@ from jdit.text.gemma2 import Gemma2Encoder
 from jdit.text.gemma_tokenizer import GemmaTokenizer
 from jdit.text.loading import from_pretrained
 from jdit.text.t5 import T5Encoder
-from jdit.text.tokenizer import T5Tokenizer
+from jdit.text.t5_tokenizer import T5Tokenizer
 from jdit.text.words import WordEncoder, tokenize
 
 __all__ = ["Gemma2Encoder", "GemmaTokenizer", "T5Encoder", "T5Tokenizer", "WordEncoder",

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jdit.diffusion import FlowSchedule
+from jdit.config import section
+from jdit.diffusion import FlowSchedule, make_schedule
 from jdit.sampling import ClassifierFreeGuidance, sample
-from jdit.train.step import make_schedule
 
 
 def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
@@ -24,10 +24,10 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
     (when they divide the number of images) and the sampler runs under its mesh and rules; the
     images come back whole on every process.
     """
-    schedule = make_schedule(config["diffusion"])
-    prediction = "flow" if isinstance(schedule, FlowSchedule) else config["diffusion"].get(
-        "prediction", "epsilon")
-    defaults = config["sample"]
+    diffusion = section("diffusion", config["diffusion"])
+    schedule = make_schedule(diffusion)
+    prediction = "flow" if isinstance(schedule, FlowSchedule) else diffusion["prediction"]
+    defaults = section("sample", config.get("sample"))
     size, channels = task.size, task.channels
     null = task.null()
 
@@ -76,11 +76,11 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
             labels = jnp.asarray(conditions["labels"], jnp.int32)
             b = len(labels)
             args = (jnp.concatenate([jnp.full((b,), module.num_classes, jnp.int32), labels]),)
-        scale = defaults.get("guidance_scale", 4.5) if guidance_scale is None else guidance_scale
+        scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         key = jax.random.PRNGKey(seed)
         noise = jax.random.normal(key, (b, size, size, channels))
-        run = dict(solver=solver or defaults.get("solver", "dpm++2m"),
-                   num_steps=int(num_steps or defaults.get("steps", 20)), schedule=schedule,
+        run = dict(solver=solver or defaults["solver"],
+                   num_steps=int(num_steps or defaults["steps"]), schedule=schedule,
                    prediction=prediction, key=jax.random.fold_in(key, 1))
         if partitioner is None:
             out = sample(guided, noise, args=(jnp.float32(scale), params) + args, **run)

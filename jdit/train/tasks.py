@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from jdit.config import section
 from jdit.text import WordEncoder
 
 Generate = Callable[[dict[str, np.ndarray], int], np.ndarray]
-TASKS = ("shapes", "digits", "feature_cache")
 Rows = tuple[int, int] | None
 
 
@@ -37,15 +37,16 @@ class ShapesTask:
         from jdit.data import shapes
 
         self.shapes = shapes
-        self.size = int(cfg.get("size", 32))
-        self.pair_fraction = float(cfg.get("pair_fraction", 0.5))
+        cfg = section("data", cfg)
+        self.size = int(cfg["size"])
+        self.pair_fraction = float(cfg["pair_fraction"])
         self.batch_size, self.seed = batch_size, seed
         # Every word of the vocabulary (colours, shapes, positions, "a"/"an", "and"); words are
         # not held out, only their combinations.
         vocab = [shapes.caption(p) for split in ("train", "heldout")
                  for p in shapes.prompts("single", split)] + ["and"]
-        self.encoder = WordEncoder.from_texts(vocab, dim=int(cfg.get("text_dim", 64)),
-                                              max_length=int(cfg.get("max_length", 16)))
+        self.encoder = WordEncoder.from_texts(vocab, dim=int(cfg["text_dim"]),
+                                              max_length=int(cfg["max_length"]))
         self.channels = 3
 
     def encode(self, captions: list[str]) -> dict[str, np.ndarray]:
@@ -69,10 +70,12 @@ class ShapesTask:
 
     def evaluate(self, generate: Generate, batch_size: int = 64, num_pairs: int = 200,
                  single_repeats: int = 4) -> dict[str, float]:
-        """adherence_single: every held-out single prompt ``single_repeats`` times, seeds
-        differing (54 prompts, 216 images at the defaults: the whole single-object space has
-        8 x 3 x 9 = 216 prompts, a quarter held out); adherence_pair: ``num_pairs`` distinct
-        held-out pair prompts, one image each."""
+        """Prompt adherence read by :mod:`jdit.eval.shapes`. adherence_single: every held-out
+        single prompt ``single_repeats`` times, seeds differing (54 prompts, 216 images at the
+        defaults: the whole single-object space has 8 x 3 x 9 = 216 prompts, a quarter held
+        out); adherence_pair: ``num_pairs`` distinct held-out pair prompts, one image each."""
+        from jdit.eval import shapes as evaluator
+
         singles = self.shapes.prompts("single", "heldout") * single_repeats
         pairs = self.shapes.prompts("pair", "heldout")[:num_pairs]
         out: dict[str, float] = {}
@@ -83,7 +86,7 @@ class ShapesTask:
                 cond = self.encode([self.shapes.caption(o) for o in chunk])
                 images.append(generate(cond, start))
             kind = name.split("_")[1]
-            out[name] = float(self.shapes.adherence(np.concatenate(images), list(objs)))
+            out[name] = float(evaluator.adherence(np.concatenate(images), list(objs)))
             out[f"num_{kind}_prompts"] = len(set(objs))
             out[f"num_{kind}_images"] = len(objs)
         return out
@@ -98,7 +101,7 @@ class DigitsTask:
         from jdit.data import digits
 
         self.digits = digits
-        self.size = int(cfg.get("size", 32))
+        self.size = int(section("data", cfg)["size"])
         self.batch_size, self.seed = batch_size, seed
         self.channels = 1
 
@@ -133,17 +136,18 @@ class FeatureCacheTask:
     images), planned by :class:`jdit.data.buckets.BucketBatchSampler`, so a batch depends only on
     (seed, step) and every host reads only its own slice.
 
-    ``data`` config: ``path`` (the cache directory), ``latent_scale`` (SD VAE 0.18215, SDXL VAE
-    0.13025), ``null_caption`` (a ``.safetensors`` file with ``text`` and ``text_mask``: the
-    encoded empty prompt for condition dropout; default ``<path>/null_caption.safetensors``),
-    ``micro_condition`` (PixArt-α 1024: pass each batch's pixel size and aspect ratio),
-    ``vae_factor`` (8). Sample grids and evaluation need the VAE decoder and are not run here.
+    ``data`` config (:data:`jdit.config.DATA`): ``path`` (the cache directory), ``latent_scale``,
+    ``null_caption`` (a ``.safetensors`` file with ``text`` and ``text_mask``: the encoded empty
+    prompt for condition dropout), ``micro_condition`` (PixArt-α 1024: pass each batch's pixel
+    size and aspect ratio), ``vae_factor``. Sample grids and evaluation need the VAE decoder and
+    are not run here.
     """
 
     def __init__(self, cfg: Mapping[str, Any], batch_size: int, seed: int) -> None:
         from jdit.data.buckets import BucketBatchSampler
         from jdit.data.cache import FeatureCache
 
+        cfg = section("data", cfg)
         if not cfg.get("path"):
             raise ValueError("data.path must name a feature cache directory (jdit.data.cache)")
         self.cache = FeatureCache(cfg["path"])
@@ -158,10 +162,10 @@ class FeatureCacheTask:
         else:
             raise ValueError(f"{cfg['path']}: needs 'text' and 'text_mask' (text-to-image) or "
                              f"'label' (class-conditional) fields, has {sorted(fields)}")
-        self.latent_scale = float(cfg.get("latent_scale", 1.0))
-        self.vae_factor = int(cfg.get("vae_factor", 8))
-        self.micro_condition = bool(cfg.get("micro_condition", False))
-        self.null_path = cfg.get("null_caption") or f"{cfg['path']}/null_caption.safetensors"
+        self.latent_scale = float(cfg["latent_scale"])
+        self.vae_factor = int(cfg["vae_factor"])
+        self.micro_condition = bool(cfg["micro_condition"])
+        self.null_path = cfg["null_caption"] or f"{cfg['path']}/null_caption.safetensors"
         self.batch_size = batch_size
         self.sampler = BucketBatchSampler(self.cache.sizes("latent"), batch_size, table=None,
                                           seed=seed, shard_index=0, shard_count=1)
@@ -211,13 +215,12 @@ class FeatureCacheTask:
                          "latents); evaluate decoded images with your own metrics")
 
 
+TASKS = {"shapes": ShapesTask, "digits": DigitsTask, "feature_cache": FeatureCacheTask}
+
+
 def make_task(cfg: Mapping[str, Any], batch_size: int, seed: int
               ) -> ShapesTask | DigitsTask | FeatureCacheTask:
     name = cfg.get("name")
-    if name == "shapes":
-        return ShapesTask(cfg, batch_size, seed)
-    if name == "digits":
-        return DigitsTask(cfg, batch_size, seed)
-    if name == "feature_cache":
-        return FeatureCacheTask(cfg, batch_size, seed)
-    raise ValueError(f"data.name must be one of {TASKS}, got {name!r}")
+    if name not in TASKS:
+        raise ValueError(f"data.name must be one of {sorted(TASKS)}, got {name!r}")
+    return TASKS[name](cfg, batch_size, seed)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from jdit.benchmarks import tiny_pipeline
+from jdit.testing import tiny_pipelines
 from jdit.pipelines import ClassToImage, TextToImage
 from jdit.pipelines.output import resize_and_crop
 
@@ -40,7 +40,7 @@ def _diffusers(pipe, latents, **kwargs):
 @pytest.fixture(scope="module")
 def sigma(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sigma")
-    return folder, tiny_pipeline.text_to_image(folder, "sigma")
+    return folder, tiny_pipelines.text_to_image(folder, "sigma")
 
 
 def test_pixart_sigma_pipeline_matches_diffusers(sigma):
@@ -71,7 +71,7 @@ def test_pixart_sigma_pipeline_matches_diffusers(sigma):
 @pytest.fixture(scope="module")
 def sana(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sana")
-    return folder, tiny_pipeline.sana(folder)
+    return folder, tiny_pipelines.sana(folder)
 
 
 def test_sana_pipeline_matches_diffusers(sana):
@@ -94,7 +94,7 @@ def test_sana_pipeline_matches_diffusers(sana):
 def test_pixart_alpha_1024_layout_with_micro_conditions(tmp_path):
     """sample_size 128 (PixArt-α 1024): resolution and aspect ratio condition the model."""
     # width 24: diffusers splits the micro-condition embedding in thirds of the width
-    reference = tiny_pipeline.text_to_image(tmp_path, "alpha", sample_size=128, width=24)
+    reference = tiny_pipelines.text_to_image(tmp_path, "alpha", sample_size=128, width=24)
     nchw, nhwc = _latents((2, 4, 8, 12))
     want = _diffusers(reference, nchw, num_inference_steps=3, guidance_scale=4.5, height=64,
                       width=96, max_sequence_length=10)
@@ -151,7 +151,7 @@ def test_resize_and_crop_matches_torch():
 
 
 def test_dit_pipeline_matches_diffusers(tmp_path):
-    reference = tiny_pipeline.class_to_image(tmp_path)
+    reference = tiny_pipelines.class_to_image(tmp_path)
     _, nhwc = _latents((3, 4, 8, 8), seed=1)  # what DiTPipeline draws from this generator
     labels = [3, 999, 0]
     want = reference(labels, guidance_scale=4.0, num_inference_steps=12, output_type="np",

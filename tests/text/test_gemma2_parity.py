@@ -11,7 +11,7 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma2Model
 
 import jdit
-from jdit.benchmarks.tiny_pipeline import gemma_tokenizer
+from jdit.testing.tiny_pipelines import gemma_tokenizer
 from jdit.weights.state_dict import CheckpointMismatchError
 
 PROMPTS = ["a red circle in the top left", "", "big happy cat " * 30, "a dog on the moon"]

@@ -2,14 +2,8 @@
 
 import ml_collections
 
-from jdit.models import preset
+from jdit.models.registry import architecture_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.model = preset("pixart_alpha_xl2_1024")
-    config.model.scan_layers = True  # one compiled block per segment: fast compiles at depth 28
-    config.resolution = 1024  # pixels; latents are resolution // 8
-    config.caption_length = 120  # T5 tokens
-    config.latent_scale = 0.18215  # SD VAE (sd-vae-ft-ema) scaling factor
-    return config
+    return architecture_config("pixart_alpha_xl2_1024")  # model + pipeline facts

@@ -3,14 +3,8 @@
 
 import ml_collections
 
-from jdit.models import preset
+from jdit.models.registry import architecture_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.model = preset("pixart_sigma_xl2_1024_kvcompress")
-    config.model.scan_layers = True  # one compiled block per segment: fast compiles at depth 28
-    config.resolution = 1024  # pixels; latents are resolution // 8
-    config.caption_length = 300  # T5 tokens
-    config.latent_scale = 0.13025  # SDXL VAE scaling factor
-    return config
+    return architecture_config("pixart_sigma_xl2_1024_kvcompress")  # model + pipeline facts

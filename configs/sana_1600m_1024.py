@@ -2,16 +2,8 @@
 
 import ml_collections
 
-from jdit.models import preset
+from jdit.models.registry import architecture_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.model = preset("sana_1600m_1024")
-    config.model.scan_layers = True  # one compiled block for the whole stack: fast compiles
-    config.resolution = 1024  # pixels; latents are resolution // 32 (DC-AE f32c32)
-    config.latent_factor = 32
-    config.caption_length = 300  # Gemma-2 tokens
-    config.latent_scale = 0.41407  # DC-AE scaling factor
-    config.flow_shift = 3.0  # sampling shift of the published scheduler configs (training: 3, 4 for 600M-1024)
-    return config
+    return architecture_config("sana_1600m_1024")  # model + pipeline facts

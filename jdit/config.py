@@ -1,20 +1,162 @@
-"""Config files: Python modules with ``get_config() -> ml_collections.ConfigDict``.
+"""Config files, their sections and every default, in one place.
 
-``load_config("configs/pixart_sigma_xl2_1024.py", ["model.depth=2"])`` imports the file and
-applies ``--config.key=value``-style overrides (values parsed as Python literals, else strings).
-As in big_vision, ``path.py:arg`` passes ``arg`` to ``get_config(arg)``: one file holds the stages
-of a recipe (``configs/recipes/pixart_sigma.py:1024``).
+A config file is a Python module with ``get_config() -> ml_collections.ConfigDict``.
+``load_config("configs/shapes_tiny.py", ["train.steps=100"])`` imports it, fills in the defaults of
+every section below that the file leaves out, then applies ``--config.key=value``-style
+overrides (values parsed as Python literals, else strings). So a field the file does not name
+can still be set on the command line, and a misspelt key fails before anything is compiled,
+with the valid keys listed. As in big_vision, ``path.py:arg`` passes ``arg`` to
+``get_config(arg)``: one file holds the stages of a recipe (``configs/recipes/pixart_sigma.py:1024``).
+
+Sections of a training config (``train`` present): ``model`` (a registry family and its fields:
+:func:`jdit.models.registry.field_names`; the defaults are the model classes'), ``data`` (a task:
+``DATA``), ``diffusion``, ``optim``, ``train``, ``sample``, ``distill`` (``SECTIONS``) and
+``parallel`` (:data:`jdit.parallel.partition.PARALLEL_DEFAULTS`). An architecture config holds
+``model`` and ``pipeline``. Keys marked ``REQUIRED`` have no default and must be set.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+
+REQUIRED = "<required>"  # a key without a default: the config (or the command line) must set it
+
+SECTIONS: dict[str, dict[str, Any]] = {
+    # The noise process and the training objective (jdit.diffusion). ddpm: ``schedule``
+    # (linear | scaled_linear | squaredcos_cap_v2), ``prediction`` (epsilon | v | sample),
+    # ``weighting`` (None | min_snr) with ``snr_gamma``; a learned-sigma model trains with
+    # PixArt's hybrid loss. flow: ``flow_shift``, ``timestep_sampler`` (uniform | logit_normal |
+    # mode | cosmap) with ``logit_mean`` / ``logit_std`` / ``mode_scale``, ``weighting``
+    # (None | sigma_sqrt | cosmap).
+    "diffusion": dict(objective="ddpm", schedule="linear", prediction="epsilon", weighting=None,
+                      snr_gamma=5.0, flow_shift=1.0, timestep_sampler="logit_normal",
+                      logit_mean=0.0, logit_std=1.0, mode_scale=1.29),
+    # Optimizer and learning rate (jdit.train.optim): ``name`` adamw | came; linear warm-up from
+    # 0, then ``schedule`` constant | cosine (down to ``end_lr_factor`` x lr); ``grad_clip`` is a
+    # global norm (0 disables). CAME keeps PixArt-Σ's betas and eps.
+    "optim": dict(name="adamw", lr=REQUIRED, warmup_steps=0, schedule="constant",
+                  end_lr_factor=0.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=0.0),
+    # The loop (jdit.train.loop, jdit.train.step). ``accumulate`` micro-batches per optimizer
+    # step; EMA decay ``min(ema_decay, (1 + step) / (10 + step))`` with ``ema_warmup``;
+    # ``init_from`` a previous stage's workdir or any checkpoint from_pretrained reads;
+    # ``per_device_batch`` is what ``jdit aot`` compiles for (None: batch_size / batch shards).
+    "train": dict(steps=REQUIRED, batch_size=REQUIRED, seed=0, cond_dropout=0.1, accumulate=1,
+                  ema_decay=0.9999, ema_warmup=True, init_from="", log_every=50, sample_every=0,
+                  checkpoint_every=500, keep_checkpoints=3, async_checkpoints=True,
+                  per_device_batch=None),
+    # Sample grids and ``jdit sample`` / ``jdit eval`` of a trained run (jdit.train.generate).
+    "sample": dict(solver="dpm++2m", steps=20, guidance_scale=4.5),
+    # LiT distillation (jdit.models.lit): a frozen teacher workdir; ``inherit`` starts the student
+    # from its weights (``load_attention`` also copies the self-attention where shapes agree);
+    # the loss gains output_weight x |out_T - out_S|^2 (+ variance_weight on learned-sigma
+    # channels). No teacher: no distillation.
+    "distill": dict(teacher="", inherit=False, load_attention=False, output_weight=0.5,
+                    variance_weight=0.05),
+    # Facts of a published architecture's pipeline (architecture configs; jdit aot reads them).
+    "pipeline": dict(resolution=REQUIRED, vae_factor=8, latent_scale=REQUIRED,
+                     caption_length=None, flow_shift=None),
+}
+# The ``data`` section, by ``data.name`` (jdit.train.tasks).
+DATA: dict[str, dict[str, Any]] = {
+    # Embedded captioned shapes; a word-level text encoder of ``text_dim`` channels.
+    "shapes": dict(name="shapes", size=32, pair_fraction=0.5, text_dim=64, max_length=16),
+    # Embedded handwritten digits, class-conditional.
+    "digits": dict(name="digits", size=32),
+    # Pre-computed VAE latents + text features (jdit.data.cache). ``latent_scale``: SD VAE
+    # 0.18215, SDXL 0.13025; ``null_caption``: the encoded empty prompt (default
+    # ``<path>/null_caption.safetensors``); ``micro_condition``: PixArt-α 1024's size inputs.
+    "feature_cache": dict(name="feature_cache", path=REQUIRED, latent_scale=1.0, null_caption="",
+                          micro_condition=False, vae_factor=8),
+}
+TRAINING_SECTIONS = ("model", "data", "diffusion", "optim", "train", "sample", "parallel",
+                     "distill")
+
+
+def _model_defaults(values: Mapping[str, Any]) -> dict[str, Any] | None:
+    from jdit.models import registry
+
+    family = values.get("family")
+    if family is None:
+        return None  # build() says what is missing
+    return {"family": family, **registry.field_defaults(family)}
+
+
+def _data_defaults(values: Mapping[str, Any]) -> dict[str, Any] | None:
+    name = values.get("name")
+    if name is None:
+        return None
+    if name not in DATA:
+        raise ValueError(f"data.name must be one of {sorted(DATA)}, got {name!r}")
+    return DATA[name]
+
+
+def _parallel_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
+    from jdit.parallel.partition import PARALLEL_DEFAULTS
+
+    return PARALLEL_DEFAULTS
+
+
+def defaults(section: str, values: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """Every key of ``section`` with its default (``REQUIRED`` where there is none); None when
+    the section's keys depend on a value it lacks (``model.family``, ``data.name``)."""
+    values = values or {}
+    if section == "model":
+        return _model_defaults(values)
+    if section == "data":
+        return _data_defaults(values)
+    if section == "parallel":
+        return _parallel_defaults(values)
+    if section not in SECTIONS:
+        raise ValueError(f"unknown config section {section!r}; sections: "
+                         f"{sorted(set(SECTIONS) | {'model', 'data', 'parallel'})}")
+    return SECTIONS[section]
+
+
+def section(name: str, values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``values`` with the section's defaults filled in; unknown keys are refused, naming the
+    valid ones. ``REQUIRED`` keys stay absent unless given."""
+    values = dict(values or {})
+    table = defaults(name, values)
+    if table is None:
+        return values
+    unknown = sorted(set(values) - set(table))
+    if unknown:
+        raise ValueError(f"unknown config keys {[f'{name}.{k}' for k in unknown]}; valid keys of "
+                         f"'{name}': {sorted(table)}")
+    return {**{k: v for k, v in table.items() if v != REQUIRED}, **values}
+
+
+def complete(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Every section of ``config`` with its defaults; a training config (one with ``train``)
+    also gains the sections it leaves out. Idempotent."""
+    plain = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    unknown = sorted(set(plain) - set(TRAINING_SECTIONS) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown config sections {unknown}; expected some of "
+                         f"{sorted(set(TRAINING_SECTIONS) | set(SECTIONS))}")
+    names = list(plain)
+    if "train" in plain:
+        names += [s for s in TRAINING_SECTIONS if s not in plain and s not in ("model", "data")]
+    return {name: section(name, plain.get(name)) for name in names}
+
+
+def required(config: Mapping[str, Any], keys: Sequence[str] | None = None) -> None:
+    """Refuse a config whose ``REQUIRED`` keys (or those of ``keys``, e.g. ``["train.steps"]``)
+    are unset, naming them all."""
+    missing = [f"{name}.{k}" for name, values in config.items() if isinstance(values, Mapping)
+               for k, v in (defaults(name, values) or {}).items()
+               if v == REQUIRED and values.get(k) in (None, "")]
+    if keys is not None:
+        missing = [k for k in missing if k in keys]
+    if missing:
+        raise ValueError(f"config keys {missing} must be set (in the config file or as "
+                         "--config.KEY=VALUE)")
 
 
 def parse_value(value: str) -> Any:
@@ -24,7 +166,14 @@ def parse_value(value: str) -> Any:
         return value
 
 
+# Mappings whose keys are free but known (not sections with defaults).
+_OPEN_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("parallel", "mesh"): ("data", "fsdp", "tensor", "context"),
+}
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Apply ``key.subkey=value`` overrides in place; unknown keys are refused."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -33,18 +182,23 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         node = config
         for i, part in enumerate(parents):
             if part not in node:
-                raise ValueError(f"unknown config key {'.'.join(parents[: i + 1])!r}")
+                raise ValueError(f"unknown config key {'.'.join(parents[: i + 1])!r}; keys here: "
+                                 f"{sorted(node.keys())}")
             node = node[part]
-        if leaf not in node:
+        if leaf not in node and leaf not in _OPEN_KEYS.get(tuple(parents), ()):
             raise ValueError(f"unknown config key {key!r}; keys here: {sorted(node.keys())}")
         value = parse_value(raw)
-        current = node[leaf]
+        current = node.get(leaf)
         if isinstance(current, tuple) and isinstance(value, list):
             value = tuple(value)
         node[leaf] = value
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def load_config(path: str | Path, overrides: Sequence[str] = (), *,
+                fill_defaults: bool = True) -> ml_collections.ConfigDict:
+    """The config of a file (``path.py`` or ``path.py:arg``), defaults filled, overrides applied.
+
+    ``fill_defaults=False`` returns the file's config as written (overrides still apply)."""
     arg = None
     text = str(path)
     if not Path(text).is_file() and ":" in Path(text).name:
@@ -68,5 +222,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
                 raise
             raise ValueError(f"{path}: get_config() takes no argument, but {arg!r} was given "
                              f"after ':'") from None
+    if fill_defaults:
+        config = ml_collections.ConfigDict(complete(config))
     apply_overrides(config, overrides)
+    if fill_defaults:
+        complete(config)  # an override may name a section's key it does not have (e.g. family)
     return config

@@ -12,17 +12,19 @@ betas, 400K steps for the reported ablations (7M for the final model).
 
 import ml_collections
 
-from jdit.models import preset
+from jdit.models.registry import PIPELINE_FACTS, preset
 
 
 def get_config(resolution: str = "256") -> ml_collections.ConfigDict:
     if resolution not in ("256", "512"):
         raise ValueError(f"dit_imagenet resolution must be 256 or 512, got {resolution!r}")
+    name = f"dit_xl2_{resolution}"
     config = ml_collections.ConfigDict()
-    config.model = preset(f"dit_xl2_{resolution}")
+    config.model = preset(name)
     config.model.scan_layers = True
     config.model.dtype = "bfloat16"
-    config.data = dict(name="feature_cache", path="", latent_scale=0.18215)
+    config.data = dict(name="feature_cache", path="",
+                       latent_scale=PIPELINE_FACTS[name]["latent_scale"])
     config.diffusion = dict(objective="ddpm", schedule="linear")
     config.optim = dict(name="adamw", lr=1e-4, warmup_steps=0, schedule="constant",
                         weight_decay=0.0, grad_clip=0.0)

@@ -14,7 +14,7 @@ clipping 0.01, EMA 0.9999, condition dropout 0.1, learned-sigma DDPM loss on lin
 
 import ml_collections
 
-from jdit.models import preset
+from jdit.models.registry import PIPELINE_FACTS, preset
 
 STAGES = {  # stage: (model preset, global batch, warm-up steps)
     "256": ("pixart_alpha_xl2_256", 2048, 1000),
@@ -32,7 +32,8 @@ def get_config(stage: str = "256") -> ml_collections.ConfigDict:
     config.model.scan_layers = True
     config.model.remat_policy = "dots"
     config.model.dtype = "bfloat16"
-    config.data = dict(name="feature_cache", path="", latent_scale=0.18215, null_caption="",
+    config.data = dict(name="feature_cache", path="",
+                       latent_scale=PIPELINE_FACTS[name]["latent_scale"], null_caption="",
                        micro_condition=config.model.micro_condition)
     config.diffusion = dict(objective="ddpm", schedule="linear")
     config.optim = dict(name="adamw", lr=2e-5 * (batch / 256) ** 0.5, warmup_steps=warmup,

@@ -13,7 +13,7 @@ learned-sigma DDPM loss on linear betas. Set the batch to your pod.
 
 import ml_collections
 
-from jdit.models import preset
+from jdit.models.registry import PIPELINE_FACTS, preset
 
 STAGES = {  # stage: (model preset, global batch, warm-up steps)
     "256": ("pixart_sigma_xl2_256", 2048, 1000),
@@ -33,7 +33,8 @@ def get_config(stage: str = "1024") -> ml_collections.ConfigDict:
     config.model.scan_layers = True
     config.model.remat_policy = "dots"
     config.model.dtype = "bfloat16"
-    config.data = dict(name="feature_cache", path="", latent_scale=0.13025, null_caption="")
+    config.data = dict(name="feature_cache", path="",
+                       latent_scale=PIPELINE_FACTS[name]["latent_scale"], null_caption="")
     config.diffusion = dict(objective="ddpm", schedule="linear")
     config.optim = dict(name="came", lr=2e-5 * (batch / 256) ** 0.5, warmup_steps=warmup,
                         schedule="constant", weight_decay=0.0, grad_clip=0.01)

@@ -57,9 +57,49 @@ PRESETS: dict[str, dict[str, Any]] = {
                           **_SANA_1600M),
 }
 
+# What a published architecture's pipeline feeds it: image size, the VAE's downsampling factor
+# and latent scale, the text encoder's caption length, the sampling shift of flow models. The one
+# source for configs/<preset>.py and the recipes in configs/recipes/.
+_SD_VAE = dict(vae_factor=8, latent_scale=0.18215)  # sd-vae-ft-ema (DiT, PixArt-α)
+_SDXL_VAE = dict(vae_factor=8, latent_scale=0.13025)  # PixArt-Σ
+_DC_AE = dict(vae_factor=32, latent_scale=0.41407, caption_length=300)  # SANA: DC-AE f32c32, Gemma-2
+PIPELINE_FACTS: dict[str, dict[str, Any]] = {
+    "dit_xl2_256": dict(resolution=256, **_SD_VAE),
+    "dit_xl2_512": dict(resolution=512, **_SD_VAE),
+    "pixart_alpha_xl2_256": dict(resolution=256, caption_length=120, **_SD_VAE),
+    "pixart_alpha_xl2_512": dict(resolution=512, caption_length=120, **_SD_VAE),
+    "pixart_alpha_xl2_1024": dict(resolution=1024, caption_length=120, **_SD_VAE),
+    "pixart_sigma_xl2_256": dict(resolution=256, caption_length=300, **_SDXL_VAE),
+    "pixart_sigma_xl2_512": dict(resolution=512, caption_length=300, **_SDXL_VAE),
+    "pixart_sigma_xl2_1024": dict(resolution=1024, caption_length=300, **_SDXL_VAE),
+    "pixart_sigma_xl2_2k": dict(resolution=2048, caption_length=300, **_SDXL_VAE),
+    "pixart_sigma_xl2_1024_kvcompress": dict(resolution=1024, caption_length=300, **_SDXL_VAE),
+    # flow_shift: the published scheduler configs' sampling shift (training used 3; 4 for 600M-1024)
+    "sana_600m_512": dict(resolution=512, flow_shift=3.0, **_DC_AE),
+    "sana_600m_1024": dict(resolution=1024, flow_shift=3.0, **_DC_AE),
+    "sana_1600m_512": dict(resolution=512, flow_shift=3.0, **_DC_AE),
+    "sana_1600m_1024": dict(resolution=1024, flow_shift=3.0, **_DC_AE),
+    "sana_1600m_2k": dict(resolution=2048, flow_shift=3.0, **_DC_AE),
+    "sana_1600m_4k": dict(resolution=4096, flow_shift=6.0, **_DC_AE),
+}
+
 
 def field_names(family: str) -> list[str]:
     return [f.name for f in dataclasses.fields(_family(family)) if f.name not in ("parent", "name")]
+
+
+def field_defaults(family: str) -> dict[str, Any]:
+    """Every field of a family with its default (dtypes by name): the ``model`` section's
+    defaults in a config."""
+    out = {}
+    for f in dataclasses.fields(_family(family)):
+        if f.name in ("parent", "name"):
+            continue
+        value = f.default
+        if f.name in ("dtype", "param_dtype"):
+            value = jnp.dtype(value).name
+        out[f.name] = value
+    return out
 
 
 def _family(family: str) -> type[nn.Module]:
@@ -80,16 +120,20 @@ def preset(name: str) -> ml_collections.ConfigDict:
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}") from None
     family = fields.pop("family")
-    full: dict[str, Any] = {"family": family}
-    for f in dataclasses.fields(_family(family)):
-        if f.name in ("parent", "name", "precision"):
-            continue
-        value = fields.pop(f.name, f.default)
-        if f.name in ("dtype", "param_dtype"):
-            value = jnp.dtype(value).name
-        full[f.name] = value
-    assert not fields, f"preset {name} sets unknown fields {sorted(fields)}"
-    return ml_collections.ConfigDict(full)
+    full = field_defaults(family)
+    unknown = sorted(set(fields) - set(full))
+    assert not unknown, f"preset {name} sets unknown fields {unknown}"
+    return ml_collections.ConfigDict({"family": family, **full, **fields})
+
+
+def architecture_config(name: str) -> ml_collections.ConfigDict:
+    """The config of a published architecture: ``model`` (the preset, blocks scanned for fast
+    compiles) and ``pipeline`` (its :data:`PIPELINE_FACTS`). ``configs/<name>.py`` returns it."""
+    config = ml_collections.ConfigDict()
+    config.model = preset(name)
+    config.model.scan_layers = True  # one compiled block per segment: fast compiles at depth 28
+    config.pipeline = dict(PIPELINE_FACTS[name])
+    return config
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -1,9 +1,8 @@
-"""Optimizers and learning-rate schedules from a config section.
+"""Optimizers and learning-rate schedules from the ``optim`` config section.
 
-``optim`` config keys: ``name`` (adamw | came), ``lr``, ``warmup_steps``, ``schedule``
-(constant | cosine), ``end_lr_factor`` (cosine floor, fraction of ``lr``), ``weight_decay``,
-``b1``, ``b2`` (adamw), ``eps``, ``grad_clip`` (global norm, 0 disables). CAME's betas and eps
-default to PixArt-Σ's (0.9, 0.999, 0.9999) and (1e-30, 1e-16).
+Keys and defaults: :data:`jdit.config.SECTIONS` (``name`` adamw | came, ``lr``, warm-up,
+constant or cosine schedule, weight decay, AdamW's betas and eps, global-norm clipping). CAME's
+betas and eps are PixArt-Σ's (0.9, 0.999, 0.9999) and (1e-30, 1e-16).
 """
 
 from __future__ import annotations
@@ -14,21 +13,29 @@ from typing import Any
 import jax
 import optax
 
+from jdit.config import required, section
+
 OPTIMIZERS = ("adamw", "came")
 SCHEDULES = ("constant", "cosine")
 
 
+def _optim(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    cfg = section("optim", cfg)
+    required({"optim": cfg}, ["optim.lr"])
+    return cfg
+
+
 def learning_rate(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     """Linear warm-up from 0, then constant or cosine decay to ``end_lr_factor * lr``."""
-    lr, warmup = float(cfg["lr"]), int(cfg.get("warmup_steps", 0))
-    kind = cfg.get("schedule", "constant")
+    cfg = _optim(cfg)
+    lr, warmup, kind = float(cfg["lr"]), int(cfg["warmup_steps"]), cfg["schedule"]
     if kind not in SCHEDULES:
         raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {kind!r}")
     if kind == "constant":
         after = optax.constant_schedule(lr)
     else:
         after = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1),
-                                            alpha=float(cfg.get("end_lr_factor", 0.0)))
+                                            alpha=float(cfg["end_lr_factor"]))
     if warmup <= 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
@@ -63,17 +70,18 @@ def pytorch_factor_axes(params: Any) -> Any:
 
 
 def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
-    name = cfg.get("name", "adamw")
+    cfg = _optim(cfg)
+    name = cfg["name"]
     if name not in OPTIMIZERS:
         raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {name!r}")
     schedule = learning_rate(cfg, total_steps)
-    wd = float(cfg.get("weight_decay", 0.0))
+    wd = float(cfg["weight_decay"])
     if name == "adamw":
-        opt = optax.adamw(schedule, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
-                          eps=float(cfg.get("eps", 1e-8)), weight_decay=wd)
+        opt = optax.adamw(schedule, b1=float(cfg["b1"]), b2=float(cfg["b2"]),
+                          eps=float(cfg["eps"]), weight_decay=wd)
     else:
         from jdit.train.came import came
 
         opt = came(schedule, weight_decay=wd, factor_axes=pytorch_factor_axes)
-    clip = float(cfg.get("grad_clip", 0.0))
+    clip = float(cfg["grad_clip"])
     return optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt

@@ -2,13 +2,8 @@
 
 A batch is a dict: ``images`` (B, H, W, C) in the model's input space (pixels in [-1, 1] or VAE
 latents), and either ``context`` (B, L, D) + ``context_mask`` (B, L) for text-conditioned models
-or ``labels`` (B,) for class-conditioned ones.
-
-``diffusion`` config keys: ``objective`` (ddpm | flow); for ddpm ``schedule`` (linear |
-scaled_linear | squaredcos_cap_v2), ``prediction`` (epsilon | v | sample), ``weighting``
-(None | min_snr) and ``snr_gamma`` — a learned-sigma model trains with PixArt's hybrid loss; for
-flow ``flow_shift``, ``timestep_sampler`` (uniform | logit_normal | mode | cosmap) with
-``logit_mean``/``logit_std``/``mode_scale``, and ``weighting`` (None | sigma_sqrt | cosmap).
+or ``labels`` (B,) for class-conditioned ones. The ``diffusion``, ``train`` and ``distill``
+config sections choose the objective and the step (keys and defaults: :mod:`jdit.config`).
 
 Distillation (LiT, ``jdit.models.lit``): with a frozen ``teacher = (module, params)`` the loss
 gains ``output_weight · ‖out_T − out_S‖²`` on the prediction (ε, or the flow velocity) and, for
@@ -27,15 +22,17 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from jdit.config import section
 from jdit.diffusion import (
-    DDPMSchedule,
     FlowSchedule,
     diffusion_loss,
     flow_loss,
     learned_sigma_loss,
+    make_schedule,
     sample_ddpm_timesteps,
     sample_flow_sigmas,
 )
+from jdit.nn.init import init_params
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -53,23 +50,9 @@ class TrainState:
     rng: Array
 
 
-def make_schedule(cfg: Mapping[str, Any]) -> DDPMSchedule | FlowSchedule:
-    objective = cfg.get("objective", "ddpm")
-    if objective == "flow":
-        return FlowSchedule(float(cfg.get("flow_shift", 1.0)))
-    if objective != "ddpm":
-        raise ValueError(f"diffusion.objective must be 'ddpm' or 'flow', got {objective!r}")
-    kind = cfg.get("schedule", "linear")
-    makers = {"linear": DDPMSchedule.linear, "scaled_linear": DDPMSchedule.scaled_linear,
-              "squaredcos_cap_v2": DDPMSchedule.squaredcos_cap_v2}
-    if kind not in makers:
-        raise ValueError(f"diffusion.schedule must be one of {sorted(makers)}, got {kind!r}")
-    return makers[kind]()
-
-
 def init_state(module: nn.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
     init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
-    params = nn.meta.unbox(module.init(init_rng, **module.example_inputs()))["params"]
+    params = init_params(module, init_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema_params=jax.tree.map(jnp.copy, params), rng=rng)
 
@@ -98,11 +81,10 @@ def _distill_losses(out: Array, target: Array, channels: int, distill: Mapping[s
         return jnp.mean(jnp.square(a - b), axis=tuple(range(1, a.ndim)))
 
     target = jax.lax.stop_gradient(target)
-    losses = float(distill.get("output_weight", 0.5)) * mse(out[..., :channels],
-                                                            target[..., :channels])
+    losses = float(distill["output_weight"]) * mse(out[..., :channels], target[..., :channels])
     if out.shape[-1] > channels:  # learned sigma: the variance interpolation channels
-        losses += float(distill.get("variance_weight", 0.05)) * mse(out[..., channels:],
-                                                                    target[..., channels:])
+        losses += float(distill["variance_weight"]) * mse(out[..., channels:],
+                                                           target[..., channels:])
     return losses
 
 
@@ -110,15 +92,16 @@ def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: 
                  null: tuple[Array, Array] | None, teacher: Teacher | None = None,
                  distill: Mapping[str, Any] | None = None
                  ) -> Callable[[Any, Batch, Array], Array]:
+    diffusion, distill = section("diffusion", diffusion), section("distill", distill)
     schedule = make_schedule(diffusion)
-    weighting = diffusion.get("weighting")
+    weighting = diffusion["weighting"]
 
     def taught(losses: Array, out: Array, x_t: Array, t: Array, x0: Array,
                cond: dict[str, Array]) -> Array:
         if teacher is None:
             return losses
         target = teacher[0].apply({"params": teacher[1]}, x_t, t, **cond)
-        return losses + _distill_losses(out, target, x0.shape[-1], distill or {})
+        return losses + _distill_losses(out, target, x0.shape[-1], distill)
 
     def loss_fn(params: Any, batch: Batch, rng: Array) -> Array:
         x0 = batch["images"].astype(jnp.float32)
@@ -129,10 +112,8 @@ def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: 
         cond = _conditioning(module, batch, drop, null)
         if isinstance(schedule, FlowSchedule):
             sigma = sample_flow_sigmas(
-                rng_t, b, diffusion.get("timestep_sampler", "logit_normal"),
-                mean=float(diffusion.get("logit_mean", 0.0)),
-                std=float(diffusion.get("logit_std", 1.0)),
-                mode_scale=float(diffusion.get("mode_scale", 1.29)))
+                rng_t, b, diffusion["timestep_sampler"], mean=float(diffusion["logit_mean"]),
+                std=float(diffusion["logit_std"]), mode_scale=float(diffusion["mode_scale"]))
             sigma = schedule.shift_sigma(sigma)
             x_t = schedule.add_noise(x0, noise, sigma)
             t = sigma * schedule.num_train_timesteps
@@ -146,9 +127,8 @@ def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: 
                 losses = learned_sigma_loss(out, x0, noise, t, schedule)
             else:
                 losses = diffusion_loss(out, x0, noise, t, schedule,
-                                        prediction=diffusion.get("prediction", "epsilon"),
-                                        weighting=weighting,
-                                        snr_gamma=float(diffusion.get("snr_gamma", 5.0)))
+                                        prediction=diffusion["prediction"], weighting=weighting,
+                                        snr_gamma=float(diffusion["snr_gamma"]))
             losses = taught(losses, out, x_t, t.astype(jnp.float32), x0, cond)
         return jnp.mean(losses)
 
@@ -165,13 +145,13 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
     averaged (one optimizer step); ``train.ema_decay`` with ``train.ema_warmup`` uses
     ``min(decay, (1 + step) / (10 + step))``.
     """
-    train = cfg["train"]
-    loss_fn = make_loss_fn(module, cfg["diffusion"], float(train.get("cond_dropout", 0.1)), null,
-                           teacher, cfg.get("distill"))
+    train = section("train", cfg["train"])
+    loss_fn = make_loss_fn(module, cfg["diffusion"], float(train["cond_dropout"]), null, teacher,
+                           cfg.get("distill"))
     grad_fn = jax.value_and_grad(loss_fn)
-    accumulate = int(train.get("accumulate", 1))
-    decay = float(train.get("ema_decay", 0.9999))
-    ema_warmup = bool(train.get("ema_warmup", True))
+    accumulate = int(train["accumulate"])
+    decay = float(train["ema_decay"])
+    ema_warmup = bool(train["ema_warmup"])
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
         rng, step_rng = jax.random.split(state.rng)

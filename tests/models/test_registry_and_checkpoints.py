@@ -14,7 +14,7 @@ from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
 import jdit
 from jdit.cli import main as cli_main
-from jdit.config import load_config
+from jdit.config import load_config, section
 from tests.reference.official_pixart import OfficialPixArt
 
 
@@ -74,7 +74,9 @@ def test_config_files_build_their_preset(name):
     module = jdit.models.build(config.model)
     assert jdit.models.architecture(module) == jdit.models.architecture(
         jdit.models.build(jdit.models.preset(name)))
-    assert config.resolution // config.get("latent_factor", 8) == module.input_size
+    facts = config.pipeline  # one source: the registry's PIPELINE_FACTS
+    assert facts.to_dict() == section("pipeline", jdit.models.registry.PIPELINE_FACTS[name])
+    assert facts.resolution // facts.vae_factor == module.input_size
 
 
 def test_save_and_load_round_trip_across_layouts(tmp_path):

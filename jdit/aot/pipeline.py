@@ -20,13 +20,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jdit.parallel.aot import GiB, analyse, topology_devices
+from jdit.aot.roofline import GiB, analyse, topology_devices
 
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
               num_heads=64, feed_forward_proj="gated-gelu")
 SDXL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
                 latent_channels=4, scaling_factor=0.13025, sample_size=1024)
-PIPELINES: dict[str, dict[str, Any]] = {
+AOT_PIPELINES: dict[str, dict[str, Any]] = {
     "pixart_sigma_1024": dict(transformer="pixart_sigma_xl2_1024", t5=T5_XXL, vae=SDXL_VAE,
                               resolution=1024, caption_length=300, steps=20),
     # a few-second compile that walks the same code (tests)
@@ -43,9 +43,9 @@ def _modules(name: str) -> tuple[Any, Any, Any, dict[str, Any]]:
     from jdit.models import build, preset
     from jdit.text import T5Encoder
 
-    if name not in PIPELINES:
-        raise ValueError(f"unknown pipeline {name!r}; known: {sorted(PIPELINES)}")
-    spec = PIPELINES[name]
+    if name not in AOT_PIPELINES:
+        raise ValueError(f"unknown pipeline {name!r}; known: {sorted(AOT_PIPELINES)}")
+    spec = AOT_PIPELINES[name]
     tr = spec["transformer"]
     fields = dict(preset(tr)) if isinstance(tr, str) else dict(tr)
     fields.update(dtype="bfloat16", param_dtype="bfloat16", attention_impl="pallas",
@@ -54,21 +54,6 @@ def _modules(name: str) -> tuple[Any, Any, Any, dict[str, Any]]:
     t5 = T5Encoder(**spec["t5"], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     vae = AutoencoderKL(**spec["vae"])  # float32, as diffusers runs the SDXL VAE
     return transformer, t5, vae, spec
-
-
-def _abstract_params(part: Any, module: Any, inputs: Any) -> Any:
-    """Parameter shapes (no arrays made) with the shardings their logical names give."""
-    from flax import linen as nn
-
-    boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), **inputs()))["params"]
-
-    def one(leaf: Any) -> jax.ShapeDtypeStruct:
-        if isinstance(leaf, nn.Partitioned):
-            sharding = part.logical_sharding(leaf.names, leaf.value.shape)
-            return jax.ShapeDtypeStruct(leaf.value.shape, leaf.value.dtype, sharding=sharding)
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=part.replicated)
-
-    return jax.tree.map(one, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def report(topology: str, per_device_batch: int = 1, pipeline: str = "pixart_sigma_1024",
@@ -85,9 +70,7 @@ def report(topology: str, per_device_batch: int = 1, pipeline: str = "pixart_sig
     length, steps = spec["caption_length"], spec["steps"]
     side = spec["resolution"] // vae.scale_factor
     with part.activate():
-        p_tr = _abstract_params(part, transformer, lambda: transformer.example_inputs(1))
-        p_t5 = _abstract_params(part, t5, lambda: t5.example_inputs(1, 8))
-        p_vae = _abstract_params(part, vae, lambda: {"images": jnp.zeros((1, 8, 8, 3))})
+        p_tr, p_t5, p_vae = (part.abstract_params(m) for m in (transformer, t5, vae))
 
     def batch(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=part.batch_sharding(len(shape)))

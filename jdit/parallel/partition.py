@@ -1,12 +1,15 @@
 """Shardings for a run: parameters, optimizer state, batches; the context models trace in.
 
-    part = Partitioner.from_config(config.get("parallel"))
+    part = Partitioner.from_config(config["parallel"])
     with part.activate():                       # mesh + logical-axis rules for tracing
-        state = part.init(run.init_state, part.state_shardings(run.module, run.tx))
+        params = part.init(lambda: init_params(module, key), part.param_shardings(module))
         step = jax.jit(train_step, in_shardings=..., out_shardings=..., donate_argnums=0)
 
 ``parallel`` config keys: ``mesh`` (``dict(data=-1, fsdp=1, tensor=1[, context=1])``) and
 ``rules`` (a table of :data:`jdit.parallel.rules.RULE_TABLES`: ``dp`` | ``fsdp`` | ``fsdp_tp``).
+This package knows meshes and logical axes, not training: ``jdit.train`` builds its train
+state's shardings from :meth:`Partitioner.param_shardings` and
+:meth:`Partitioner.optimizer_shardings`.
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jdit.nn.init import abstract_params
 from jdit.parallel.mesh import make_mesh
 from jdit.parallel.rules import Rules, rules_for, spec_for
 
 P = PartitionSpec
+# The ``parallel`` config section: data parallelism over every device, FSDP rules (which shard
+# parameters only where a mesh axis other than ``data`` is larger than 1).
+PARALLEL_DEFAULTS: dict[str, Any] = {"mesh": {"data": -1, "fsdp": 1, "tensor": 1}, "rules": "fsdp"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +44,12 @@ class Partitioner:
     def from_config(cls, cfg: Mapping[str, Any] | None = None,
                     devices: Sequence[Any] | None = None) -> Partitioner:
         cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - {"mesh", "rules"})
+        unknown = sorted(set(cfg) - set(PARALLEL_DEFAULTS))
         if unknown:
-            raise ValueError(f"parallel: unknown keys {unknown}; expected 'mesh' and 'rules'")
-        mesh = make_mesh(cfg.get("mesh"), devices)
-        return cls(mesh, rules_for(cfg.get("rules", "fsdp"), mesh))
+            raise ValueError(f"parallel: unknown keys {unknown}; expected {sorted(PARALLEL_DEFAULTS)}")
+        cfg = {**PARALLEL_DEFAULTS, **cfg}
+        mesh = make_mesh(cfg["mesh"], devices)
+        return cls(mesh, rules_for(cfg["rules"], mesh))
 
     @contextlib.contextmanager
     def activate(self) -> Iterator[None]:
@@ -63,33 +71,32 @@ class Partitioner:
 
     def param_shardings(self, module: nn.Module) -> Any:
         """Shardings of ``module``'s parameters, read from their logical names (no arrays made)."""
-        boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), **module.example_inputs()))
-
         def one(leaf: Any) -> NamedSharding:
             if isinstance(leaf, nn.Partitioned):
                 return self.logical_sharding(leaf.names, leaf.value.shape)
             return self.replicated
 
-        return jax.tree.map(one, boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        return jax.tree.map(one, abstract_params(module, boxed=True),
+                            is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
-    def state_shardings(self, module: nn.Module, tx: optax.GradientTransformation) -> Any:
-        """A :class:`~jdit.train.step.TrainState` of shardings: parameters and EMA by their
-        logical names; optimizer moments like their parameter (factored statistics of other
-        shapes, counters and the step replicated)."""
-        from jdit.train.step import TrainState
-
+    def optimizer_shardings(self, module: nn.Module, tx: optax.GradientTransformation) -> Any:
+        """Shardings of ``tx``'s state for ``module``'s parameters: moments like their
+        parameter; factored statistics of other shapes, counters and steps replicated."""
         params = self.param_shardings(module)
-        abstract = nn.meta.unbox(jax.eval_shape(
-            lambda: module.init(jax.random.PRNGKey(0), **module.example_inputs())))["params"]
+        abstract = abstract_params(module)
         opt_abstract = jax.eval_shape(tx.init, abstract)
 
         def like_param(leaf: Any, param: Any, sharding: NamedSharding) -> NamedSharding:
             return sharding if getattr(leaf, "shape", None) == param.shape else self.replicated
 
-        opt = optax.tree_map_params(tx, like_param, opt_abstract, abstract, params,
-                                    transform_non_params=lambda _: self.replicated)
-        return TrainState(step=self.replicated, params=params, opt_state=opt,
-                          ema_params=params, rng=self.replicated)
+        return optax.tree_map_params(tx, like_param, opt_abstract, abstract, params,
+                                     transform_non_params=lambda _: self.replicated)
+
+    def abstract_params(self, module: nn.Module) -> Any:
+        """``module``'s parameter shapes with the shardings their logical names give (what an
+        ahead-of-time compile takes; nothing is allocated)."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract_params(module), self.param_shardings(module))
 
     def init(self, fn: Callable[[], Any], shardings: Any) -> Any:
         """``fn()`` evaluated straight into ``shardings``: nothing is gathered on one device."""

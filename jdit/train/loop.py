@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from jdit.config import complete, required
 from jdit.models import build
 from jdit.parallel import Partitioner
+from jdit.parallel.distributed import is_primary
 from jdit.train.checkpoint import Checkpointer
 from jdit.train.generate import make_generator
 from jdit.train.optim import learning_rate, make_optimizer
@@ -33,15 +34,11 @@ from jdit.train.tasks import make_task
 from jdit.train.writers import MetricsWriter, save_grid
 
 
-def _plain(config: Any) -> dict[str, Any]:
-    return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-
-
 def _save_config(workdir: Path, config: dict[str, Any]) -> None:
     path = workdir / "config.json"
     text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
     if path.exists():
-        old = json.loads(path.read_text())
+        old = complete(json.loads(path.read_text()))  # written before a default was added
         steps_only = {**old, "train": {**old["train"], "steps": config["train"]["steps"]}}
         if json.loads(text) != steps_only:
             raise ValueError(f"{path} holds a different config; use a new workdir (only "
@@ -98,20 +95,65 @@ def prefetch(make: Callable[[int], Any], start: int, stop: int, depth: int = 2) 
         thread.join()
 
 
-class Run:
-    """The objects a run is made of, built from a config (also used by sample/eval)."""
+class TrainSetup:
+    """The data-free part of a run: model, optimizer, mesh and the train state's shardings.
+
+    ``jdit aot`` compiles a train step from it for devices it does not have; :class:`Run` adds
+    the data, the sampler and the teacher. ``config`` is completed with the defaults of
+    :mod:`jdit.config`; its ``train.steps`` (the learning-rate schedule's length) must be set.
+    """
 
     def __init__(self, config: Mapping[str, Any], devices: Any = None) -> None:
         """``devices``: the devices of the mesh (default: all of them, every process's)."""
-        self.config = _plain(config)
+        self.config = complete(config)
         c = self.config
-        self.batch_size = int(c["train"]["batch_size"])
-        self.task = make_task(c["data"], self.batch_size, int(c["train"].get("seed", 0)))
+        required(c, ["train.steps", "optim.lr"])
         self.module = build(c["model"])
         steps = int(c["train"]["steps"])
         self.lr = learning_rate(c["optim"], steps)
         self.tx = make_optimizer(c["optim"], steps)
-        self.partitioner = Partitioner.from_config(c.get("parallel"), devices)
+        self.partitioner = Partitioner.from_config(c["parallel"], devices)
+
+    def init_state(self) -> TrainState:
+        return init_state(self.module, self.tx, int(self.config["train"]["seed"]))
+
+    def state_shardings(self) -> TrainState:
+        """Parameters and EMA by their logical names; optimizer moments like their parameter."""
+        part = self.partitioner
+        params = part.param_shardings(self.module)
+        return TrainState(step=part.replicated, params=params,
+                          opt_state=part.optimizer_shardings(self.module, self.tx),
+                          ema_params=params, rng=part.replicated)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and target shardings of the train state (restoring, AOT compiles)."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            jax.eval_shape(self.init_state), self.state_shardings())
+
+    def sharded_init(self) -> TrainState:
+        """The initial state, created directly in its shardings."""
+        return self.partitioner.init(self.init_state, self.state_shardings())
+
+    def jit_train_step(self, null: tuple[Any, Any] | None, teacher: Any = None,
+                       batch_shardings: Any = None) -> Callable[..., Any]:
+        """``train_step`` jitted with explicit state shardings, the state donated (batch
+        shardings taken from the batch unless given). Call it inside
+        ``self.partitioner.activate()``."""
+        shardings = self.state_shardings()
+        step = make_train_step(self.module, self.tx, self.lr, self.config, null, teacher)
+        return jax.jit(step, in_shardings=(shardings, batch_shardings),
+                       out_shardings=(shardings, self.partitioner.replicated), donate_argnums=0)
+
+
+class Run(TrainSetup):
+    """The objects a run is made of, built from a config (also used by sample/eval)."""
+
+    def __init__(self, config: Mapping[str, Any], devices: Any = None) -> None:
+        super().__init__(config, devices)
+        c = self.config
+        required(c)
+        self.batch_size = int(c["train"]["batch_size"])
+        self.task = make_task(c["data"], self.batch_size, int(c["train"]["seed"]))
         self.generate = make_generator(self.module, self.task, c, self.partitioner)
         self._teacher: tuple[Any, Any] | None = None
 
@@ -119,28 +161,12 @@ class Run:
     def teacher(self) -> tuple[Any, Any] | None:
         """``(module, EMA params)`` of the frozen teacher named by ``distill.teacher`` (a jdit
         workdir), placed in this run's parameter shardings; None without distillation."""
-        d = self.config.get("distill") or {}
-        if self._teacher is None and d.get("teacher"):
-            trained, params, _ = load_trained(d["teacher"])
+        if self._teacher is None and self.config["distill"]["teacher"]:
+            trained, params, _ = load_trained(self.config["distill"]["teacher"])
             module = trained.module
             self._teacher = (module, jax.device_put(
                 params, self.partitioner.param_shardings(module)))
         return self._teacher
-
-    def init_state(self) -> TrainState:
-        return init_state(self.module, self.tx, int(self.config["train"].get("seed", 0)))
-
-    def state_shardings(self) -> TrainState:
-        return self.partitioner.state_shardings(self.module, self.tx)
-
-    def abstract_state(self) -> TrainState:
-        """Shapes, dtypes and target shardings of the train state (for restoring)."""
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            jax.eval_shape(self.init_state), self.state_shardings())
-
-    def sharded_init(self) -> TrainState:
-        """The initial state, created directly in its shardings."""
-        return self.partitioner.init(self.init_state, self.state_shardings())
 
     def batch(self, index: int) -> dict[str, jax.Array]:
         """Global batch ``index`` as sharded arrays; this process computes only its own rows."""
@@ -149,13 +175,10 @@ class Run:
         local = self.task.batch(index, rows=rows)
         return part.shard_batch(local, self.batch_size)
 
-    def jit_train_step(self, null: tuple[Any, Any] | None) -> Callable[..., Any]:
-        """``train_step`` jitted with explicit state shardings, the state donated. Call it inside
-        ``self.partitioner.activate()``."""
-        shardings = self.state_shardings()
-        step = make_train_step(self.module, self.tx, self.lr, self.config, null, self.teacher)
-        return jax.jit(step, in_shardings=(shardings, None),
-                       out_shardings=(shardings, self.partitioner.replicated), donate_argnums=0)
+    def jit_train_step(self, null: tuple[Any, Any] | None, teacher: Any = None,
+                       batch_shardings: Any = None) -> Callable[..., Any]:
+        return super().jit_train_step(null, self.teacher if teacher is None else teacher,
+                                      batch_shardings)
 
 
 def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | None = None,
@@ -166,19 +189,17 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
     SIGTERM would (used by the resume tests).
     """
     workdir = Path(workdir)
-    primary = jax.process_index() == 0  # with several hosts, one writes the run's files
+    primary = is_primary()  # with several hosts, one writes the run's files
     workdir.mkdir(parents=True, exist_ok=True)
     run = Run(config)
     c, task = run.config, run.task
     tc = c["train"]
-    steps, log_every = int(tc["steps"]), int(tc.get("log_every", 50))
-    sample_every = int(tc.get("sample_every", 0))
+    steps, log_every, sample_every = int(tc["steps"]), int(tc["log_every"]), int(tc["sample_every"])
     if primary:
         _save_config(workdir, c)
 
-    ckpt = Checkpointer(workdir / "checkpoints", every=int(tc.get("checkpoint_every", 500)),
-                        keep=int(tc.get("keep_checkpoints", 3)),
-                        async_save=bool(tc.get("async_checkpoints", True)))
+    ckpt = Checkpointer(workdir / "checkpoints", every=int(tc["checkpoint_every"]),
+                        keep=int(tc["keep_checkpoints"]), async_save=bool(tc["async_checkpoints"]))
     part = run.partitioner
     part.check_batch_size(run.batch_size)
     start = 0
@@ -187,10 +208,10 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
         start = int(meta["data_index"])
     else:
         state = run.sharded_init()
-        if tc.get("init_from"):
+        if tc["init_from"]:
             state = jax.device_put(init_from(state, run, str(tc["init_from"])),
                                    run.state_shardings())
-        elif (c.get("distill") or {}).get("inherit") and run.teacher is not None:
+        elif c["distill"]["inherit"] and run.teacher is not None:
             state = jax.device_put(inherit_teacher(state, run, workdir if primary else None),
                                    run.state_shardings())
     null = task.null() if task.kind == "text" else None
@@ -273,8 +294,8 @@ def inherit_teacher(state: TrainState, run: Run, workdir: Path | None) -> TrainS
     assert run.teacher is not None
     d = run.config["distill"]
     params, report = lit.inherit(jax.device_get(run.teacher[1]), run.module,
-                                 jax.random.PRNGKey(int(run.config["train"].get("seed", 0))),
-                                 load_attention=bool(d.get("load_attention", False)))
+                                 jax.random.PRNGKey(int(run.config["train"]["seed"])),
+                                 load_attention=bool(d["load_attention"]))
     if workdir is not None:
         (workdir / "inherited.json").write_text(json.dumps(report, indent=1) + "\n")
         print(f"inherited {len(report['inherited'])} weights from {d['teacher']}; initialised "

@@ -12,7 +12,8 @@ import pytest
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # xdist workers each load libtpu
 
-from jdit.parallel import aot  # noqa: E402
+from jdit import aot  # noqa: E402
+from jdit.aot import train_step  # noqa: E402
 
 pytest.importorskip("libtpu", reason="the tpu extra (libtpu) is part of the test extra")
 ROOT = Path(__file__).parents[2]
@@ -98,7 +99,7 @@ def test_max_batch_search_predicts_then_confirms(monkeypatch, fixed, per_example
         return {"fits": hbm <= capacity, "hbm_per_device_bytes": hbm,
                 "hbm_capacity_bytes": capacity, "per_device_batch": batch}
 
-    monkeypatch.setattr(aot, "report", fake_report)
+    monkeypatch.setattr(train_step, "report", fake_report)
     r = aot.max_batch({}, "v5e:2x2", start=start)
     assert r["max_per_device_batch"] == expected == r["per_device_batch"]
     assert len(calls) == len(set(calls)) <= 16, calls
@@ -107,7 +108,7 @@ def test_max_batch_search_predicts_then_confirms(monkeypatch, fixed, per_example
 
 
 def test_max_batch_says_when_nothing_fits(monkeypatch):
-    monkeypatch.setattr(aot, "report", lambda *a, **k: {
+    monkeypatch.setattr(train_step, "report", lambda *a, **k: {
         "fits": False, "hbm_per_device_bytes": 2**40, "hbm_capacity_bytes": 2**34})
     with pytest.raises(ValueError, match="not even a per-device batch of 1 fits"):
         aot.max_batch({}, "v5e:2x2", start=4)
@@ -156,3 +157,20 @@ def test_a_whole_pipeline_compiles_with_t5_sharded():
     assert r["images_per_second"] > 0 and 0 < r["mfu_bound"] <= 1
     t5_bytes = 2 * r["parameters"]["t5"]  # bfloat16
     assert r["t5_parameter_bytes_per_device"] < t5_bytes / 2  # split, not copied to each chip
+
+
+def test_command_line_overrides_win_over_what_aot_assumes():
+    """A model-only config is assumed to train as a pod would (bfloat16, Pallas attention, ...);
+    an override on the command line replaces the assumption and is not reported as assumed."""
+    path = str(ROOT / "configs" / "pixart_sigma_xl2_1024.py")
+    config, assumed = aot.load(path, ["model.attention_impl=xla", "optim.lr=1e-4"])
+    assert config["model"]["attention_impl"] == "xla" and config["optim"]["lr"] == 1e-4
+    assert config["model"]["dtype"] == "bfloat16" and config["train"]["steps"] == 100_000
+    assert "attention_impl" not in assumed["model"] and assumed["model"]["dtype"] == "bfloat16"
+    assert "lr" not in assumed["optim"] and assumed["optim"]["name"] == "adamw"
+    plain, assumed = aot.load(path)
+    assert plain["model"]["attention_impl"] == "pallas" == assumed["model"]["attention_impl"]
+    sana, assumed = aot.load(str(ROOT / "configs" / "sana_1600m_4k.py"))
+    assert sana["diffusion"]["objective"] == "flow" and sana["diffusion"]["flow_shift"] == 6.0
+    with pytest.raises(ValueError, match="unknown config key 'train.stepz'"):
+        aot.load(path, ["train.stepz=3"])

@@ -1,0 +1,16 @@
+"""``jdit aot``: compile for TPU pods you do not have, through libtpu, and read off what matters.
+
+- :mod:`jdit.aot.roofline`: per-chip figures (``CHIPS``), a topology's devices, and the memory,
+  FLOPs, HBM and collective bytes and roofline of a compiled program.
+- :mod:`jdit.aot.train_step`: a config's train step (``jdit aot --config``), what a model-only
+  config is assumed to train with, the largest per-device batch that fits.
+- :mod:`jdit.aot.pipeline`: T5 → guided sampler → VAE as one program (``jdit aot --pipeline``).
+
+A tool on top of ``jdit.train`` and ``jdit.parallel``; nothing in the library imports it.
+"""
+
+from jdit.aot.roofline import CHIPS, Chip, analyse, chip_of, collective_bytes, topology_devices
+from jdit.aot.train_step import ASSUMED, load, max_batch, report, with_defaults
+
+__all__ = ["ASSUMED", "CHIPS", "Chip", "analyse", "chip_of", "collective_bytes", "load",
+           "max_batch", "report", "topology_devices", "with_defaults"]

@@ -117,18 +117,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _aot_pipeline(args: argparse.Namespace) -> int:
-    from jdit.parallel import aot_pipeline
+def parse_mesh(text: str) -> dict[str, int]:
+    """``data=1,fsdp=-1,tensor=2,context=4`` -> ``{"data": 1, ...}`` (the ``--mesh`` flag)."""
+    try:
+        return {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--mesh looks like data=1,fsdp=-1,tensor=1,context=4; got {text!r}") from None
 
-    mesh = None
-    if args.mesh:
-        mesh = {k.strip(): int(v) for k, v in (item.split("=") for item in args.mesh.split(","))}
+
+def _aot_pipeline(args: argparse.Namespace) -> int:
+    from jdit.aot import pipeline
+
     print(f"compiling the {args.pipeline} pipeline for {args.topology} ...", file=sys.stderr)
     if args.max_batch:
-        result = aot_pipeline.max_batch(args.topology, args.pipeline, start=args.batch or 1,
-                                        mesh=mesh)
+        result = pipeline.max_batch(args.topology, args.pipeline, start=args.batch or 1,
+                                    mesh=args.mesh)
     else:
-        result = aot_pipeline.report(args.topology, args.batch or 1, args.pipeline, mesh=mesh)
+        result = pipeline.report(args.topology, args.batch or 1, args.pipeline, mesh=args.mesh)
     _emit(result, args.json)
     if not result.get("fits"):
         print(f"{args.topology}: does NOT fit at per-device batch {result['per_device_batch']}",
@@ -153,29 +159,20 @@ def cmd_aot(args: argparse.Namespace, extra: list[str]) -> int:
                          "(a whole text-to-image pipeline, e.g. pixart_sigma_1024)")
     if args.pipeline:
         return _aot_pipeline(args)
-    from jdit.config import load_config
-    from jdit.parallel import aot
+    from jdit.aot import train_step
 
-    config = load_config(args.config, _config_overrides(extra)).to_dict()
-    if args.mesh or args.rules:
-        parallel = dict(config.get("parallel") or aot.TRAIN_DEFAULTS["parallel"])
-        if args.mesh:
-            try:
-                parallel["mesh"] = {k.strip(): int(v) for k, v in
-                                    (item.split("=") for item in args.mesh.split(","))}
-            except ValueError:
-                raise SystemExit(f"jdit aot: --mesh looks like data=1,fsdp=-1,tensor=1,context=4;"
-                                 f" got {args.mesh!r}") from None
-        if args.rules:
-            parallel["rules"] = args.rules
-        config["parallel"] = parallel
-    kwargs = dict(caption_length=args.caption_length, sampler=args.sampler,
+    config, assumed = train_step.load(args.config, _config_overrides(extra))
+    if args.mesh:
+        config["parallel"]["mesh"] = args.mesh
+    if args.rules:
+        config["parallel"]["rules"] = args.rules
+    kwargs = dict(caption_length=args.caption_length, sampler=args.sampler, assumed=assumed,
                   scan_layers=None if args.scan_layers == "config" else args.scan_layers == "on")
     print(f"compiling for {args.topology} ...", file=sys.stderr)
     if args.max_batch:
-        result = aot.max_batch(config, args.topology, start=args.batch or 1, **kwargs)
+        result = train_step.max_batch(config, args.topology, start=args.batch or 1, **kwargs)
     else:
-        result = aot.report(config, args.topology, args.batch, **kwargs)
+        result = train_step.report(config, args.topology, args.batch, **kwargs)
     _emit(result, args.json)
     if "error" in result:
         print(f"{args.topology}: per-device batch {result['per_device_batch']} does NOT fit: "
@@ -197,102 +194,40 @@ def _emit(result: dict[str, Any], path: str | None) -> None:
         Path(path).write_text(text + "\n")
 
 
-def cmd_bench_forward(args: argparse.Namespace) -> int:
-    from jdit.benchmarks import forward
-
-    result = forward.run(repeats=args.repeats, threads=args.threads)
-    _emit(result, args.json)
-    print(f"diffusers {result['diffusers_s']:.3f} s, jdit {result['jdit_s']:.3f} s: jdit is "
-          f"{result['speedup']:.2f}x diffusers (matmul peak jax {result['jax_matmul_gflops']:.0f} "
-          f"/ torch {result['torch_matmul_gflops']:.0f} GFLOP/s)", file=sys.stderr)
-    return 0
-
-
-def cmd_bench_sample(args: argparse.Namespace) -> int:
-    from jdit.benchmarks import sample
-
-    result = sample.run(repeats=args.repeats, num_steps=args.steps)
-    _emit(result, args.json)
-    print(f"sampling {result['sample_s']:.2f} s vs {args.steps} forwards "
-          f"{result['forwards_s']:.2f} s: ratio {result['ratio']:.3f}; recompiled on new noise: "
-          f"{result['recompiled_on_new_noise']}", file=sys.stderr)
-    return 0
+# `jdit bench NAME [ARGS]`: name -> (module of jdit.benchmarks, what it measures). Each module
+# owns its arguments (add_arguments) and its run (main); figures go to BENCHMARKS.md.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "forward": ("forward", "PixArt forward: jdit vs diffusers, same weights"),
+    "sample": ("sample", "dpm++2m + CFG sampling vs the same forwards"),
+    "pipeline": ("pipeline", "text-to-image generation: jdit vs diffusers, same pipeline"),
+    "train": ("train", "PixArt training step: jdit vs diffusers + torch"),
+    "bars": ("bars", "train + eval the tiny recipes against the quality bars"),
+    "attention": ("attention", "softmax vs linear attention (XLA) on this CPU"),
+    "scaling": ("scaling", "SANA vs PixArt block forward, 1K-16K tokens (CPU)"),
+    "tiling": ("tiling", "VAE decode: untiled, blended and exact tiles"),
+    "kernels": ("kernels", "Pallas kernels vs XLA attention, TPU compiles"),
+    "compile": ("compile_time", "compile time of a full-size model, scan vs not"),
+}
 
 
-def cmd_bench_pipeline(args: argparse.Namespace) -> int:
-    from jdit.benchmarks import pipeline
+def bench_parser(name: str) -> tuple[argparse.ArgumentParser, Any]:
+    """The parser of ``jdit bench NAME`` (the benchmark module adds its arguments) and the
+    module."""
+    import importlib
 
-    result = pipeline.run(repeats=args.repeats, num_steps=args.steps, width=args.width)
-    _emit(result, args.json)
-    print(f"{result['image_size']} px x {result['batch']}, {args.steps} steps + CFG: diffusers "
-          f"{result['diffusers_s']:.3f} s, jdit {result['jdit_s']:.3f} s: jdit is "
-          f"{result['speedup']:.2f}x diffusers (compile {result['jdit_compile_s']:.1f} s; images "
-          f"differ by {result['max_abs_image_difference']:.1e})", file=sys.stderr)
-    for part in ("t5", "step", "vae_decode"):
-        ours, theirs = (result["components_s"][k][part] for k in ("jdit", "diffusers"))
-        print(f"  {part:>10}: diffusers {theirs * 1e3:7.1f} ms, jdit {ours * 1e3:7.1f} ms",
-              file=sys.stderr)
-    return 0
+    module_name, description = BENCHMARKS[name]
+    module = importlib.import_module(f"jdit.benchmarks.{module_name}")
+    parser = argparse.ArgumentParser(prog=f"jdit bench {name}", description=description)
+    module.add_arguments(parser)
+    parser.add_argument("--json", default=None, help="also write the result to this file")
+    return parser, module
 
 
-def cmd_bench_train(args: argparse.Namespace) -> int:
-    from jdit.benchmarks import train
-
-    result = train.run(repeats=args.repeats, threads=args.threads)
-    _emit(result, args.json)
-    print(f"diffusers {result['diffusers_s']:.2f} s, jdit {result['jdit_s']:.2f} s per training "
-          f"step: jdit is {result['speedup']:.2f}x diffusers", file=sys.stderr)
-    return 0
-
-
-def cmd_bench_bars(args: argparse.Namespace) -> int:
-    from jdit.benchmarks import bars
-
-    result = bars.run(args.recipes, config_dir=args.configs, workdir=args.workdir)
-    _emit(result, args.json)
-    for r in result["results"]:
-        print(f"{r['recipe']}: {'PASS' if r['all_passed'] else 'FAIL'} {r['passed']}",
-              file=sys.stderr)
-    return 0 if result["all_passed"] else 1
-
-
-def cmd_bench_attention(args: argparse.Namespace) -> int:
-    from jdit.benchmarks import attention
-
-    tokens = tuple(int(t) for t in args.tokens.split(","))
-    _emit(attention.run(tokens, heads=args.heads, head_dim=args.head_dim, repeats=args.repeats),
-          args.json)
-    return 0
-
-
-def cmd_bench_scaling(args: argparse.Namespace) -> int:
-    from jdit.benchmarks import scaling
-
-    tokens = tuple(int(t) for t in args.tokens.split(","))
-    _emit(scaling.run(tokens, width=args.width, repeats=args.repeats), args.json)
-    return 0
-
-
-def cmd_bench_tiling(args: argparse.Namespace) -> int:
-    from jdit.benchmarks import tiling
-
-    _emit(tiling.run(args.size, tile=args.tile, overlap=args.overlap, repeats=args.repeats,
-                     topology=args.topology), args.json)
-    return 0
-
-
-def cmd_bench_kernels(args: argparse.Namespace) -> int:
-    from jdit.benchmarks import kernels
-
-    _emit(kernels.run(args.topology), args.json)
-    return 0
-
-
-def cmd_bench_compile(args: argparse.Namespace) -> int:
-    from jdit.benchmarks import compile_time
-
-    _emit(compile_time.run(args.preset, grad=not args.forward_only), args.json)
-    return 0
+def run_bench(name: str, argv: Sequence[str]) -> int:
+    """``jdit bench NAME ARGS``: the benchmark module parses ``ARGS`` itself."""
+    parser, module = bench_parser(name)
+    options = parser.parse_args(argv)
+    return int(module.main(options, lambda result: _emit(result, options.json)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     aot.add_argument("--caption-length", type=int, default=None,
                      help="caption tokens (default: 300, PixArt-Σ's T5 length)")
     aot.add_argument("--sampler", action="store_true", help="also compile the CFG sampler")
-    aot.add_argument("--mesh", default=None,
+    aot.add_argument("--mesh", default=None, type=parse_mesh,
                      help="mesh axes, e.g. data=1,fsdp=-1,tensor=2,context=4 (default: the "
                           "config's parallel.mesh, else FSDP over every chip)")
     aot.add_argument("--rules", default=None, help="rule table: dp | fsdp | fsdp_tp")
@@ -372,69 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks recorded in BENCHMARKS.md")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    fwd = bench_sub.add_parser("forward", help="PixArt forward: jdit vs diffusers, same weights")
-    fwd.add_argument("--repeats", type=int, default=7)
-    fwd.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    fwd.add_argument("--json", default=None, help="also write the result to this file")
-    fwd.set_defaults(func=cmd_bench_forward)
-    bsmp = bench_sub.add_parser("sample", help="dpm++2m + CFG sampling vs the same forwards")
-    bsmp.add_argument("--repeats", type=int, default=3)
-    bsmp.add_argument("--steps", type=int, default=20)
-    bsmp.add_argument("--json", default=None)
-    bsmp.set_defaults(func=cmd_bench_sample)
-    bpipe = bench_sub.add_parser("pipeline",
-                                 help="text-to-image generation: jdit vs diffusers, same pipeline")
-    bpipe.add_argument("--repeats", type=int, default=5)
-    bpipe.add_argument("--steps", type=int, default=20)
-    bpipe.add_argument("--width", type=int, default=64, help="the random transformer's width")
-    bpipe.add_argument("--json", default=None)
-    bpipe.set_defaults(func=cmd_bench_pipeline)
-    btr = bench_sub.add_parser("train", help="PixArt training step: jdit vs diffusers + torch")
-    btr.add_argument("--repeats", type=int, default=5)
-    btr.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    btr.add_argument("--json", default=None)
-    btr.set_defaults(func=cmd_bench_train)
-    bbar = bench_sub.add_parser("bars", help="train + eval the tiny recipes against the bars")
-    bbar.add_argument("recipes", nargs="*", default=["shapes_tiny", "digits_tiny", "shapes_tiny_linear"])
-    bbar.add_argument("--configs", default="configs", help="folder holding the recipe configs")
-    bbar.add_argument("--workdir", default=None, help="keep the runs here (default: temporary)")
-    bbar.add_argument("--json", default=None)
-    bbar.set_defaults(func=cmd_bench_bars)
-    batt = bench_sub.add_parser("attention", help="softmax vs linear attention (XLA) on this CPU")
-    batt.add_argument("--tokens", default="1024,4096,16384")
-    batt.add_argument("--heads", type=int, default=2)
-    batt.add_argument("--head-dim", type=int, default=32)
-    batt.add_argument("--repeats", type=int, default=3)
-    batt.add_argument("--json", default=None)
-    batt.set_defaults(func=cmd_bench_attention)
-    bsc = bench_sub.add_parser("scaling", help="SANA vs PixArt block forward, 1K-16K tokens (CPU)")
-    bsc.add_argument("--tokens", default="1024,4096,16384")
-    bsc.add_argument("--width", type=int, default=256)
-    bsc.add_argument("--repeats", type=int, default=3)
-    bsc.add_argument("--json", default=None)
-    bsc.set_defaults(func=cmd_bench_scaling)
-    btile = bench_sub.add_parser("tiling", help="VAE decode: untiled, blended and exact tiles")
-    btile.add_argument("--size", type=int, default=64, help="latent side (CPU part)")
-    btile.add_argument("--tile", type=int, default=32)
-    btile.add_argument("--overlap", type=int, default=8)
-    btile.add_argument("--repeats", type=int, default=3)
-    btile.add_argument("--topology", default=None,
-                       help="also compile the SDXL VAE at 2K / 4K for one chip, e.g. v5e:1x1")
-    btile.add_argument("--json", default=None)
-    btile.set_defaults(func=cmd_bench_tiling)
-    bker = bench_sub.add_parser("kernels", help="Pallas kernels vs XLA attention, TPU compiles")
-    bker.add_argument("--topology", default="v5e:2x2")
-    bker.add_argument("--json", default=None)
-    bker.set_defaults(func=cmd_bench_kernels)
-    comp = bench_sub.add_parser("compile", help="compile time of a full-size model, scan vs not")
-    comp.add_argument("--preset", default="pixart_sigma_xl2_1024")
-    comp.add_argument("--forward-only", action="store_true", help="skip the gradient program")
-    comp.add_argument("--json", default=None)
-    comp.set_defaults(func=cmd_bench_compile)
+    for name, (_, description) in BENCHMARKS.items():
+        # listed here; main() hands `jdit bench NAME ...` to the benchmark's own parser
+        bench_sub.add_parser(name, help=description)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
+        return run_bench(argv[1], argv[2:])
     args, extra = build_parser().parse_known_args(argv)
     if getattr(args, "takes_extra", False):
         return int(args.func(args, extra))

@@ -9,6 +9,7 @@ BENCHMARKS.md.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -62,3 +63,16 @@ def run(tokens: Sequence[int] = (1024, 4096, 16384), heads: int = 2, head_dim: i
         log(f"linear attention, {a['tokens']} -> {b['tokens']} tokens: "
             f"time x{out['linear_growth']['time_ratio']:.2f}")
     return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", default="1024,4096,16384", help="comma-separated lengths")
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+
+
+def main(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> int:
+    tokens = tuple(int(t) for t in args.tokens.split(","))
+    emit(run(tokens, heads=args.heads, head_dim=args.head_dim, repeats=args.repeats))
+    return 0

@@ -13,6 +13,7 @@ Takes 15-25 minutes on 2 CPU cores; too long for the test suite, so it is a benc
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -60,3 +61,18 @@ def run(recipes: list[str], config_dir: str | Path = "configs", workdir: str | P
         results = [run_one(name, config_dir, root / name, log) for name in recipes]
     return {"benchmark": "bars", "results": results,
             "all_passed": all(r["all_passed"] for r in results)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipes", nargs="*", default=list(BARS), help=f"some of {sorted(BARS)}")
+    parser.add_argument("--configs", default="configs", help="folder holding the recipe configs")
+    parser.add_argument("--workdir", default=None, help="keep the runs here (default: temporary)")
+
+
+def main(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> int:
+    result = run(args.recipes, config_dir=args.configs, workdir=args.workdir)
+    emit(result)
+    for r in result["results"]:
+        print(f"{r['recipe']}: {'PASS' if r['all_passed'] else 'FAIL'} {r['passed']}",
+              file=sys.stderr)
+    return 0 if result["all_passed"] else 1

@@ -6,6 +6,7 @@ the forward (and optionally the parameter gradient) is lowered and compiled for 
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -61,3 +62,13 @@ def run(name: str = "pixart_sigma_xl2_1024", grad: bool = True,
             log(f"compiling {name} {what} ({'nn.scan' if scan else 'unrolled'}) ...")
             result[key] = compile_seconds(name, scan, grad=what == "grad")
     return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="pixart_sigma_xl2_1024")
+    parser.add_argument("--forward-only", action="store_true", help="skip the gradient program")
+
+
+def main(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> int:
+    emit(run(args.preset, grad=not args.forward_only))
+    return 0

@@ -9,6 +9,7 @@ measured in the same run, so the ratio can be read against what this machine can
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -138,3 +139,17 @@ def run(repeats: int = 7, threads: int = 2, config: dict[str, int] | None = None
         "diffusers_s_all": torch_times,
         "jdit_s_all": jdit_times,
     }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+
+
+def main(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> int:
+    result = run(repeats=args.repeats, threads=args.threads)
+    emit(result)
+    print(f"diffusers {result['diffusers_s']:.3f} s, jdit {result['jdit_s']:.3f} s: jdit is "
+          f"{result['speedup']:.2f}x diffusers (matmul peak jax {result['jax_matmul_gflops']:.0f} "
+          f"/ torch {result['torch_matmul_gflops']:.0f} GFLOP/s)", file=sys.stderr)
+    return 0

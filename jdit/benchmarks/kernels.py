@@ -14,6 +14,7 @@ picks them for the whole program, often in XLA's favour).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -94,7 +95,7 @@ def _compile(topology: str, case: dict[str, Any], impl: str) -> dict[str, float]
 
 def run(topology: str = "v5e:2x2", cases: tuple[str, ...] = tuple(CASES)) -> dict[str, Any]:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jdit.parallel.aot import chip_of, topology_devices
+    from jdit.aot.roofline import chip_of, topology_devices
 
     chip, fraction = chip_of(topology_devices(topology)[0])
     peak, bandwidth = chip.peak_flops * fraction, chip.hbm_bandwidth * fraction
@@ -120,3 +121,12 @@ def run(topology: str = "v5e:2x2", cases: tuple[str, ...] = tuple(CASES)) -> dic
               file=sys.stderr)
         rows.append(row)
     return {"topology": topology, "chip": chip.name, "rows": rows}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--topology", default="v5e:2x2")
+
+
+def main(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> int:
+    emit(run(args.topology))
+    return 0

@@ -8,6 +8,7 @@ again (counted with a trace counter on the model function).
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -85,3 +86,17 @@ def run(repeats: int = 3, num_steps: int = 20, config: dict[str, int] | None = N
         "sample_s_all": sample_times,
         "forwards_s_all": forward_times,
     }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+
+
+def main(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> int:
+    result = run(repeats=args.repeats, num_steps=args.steps)
+    emit(result)
+    print(f"sampling {result['sample_s']:.2f} s vs {args.steps} forwards "
+          f"{result['forwards_s']:.2f} s: ratio {result['ratio']:.3f}; recompiled on new noise: "
+          f"{result['recompiled_on_new_noise']}", file=sys.stderr)
+    return 0

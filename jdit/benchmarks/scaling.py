@@ -6,6 +6,7 @@ run them with ``attention_impl="xla"``.
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import sys
@@ -80,3 +81,15 @@ def run(tokens: Sequence[int] = (1024, 4096, 16384), width: int = 256, repeats: 
         log(f"SANA block, {a['tokens']} -> {b['tokens']} tokens: time "
             f"x{out['sana_growth']['time_ratio']:.2f}")
     return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", default="1024,4096,16384", help="comma-separated lengths")
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+
+
+def main(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> int:
+    tokens = tuple(int(t) for t in args.tokens.split(","))
+    emit(run(tokens, width=args.width, repeats=args.repeats))
+    return 0

@@ -7,6 +7,7 @@ from the same weights first and must agree on the loss before anything is timed.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import statistics
 import sys
@@ -108,3 +109,16 @@ def run(repeats: int = 5, threads: int = 2, config: dict[str, int] | None = None
             "jax_matmul_gflops": jax_peak, "torch_matmul_gflops": torch_peak,
             "gflops_needed_for_1_5x": 1.5 * flops / t_torch / 1e9,
             "diffusers_s_all": tt, "jdit_s_all": jt_}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+
+
+def main(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> int:
+    result = run(repeats=args.repeats, threads=args.threads)
+    emit(result)
+    print(f"diffusers {result['diffusers_s']:.2f} s, jdit {result['jdit_s']:.2f} s per training "
+          f"step: jdit is {result['speedup']:.2f}x diffusers", file=sys.stderr)
+    return 0

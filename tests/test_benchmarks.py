@@ -15,6 +15,7 @@ def test_forward_benchmark_runs_and_checks_parity():
     assert result["gflop_per_forward"] == forward.forward_flops(dict(forward.CONFIG, **TINY)) / 1e9
 
 
+@pytest.mark.slow
 def test_sample_benchmark_runs_without_recompiling():
     result = sample.run(repeats=1, num_steps=3, config=TINY, log=lambda s: None)
     assert result["recompiled_on_new_noise"] is False
@@ -26,11 +27,13 @@ def test_compile_benchmark_runs():
     assert result["total_s"] > 0
 
 
+@pytest.mark.slow
 def test_train_benchmark_runs_and_checks_the_loss():
     result = train.run(repeats=1, config=TINY, log=lambda s: None)
     assert result["first_loss_rel_err"] <= 1e-4 and result["speedup"] > 0
 
 
+@pytest.mark.slow
 def test_bars_benchmark_trains_evaluates_and_judges(tmp_path):
     import textwrap
     from pathlib import Path
@@ -69,6 +72,7 @@ def test_attention_benchmark_runs_and_reports_growth():
     assert result["linear_growth"]["tokens_ratio"] == 4.0
 
 
+@pytest.mark.slow
 def test_scaling_benchmark_runs_both_blocks():
     from jdit.benchmarks import scaling
 
@@ -78,6 +82,7 @@ def test_scaling_benchmark_runs_both_blocks():
     assert result["sana_growth"]["tokens_ratio"] == 4.0
 
 
+@pytest.mark.slow
 def test_tiling_benchmark_reports_every_way():
     from jdit.benchmarks import tiling
 
@@ -90,6 +95,7 @@ def test_tiling_benchmark_reports_every_way():
     assert all(w["seconds"] > 0 for w in ways.values())
 
 
+@pytest.mark.slow
 def test_linear_shapes_recipe_trains_a_few_steps(tmp_path):
     """configs/shapes_tiny_linear.py (its bars are checked by `jdit bench bars`)."""
     from jdit.config import load_config
@@ -102,6 +108,7 @@ def test_linear_shapes_recipe_trains_a_few_steps(tmp_path):
     assert last["loss"] > 0
 
 
+@pytest.mark.slow
 def test_pipeline_benchmark_runs_and_the_images_agree():
     from jdit.benchmarks import pipeline
 

@@ -47,6 +47,7 @@ def test_readme_main_job_runs_end_to_end(tmp_path):
     assert {"adherence_single", "adherence_pair"} <= set(result) and result["step"] == 20
 
 
+@pytest.mark.slow
 def test_readme_example(tmp_path, monkeypatch):
     text = README.read_text()
 
@@ -71,6 +72,7 @@ def test_readme_example(tmp_path, monkeypatch):
     assert latents.shape == (1, 128, 128, 4) and np.all(np.isfinite(latents))
 
 
+@pytest.mark.slow
 def test_readme_pipeline_snippet(tmp_path):
     """The text-to-image snippet, on a small random pipeline in place of the hub repo."""
     from jdit.testing import tiny_pipelines

@@ -6,7 +6,7 @@
   config is assumed to train with, the largest per-device batch that fits.
 - :mod:`jdit.aot.pipeline`: T5 → guided sampler → VAE as one program (``jdit aot --pipeline``).
 
-A tool on top of ``jdit.train`` and ``jdit.parallel``; nothing in the library imports it.
+A tool on top of ``jdit.train`` and ``jdit.parallel``: only the CLI and the benchmarks import it.
 """
 
 from jdit.aot.roofline import CHIPS, Chip, analyse, chip_of, collective_bytes, topology_devices

@@ -21,14 +21,19 @@ import jax
 import jax.numpy as jnp
 
 from jdit.aot.roofline import GiB, analyse, topology_devices
+from jdit.models.registry import PIPELINE_FACTS
 
+_SIGMA_1024 = PIPELINE_FACTS["pixart_sigma_xl2_1024"]
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
               num_heads=64, feed_forward_proj="gated-gelu")
+# the SDXL VAE's architecture; its latent scale from the preset's pipeline facts
 SDXL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
-                latent_channels=4, scaling_factor=0.13025, sample_size=1024)
+                latent_channels=4, scaling_factor=_SIGMA_1024["latent_scale"],
+                sample_size=_SIGMA_1024["resolution"])
 AOT_PIPELINES: dict[str, dict[str, Any]] = {
     "pixart_sigma_1024": dict(transformer="pixart_sigma_xl2_1024", t5=T5_XXL, vae=SDXL_VAE,
-                              resolution=1024, caption_length=300, steps=20),
+                              resolution=_SIGMA_1024["resolution"],
+                              caption_length=_SIGMA_1024["caption_length"], steps=20),
     # a few-second compile that walks the same code (tests)
     "tiny": dict(transformer=dict(family="pixart", input_size=8, patch_size=2, in_channels=4,
                                   hidden_size=64, depth=2, num_heads=4, caption_channels=32),

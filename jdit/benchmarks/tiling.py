@@ -84,12 +84,10 @@ def run(size: int = 64, widths: Sequence[int] = (32, 64, 128, 128), tile: int = 
     return out
 
 
-SDXL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
-
-
 def tpu_memory(topology: str, pixels: Sequence[int] = (2048, 4096), tile: int = 64,
                log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """HBM per chip of one SDXL VAE decode (float32, batch 1) on one chip of ``topology``."""
+    from jdit.aot.pipeline import SDXL_VAE
     from jdit.aot.roofline import analyse, oom_figures, topology_devices
 
     log = log or (lambda s: print(s, file=sys.stderr))

@@ -38,7 +38,8 @@ def _save_config(workdir: Path, config: dict[str, Any]) -> None:
     path = workdir / "config.json"
     text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
     if path.exists():
-        old = complete(json.loads(path.read_text()))  # written before a default was added
+        # completed: a run written before a default was added resumes; through JSON, as written
+        old = json.loads(json.dumps(complete(json.loads(path.read_text())), default=str))
         steps_only = {**old, "train": {**old["train"], "steps": config["train"]["steps"]}}
         if json.loads(text) != steps_only:
             raise ValueError(f"{path} holds a different config; use a new workdir (only "

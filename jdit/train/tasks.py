@@ -19,6 +19,15 @@ Generate = Callable[[dict[str, np.ndarray], int], np.ndarray]
 Rows = tuple[int, int] | None
 
 
+def generate_in_chunks(generate: Generate, conditions: dict[str, np.ndarray],
+                       batch_size: int) -> np.ndarray:
+    """``generate`` over ``conditions`` in chunks of ``batch_size``, chunk ``s`` seeded by its
+    first row's index (so the images do not depend on what else is generated)."""
+    n = len(next(iter(conditions.values())))
+    return np.concatenate([generate({k: v[s: s + batch_size] for k, v in conditions.items()}, s)
+                           for s in range(0, n, batch_size)])
+
+
 def _rows(rows: Rows, batch_size: int) -> slice:
     if rows is None:
         return slice(0, batch_size)
@@ -80,13 +89,10 @@ class ShapesTask:
         pairs = self.shapes.prompts("pair", "heldout")[:num_pairs]
         out: dict[str, float] = {}
         for name, objs in (("adherence_single", singles), ("adherence_pair", pairs)):
-            images = []
-            for start in range(0, len(objs), batch_size):
-                chunk = objs[start: start + batch_size]
-                cond = self.encode([self.shapes.caption(o) for o in chunk])
-                images.append(generate(cond, start))
+            cond = self.encode([self.shapes.caption(o) for o in objs])
+            images = generate_in_chunks(generate, cond, batch_size)
             kind = name.split("_")[1]
-            out[name] = float(evaluator.adherence(np.concatenate(images), list(objs)))
+            out[name] = float(evaluator.adherence(images, list(objs)))
             out[f"num_{kind}_prompts"] = len(set(objs))
             out[f"num_{kind}_images"] = len(objs)
         return out
@@ -122,8 +128,7 @@ class DigitsTask:
         from jdit.eval import digits as digits_eval
 
         labels = np.repeat(np.arange(10, dtype=np.int32), per_class)
-        images = np.concatenate([generate({"labels": labels[s: s + batch_size]}, s)
-                                 for s in range(0, len(labels), batch_size)])
+        images = generate_in_chunks(generate, {"labels": labels}, batch_size)
         return {k: float(v) for k, v in digits_eval.evaluate(images, labels).items()}
 
 

@@ -72,6 +72,7 @@ def test_small_sana_compiles_for_v5e_with_the_linear_attention_kernel():
     assert r["tokens_per_example"] == 256 and r["roofline_mfu_bound"] > 0
 
 
+@pytest.mark.slow
 def test_pixart_sigma_xl_1024_compiles_and_fits_on_v5p_2x2x2():
     code, r = jdit_aot("--config", str(ROOT / "configs" / "pixart_sigma_xl2_1024.py"),
                        "--topology", "v5p:2x2x2", "--batch", "4", "--scan-layers", "on")
@@ -135,6 +136,7 @@ def test_clear_errors_for_unknown_topologies_and_configs():
     assert c["model"]["dtype"] == "bfloat16" and "optim" in assumed
 
 
+@pytest.mark.slow
 def test_compiler_out_of_memory_is_a_report_not_a_crash():
     pytest.importorskip("libtpu")
     from jdit.config import load_config

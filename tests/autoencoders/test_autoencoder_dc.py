@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 import jdit
 from jdit.autoencoders import AutoencoderDC, AutoencoderKL
 from jdit.weights.state_dict import CheckpointMismatchError
+from tests.helpers import rel_err
 
 STAGES = ("ResBlock", "ResBlock", "EfficientViTBlock")
 SANA = dict(  # dc-ae-f32c32-sana-1.0's layout (its "Conv" spelling too), three stages: f = 4
@@ -55,10 +57,6 @@ def nhwc(t):
     return t.permute(0, 2, 3, 1).numpy()
 
 
-def rel(a, b):
-    return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
-
-
 def reference_pair(model, shape):
     x = torch.rand(2, 3, *shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
@@ -77,11 +75,11 @@ def test_encode_and_decode_match_diffusers(tmp_path, config):
     # where diffusers switches to the quadratic form
     for shape in ((32, 48), (8, 8)):
         x, want_z, want = reference_pair(reference, shape)
-        z = vae.apply({"params": params}, jnp.asarray(x), method="encode")
+        z = jax.jit(vae.apply, static_argnames="method")({"params": params}, jnp.asarray(x), method="encode")
         assert z.shape == (2, shape[0] // 4, shape[1] // 4, 8) and z.dtype == jnp.float32
-        out = vae.apply({"params": params}, jnp.asarray(want_z), method="decode")
+        out = jax.jit(vae.apply, static_argnames="method")({"params": params}, jnp.asarray(want_z), method="decode")
         assert out.shape == (2, *shape, 3) and out.dtype == jnp.float32
-        errors = rel(z, want_z), rel(out, want)
+        errors = rel_err(z, want_z), rel_err(out, want)
         print(f"{shape}: encode {errors[0]:.2e}, decode {errors[1]:.2e}")
         assert max(errors) <= 1e-4, (shape, errors)
 
@@ -90,11 +88,11 @@ def test_bfloat16_compute(tmp_path):
     reference = random_dc(tmp_path, SANA)
     x, want_z, want = reference_pair(reference, (32, 48))
     vae, params = jdit.autoencoders.from_pretrained(tmp_path, dtype=jnp.bfloat16)
-    z = vae.apply({"params": params}, jnp.asarray(x), method="encode")
-    out = vae.apply({"params": params}, jnp.asarray(want_z), method="decode")
+    z = jax.jit(vae.apply, static_argnames="method")({"params": params}, jnp.asarray(x), method="encode")
+    out = jax.jit(vae.apply, static_argnames="method")({"params": params}, jnp.asarray(want_z), method="decode")
     assert z.dtype == out.dtype == jnp.float32
     assert np.isfinite(np.asarray(z)).all() and np.isfinite(np.asarray(out)).all()
-    errors = rel(z, want_z), rel(out, want)
+    errors = rel_err(z, want_z), rel_err(out, want)
     print(f"bfloat16: encode {errors[0]:.2e}, decode {errors[1]:.2e}")
     assert max(errors) < 5e-2, errors
 

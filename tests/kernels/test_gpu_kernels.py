@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from pallas_kernels import gpu, reference
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
+from tests.helpers import norm_rel_err
 
 
 def qkv(b, lq, lk, h, d, seed=0):
@@ -22,18 +17,19 @@ def qkv(b, lq, lk, h, d, seed=0):
             jax.random.normal(ks[2], (b, lk, h, d)))
 
 
-@pytest.mark.parametrize("lq, lk, d", [(100, 75, 72), (64, 130, 32)])
+@pytest.mark.parametrize("lq, lk, d", [pytest.param(100, 75, 72, marks=pytest.mark.slow),
+                                       (64, 130, 32)])
 def test_flash_values_and_gradients(lq, lk, d):
     q, k, v = qkv(2, lq, lk, 2, d)
     keep = jnp.array([[lk], [lk // 3]]) if lq == 100 else jnp.array([[lk], [0]])  # 0: all masked
     mask = (jnp.arange(lk)[None] < keep).astype(jnp.int32)
     got = gpu.flash_attention(q, k, v, kv_mask=mask, interpret=True, block_q=32, block_k=32)
     want = reference.flash_attention(q, k, v, kv_mask=mask)
-    assert rel(got, want) <= 1e-4
+    assert norm_rel_err(got, want) <= 1e-4
     f = lambda fn: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), (0, 1, 2))(q, k, v)  # noqa: E731
     for g, w in zip(f(lambda *a: gpu.flash_attention(*a, kv_mask=mask, interpret=True)),
                     f(lambda *a: reference.flash_attention(*a, kv_mask=mask)), strict=True):
-        assert rel(g, w) <= 1e-4
+        assert norm_rel_err(g, w) <= 1e-4
 
 
 @pytest.mark.parametrize("chunk", [None, 16])
@@ -41,11 +37,11 @@ def test_linear_values_and_gradients(chunk):
     q, k, v = qkv(2, 75, 75, 3, 24)
     got = gpu.linear_attention(q, k, v, chunk_size=chunk, interpret=True, block_size=32)
     want = reference.linear_attention(q, k, v, chunk_size=chunk)
-    assert rel(got, want) <= 1e-4
+    assert norm_rel_err(got, want) <= 1e-4
     g = jax.grad(lambda q: jnp.sum(gpu.linear_attention(q, k, v, chunk_size=chunk,
                                                         interpret=True)))(q)
     w = jax.grad(lambda q: jnp.sum(reference.linear_attention(q, k, v, chunk_size=chunk)))(q)
-    assert rel(g, w) <= 1e-4
+    assert norm_rel_err(g, w) <= 1e-4
 
 
 def test_kernels_lower_to_triton_for_cuda():

@@ -10,13 +10,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import linear_attention, reference
+from tests.helpers import norm_rel_err
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
 
 
 def inputs(b, length, h, d, dv, dtype=jnp.float32, seed=0):
@@ -26,24 +22,29 @@ def inputs(b, length, h, d, dv, dtype=jnp.float32, seed=0):
             jax.random.normal(ks[2], (b, length, h, dv)).astype(dtype))
 
 
+SLOW = pytest.mark.slow  # the quick loop keeps one non-causal and one block-causal case
+
+
 @pytest.mark.parametrize("b, length, h, d, dv, chunk", [
-    (2, 300, 2, 32, 32, None), (1, 75, 3, 16, 24, None),  # non-causal, lengths off the block
-    (2, 300, 2, 32, 32, 64), (1, 75, 1, 16, 16, 8),       # block-causal, last chunk partial
-    (1, 200, 5, 32, 32, None), (1, 75, 5, 32, 32, 16),    # 160 lanes: the second lane tile ragged
-    (1, 100, 2, 72, 72, None), (1, 40, 3, 72, 40, 8),      # head dims padded to 128 in the wrapper
+    pytest.param(2, 300, 2, 32, 32, None, marks=SLOW), (1, 75, 3, 16, 24, None),  # lengths off the block
+    pytest.param(2, 300, 2, 32, 32, 64, marks=SLOW), (1, 75, 1, 16, 16, 8),  # block-causal, last chunk partial
+    # 160 lanes: the second lane tile ragged
+    pytest.param(1, 200, 5, 32, 32, None, marks=SLOW), pytest.param(1, 75, 5, 32, 32, 16, marks=SLOW),
+    # head dims padded to 128 in the wrapper
+    pytest.param(1, 100, 2, 72, 72, None, marks=SLOW), pytest.param(1, 40, 3, 72, 40, 8, marks=SLOW),
 ])
 def test_values_and_gradients_match_the_reference(b, length, h, d, dv, chunk):
     q, k, v = inputs(b, length, h, d, dv)
     kw = dict(chunk_size=chunk)
     out = linear_attention(q, k, v, interpret=True, block_size=128, **kw)
-    assert out.shape == v.shape and rel(out, reference.linear_attention(q, k, v, **kw)) <= 1e-4
+    assert out.shape == v.shape and norm_rel_err(out, reference.linear_attention(q, k, v, **kw)) <= 1e-4
     w = jax.random.normal(jax.random.PRNGKey(5), out.shape)
     got = jax.grad(lambda *a: jnp.sum(linear_attention(*a, interpret=True, block_size=128, **kw)
                                       * w), argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(lambda *a: jnp.sum(reference.linear_attention(*a, **kw) * w),
                     argnums=(0, 1, 2))(q, k, v)
     for g, gw in zip(got, want, strict=True):
-        assert rel(g, gw) <= 1e-4
+        assert norm_rel_err(g, gw) <= 1e-4
 
 
 def test_block_causal_is_causal_across_chunks_and_bidirectional_within():
@@ -55,7 +56,7 @@ def test_block_causal_is_causal_across_chunks_and_bidirectional_within():
     assert diff[:16].max() == 0.0  # earlier chunks do not see it
     assert (diff[16:] > 0).all()  # its own chunk (before and after it) and later chunks do
     full = reference.linear_attention(q, k, v)  # one chunk covering everything = non-causal
-    assert rel(linear_attention(q, k, v, chunk_size=32, interpret=True), full) <= 1e-5
+    assert norm_rel_err(linear_attention(q, k, v, chunk_size=32, interpret=True), full) <= 1e-5
 
 
 def test_bfloat16_and_tpu_semantics_interpreter():
@@ -64,16 +65,16 @@ def test_bfloat16_and_tpu_semantics_interpreter():
     q, k, v = inputs(1, 40, 2, 16, 16, jnp.bfloat16)
     want = reference.linear_attention(*(x.astype(jnp.float32) for x in (q, k, v)))
     out = linear_attention(q, k, v, interpret=True)
-    assert out.dtype == jnp.bfloat16 and rel(out, want) <= 2e-2
+    assert out.dtype == jnp.bfloat16 and norm_rel_err(out, want) <= 2e-2
     params = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
-    assert rel(linear_attention(q, k, v, chunk_size=16, interpret=params),
+    assert norm_rel_err(linear_attention(q, k, v, chunk_size=16, interpret=params),
                reference.linear_attention(q, k, v, chunk_size=16)) <= 2e-2
     # ragged in rows and lanes: edge tiles hold undefined values (NaN here), which must not leak
     q, k, v = inputs(1, 44, 5, 32, 32)
     for chunk in (None, 16):
         kw = dict(chunk_size=chunk)
         out = linear_attention(q, k, v, interpret=params, block_size=16, **kw)
-        assert rel(out, reference.linear_attention(q, k, v, **kw)) <= 1e-4
+        assert norm_rel_err(out, reference.linear_attention(q, k, v, **kw)) <= 1e-4
 
 
 def test_clear_errors():
@@ -107,6 +108,7 @@ def test_mosaic_compiles_for_tpu_at_sana_shapes(topology, chunk):
     assert "tpu_custom_call" in fwd.as_text() and "tpu_custom_call" in bwd.as_text()
 
 
+@pytest.mark.slow
 def test_kernels_move_fewer_hbm_bytes_than_xla_on_tpu():
     """`jdit bench kernels` on one linear and one flash case: the compiled TPU programs' HBM bytes
     (forward + backward, model layout) are below the XLA attention they replace."""

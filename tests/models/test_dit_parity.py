@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ def inputs(b=3, side=8, seed=1):
 
 
 def run_jdit(module, params, x, t, labels):
-    return np.asarray(module.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)),
+    return np.asarray(jax.jit(module.apply)({"params": params}, jnp.asarray(nchw_to_nhwc(x)),
                                    jnp.asarray(t.numpy()), labels=jnp.asarray(labels.numpy())))
 
 

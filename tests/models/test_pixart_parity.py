@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ def run_both(model, folder, *, hw, caption_len, valid_lens, micro=False, **load_
     if micro:
         kwargs = dict(resolution=jnp.asarray(added["resolution"].numpy()),
                       aspect_ratio=jnp.asarray(added["aspect_ratio"].numpy()))
-    out = module.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()),
+    out = jax.jit(module.apply)({"params": params}, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()),
                        context=jnp.asarray(ctx.numpy()), context_mask=jnp.asarray(mask.numpy()),
                        **kwargs)
     return np.asarray(out), nchw_to_nhwc(ref), module

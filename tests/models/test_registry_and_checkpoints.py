@@ -91,10 +91,10 @@ def test_save_and_load_round_trip_across_layouts(tmp_path):
     assert config["format"] == "jdit" and config["model"]["kv_compress_layers"] == [2]
     assert "scan_layers" not in config["model"]
     inputs = module.example_inputs(batch=2)
-    ref = module.apply({"params": params}, **inputs)
+    ref = jax.jit(module.apply)({"params": params}, **inputs)
     for scan in (False, True):
         loaded, p = jdit.models.from_pretrained(tmp_path / "ck", scan_layers=scan)
-        np.testing.assert_array_equal(np.asarray(loaded.apply({"params": p}, **inputs)),
+        np.testing.assert_array_equal(np.asarray(jax.jit(loaded.apply)({"params": p}, **inputs)),
                                       np.asarray(ref))
     jdit.models.save_pretrained(module, params, tmp_path / "ck", overwrite=True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
@@ -113,7 +113,7 @@ def test_convert_cli_from_official_pth(tmp_path, capsys):
     t, y, mask = torch.tensor([5.0]), torch.randn(1, 3, 24), torch.ones(1, 3)
     with torch.no_grad():
         ref = model(x, t, y, mask).permute(0, 2, 3, 1).numpy()
-    out = module.apply({"params": params}, jnp.asarray(x.permute(0, 2, 3, 1).numpy()),
+    out = jax.jit(module.apply)({"params": params}, jnp.asarray(x.permute(0, 2, 3, 1).numpy()),
                        jnp.asarray(t.numpy()), context=jnp.asarray(y.numpy()),
                        context_mask=jnp.asarray(mask.numpy()))
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5 * np.abs(ref).max())

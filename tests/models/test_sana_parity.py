@@ -44,7 +44,7 @@ def reference(model, x, t, ctx, mask):
 
 
 def ours(module, params, x, t, ctx, mask):
-    out = module.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()),
+    out = jax.jit(module.apply)({"params": params}, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()),
                        context=jnp.asarray(ctx.numpy()), context_mask=jnp.asarray(mask.numpy()))
     return np.asarray(out)
 

@@ -1,5 +1,8 @@
 """Runs on 8 simulated CPU devices (started by test_sharding.py in a fresh process, since the
-device count is fixed when jax starts). Prints one JSON line of measurements per check."""
+device count is fixed when jax starts: ``python -m tests.parallel.eight_devices CHECK`` from the
+repository root). Prints one JSON line of measurements per check. Pytrees are compared with
+``norm_rel_err`` (per array it can be larger for arrays that start at zero: Adam's g / sqrt(v)
+turns float reassociation in near-zero gradients into update differences of order lr)."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import numpy as np  # noqa: E402
 from jdit.config import load_config  # noqa: E402
 from jdit.train.checkpoint import Checkpointer  # noqa: E402
 from jdit.train.loop import Run  # noqa: E402
+from tests.helpers import norm_rel_err  # noqa: E402
 
 CONFIG = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs",
                                   "shapes_tiny.py"),
@@ -47,17 +51,6 @@ def train(run: Run, steps: int = 3):
     return state, losses
 
 
-def rel(a, b) -> float:
-    """Relative error of a whole pytree, ||a - b|| / ||b|| over all its numbers. (Per array it
-    can be larger for arrays that start at zero: Adam's g / sqrt(v) turns float reassociation in
-    near-zero gradients into update differences of order lr.)"""
-    pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-    num = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
-              for x, y in pairs)
-    den = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for _, y in pairs)
-    return (num / den) ** 0.5
-
-
 def sharded_leaves(state) -> int:
     return sum(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state))
 
@@ -72,8 +65,8 @@ def check_training() -> None:
         print(json.dumps({
             "check": "training", "mesh": mesh, "rules": rules, "devices": len(qkv.devices()),
             "loss_rel": float(np.max(np.abs(np.subtract(losses, ref_losses)) / np.abs(ref_losses))),
-            "params_rel": rel(state.params, ref.params), "ema_rel": rel(state.ema_params, ref.ema_params),
-            "opt_rel": rel(state.opt_state, ref.opt_state),
+            "params_rel": norm_rel_err(state.params, ref.params), "ema_rel": norm_rel_err(state.ema_params, ref.ema_params),
+            "opt_rel": norm_rel_err(state.opt_state, ref.opt_state),
             "qkv_spec": [None if s is None else s if isinstance(s, str) else list(s)
                          for s in qkv.sharding.spec],
             "sharded_leaves": sharded_leaves(state)}), flush=True)
@@ -153,7 +146,7 @@ def check_pallas() -> None:
             text = jax.jit(lambda p, b: pallas.apply(p, **b)).lower(params, inp).as_text()
         print(json.dumps({"check": "pallas", "mesh": mesh, "rules": rules,
                           "loss_rel": abs(float(value) - float(ref_loss)) / float(ref_loss),
-                          "grads_rel": rel(grads, ref_grads),
+                          "grads_rel": norm_rel_err(grads, ref_grads),
                           "shard_map": "shard_map" in text or "manual" in text}), flush=True)
 
 

@@ -70,13 +70,13 @@ def test_partitioner_errors_are_clear():
 
 def test_models_run_unchanged_without_a_mesh_and_under_one():
     """Activation constraints are no-ops without rules, and harmless on a 1-device mesh."""
-    from jdit.models import build
+    from jdit.models import build, init_params
 
     m = build(dict(family="pixart", input_size=8, patch_size=2, in_channels=4, hidden_size=32,
                    depth=2, num_heads=2, caption_channels=16, learn_sigma=False))
     inputs = m.example_inputs(batch=2)
-    params = m.init(jax.random.PRNGKey(0), **inputs)
-    plain = m.apply(params, **inputs)
+    params = {"params": init_params(m, jax.random.PRNGKey(0))}
+    plain = jax.jit(m.apply)(params, **inputs)
     part = Partitioner.from_config({"mesh": {"data": 1}, "rules": "fsdp_tp"})
     with part.activate():
         constrained = jax.jit(m.apply)(params, **inputs)

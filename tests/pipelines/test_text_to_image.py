@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from jdit.testing import tiny_pipelines
 from jdit.pipelines import ClassToImage, TextToImage
 from jdit.pipelines.output import resize_and_crop
+from jdit.testing import tiny_pipelines
 
 PROMPTS = ["A Red Circle in the top left ", "a happy cactus in the desert with a small blue cup"]
 TOL = 1e-3
@@ -105,7 +105,8 @@ def test_pixart_alpha_1024_layout_with_micro_conditions(tmp_path):
     assert np.abs(got - want).max() <= TOL
 
 
-def test_outputs_binning_solvers_and_errors(sigma):
+@pytest.mark.slow
+def test_outputs_binning_solvers_and_tiling(sigma):
     folder, _ = sigma
     pipe = TextToImage.from_pretrained(folder)
     images = pipe("a red circle", num_steps=4, output_type="pil", num_images_per_prompt=2,
@@ -125,6 +126,11 @@ def test_outputs_binning_solvers_and_errors(sigma):
     exact = pipe("a cat", vae_tiling="exact", vae_tile=3, **common)
     np.testing.assert_allclose(exact, whole, atol=1e-5)
     assert pipe("a cat", vae_tiling="blended", vae_tile=4, **common).shape == whole.shape
+
+
+def test_bad_arguments_are_refused_before_anything_runs(sigma):
+    folder, _ = sigma
+    pipe = TextToImage.from_pretrained(folder)
     with pytest.raises(ValueError, match="vae_tiling"):
         pipe("a cat", vae_tiling="tiles")
     with pytest.raises(ValueError, match="output_type"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma2Model
 import jdit
 from jdit.testing.tiny_pipelines import gemma_tokenizer
 from jdit.weights.state_dict import CheckpointMismatchError
+from tests.helpers import rel_err
 
 PROMPTS = ["a red circle in the top left", "", "big happy cat " * 30, "a dog on the moon"]
 
@@ -42,10 +44,6 @@ def batch(vocab, seed=1):
     return ids, mask
 
 
-def rel(a, b):
-    return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
-
-
 @pytest.mark.parametrize("overrides", [{}, {"attn_logit_softcapping": None, "sliding_window": 64,
                                             "num_key_value_heads": 4}])
 def test_last_hidden_state_matches_transformers(tmp_path, overrides):
@@ -57,13 +55,13 @@ def test_last_hidden_state_matches_transformers(tmp_path, overrides):
         want = reference(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
     module, params = jdit.text.from_pretrained(tmp_path)
     assert isinstance(module, jdit.text.Gemma2Encoder)
-    got = module.apply({"params": params}, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy()))
+    got = jax.jit(module.apply)({"params": params}, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy()))
     # right padding: every position sees only itself and earlier tokens, so all of them agree
-    assert got.shape == want.shape and rel(got, want) <= 1e-4
+    assert got.shape == want.shape and rel_err(got, want) <= 1e-4
     # bfloat16 compute: same numbers within bfloat16 precision
     m16, p16 = jdit.text.from_pretrained(tmp_path, dtype=jnp.bfloat16)
-    got16 = m16.apply({"params": p16}, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy()))
-    assert got16.dtype == jnp.float32 and rel(got16, want) < 0.1
+    got16 = jax.jit(m16.apply)({"params": p16}, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy()))
+    assert got16.dtype == jnp.float32 and rel_err(got16, want) < 0.1
 
 
 def test_causal_lm_folder_and_bad_folders(tmp_path):
@@ -74,8 +72,8 @@ def test_causal_lm_folder_and_bad_folders(tmp_path):
     with torch.no_grad():
         want = reference.model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
     module, params = jdit.text.from_pretrained(tmp_path / "lm")
-    got = module.apply({"params": params}, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy()))
-    assert rel(got, want) <= 1e-4
+    got = jax.jit(module.apply)({"params": params}, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy()))
+    assert rel_err(got, want) <= 1e-4
     (tmp_path / "odd").mkdir()
     cfg_json = json.loads((tmp_path / "lm" / "config.json").read_text())
     (tmp_path / "odd" / "config.json").write_text(json.dumps(

@@ -28,6 +28,7 @@ from jdit.nn import LOGICAL_AXES, abstract_params
 from jdit.parallel.rules import RULE_TABLES, rules_for, spec_for
 from jdit.weights import CheckpointMismatchError, read_safetensors, write_safetensors
 from jdit.weights.state_dict import flatten
+from tests.helpers import rel_err
 
 CONFIG = dict(vocab_size=200, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
               relative_attention_num_buckets=32, relative_attention_max_distance=128)
@@ -68,12 +69,8 @@ def reference(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> 
 
 def run(folder, ids, mask, **kwargs) -> np.ndarray:
     t5, params = jdit.text.from_pretrained(folder, **kwargs)
-    return np.asarray(t5.apply({"params": params}, jnp.asarray(ids.numpy()),
+    return np.asarray(jax.jit(t5.apply)({"params": params}, jnp.asarray(ids.numpy()),
                                jnp.asarray(mask.numpy())), np.float32)
-
-
-def rel_err(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @pytest.mark.parametrize("feed_forward", ["gated-gelu", "relu", "gated-silu", "gelu"])
@@ -103,10 +100,10 @@ def test_relative_bias_and_norms_matter(tmp_path):
     random_encoder().save_pretrained(tmp_path)
     ids, mask = padded_batch()
     t5, params = jdit.text.from_pretrained(tmp_path)
-    out = t5.apply({"params": params}, ids.numpy(), mask.numpy())
+    out = jax.jit(t5.apply)({"params": params}, ids.numpy(), mask.numpy())
     for key in ("relative_attention_bias", "final_norm"):
         changed = dict(params, **{key: jax.tree.map(jnp.ones_like, params[key])})
-        assert rel_err(np.asarray(t5.apply({"params": changed}, ids.numpy(), mask.numpy())),
+        assert rel_err(np.asarray(jax.jit(t5.apply)({"params": changed}, ids.numpy(), mask.numpy())),
                        np.asarray(out)) > 1e-2, key
 
 
@@ -118,7 +115,7 @@ def test_bfloat16_compute_stays_close(tmp_path):
     assert rel_err(run(tmp_path, ids, mask, dtype=jnp.bfloat16), want) <= 2e-2
     t5, params = jdit.text.from_pretrained(tmp_path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
-    got = t5.apply({"params": params}, ids.numpy(), mask.numpy())
+    got = jax.jit(t5.apply)({"params": params}, ids.numpy(), mask.numpy())
     assert rel_err(np.asarray(got, np.float32), want) <= 5e-2
 
 

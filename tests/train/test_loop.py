@@ -41,6 +41,7 @@ def losses(workdir: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["loss"]) for m in read_jsonl(workdir / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_reaches_the_same_losses(tmp_path):
     config = tiny("shapes_tiny")
     train(config, tmp_path / "straight", quiet=True)
@@ -53,6 +54,7 @@ def test_interrupted_and_resumed_run_reaches_the_same_losses(tmp_path):
     assert straight == resumed  # bit-exact: same batches, same RNG, same state
 
 
+@pytest.mark.slow
 def test_outputs_sample_and_eval_commands(tmp_path):
     config = tiny("digits_tiny", ["train.sample_every=4"])
     train(config, tmp_path, quiet=True)
@@ -67,6 +69,7 @@ def test_outputs_sample_and_eval_commands(tmp_path):
     assert set(result) >= {"step", "digit_accuracy", "frechet_distance", "frechet_distance_real"}
 
 
+@pytest.mark.slow
 def test_changed_config_in_an_existing_workdir_is_refused(tmp_path):
     train(tiny("digits_tiny"), tmp_path, quiet=True)
     train(tiny("digits_tiny", ["train.steps=5"]), tmp_path, quiet=True)  # more steps is fine

@@ -63,6 +63,7 @@ STAGES = ["pixart_alpha.py:256", "pixart_alpha.py:512", "pixart_alpha.py:1024",
           "dit_imagenet.py:512"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", STAGES)
 def test_recipe_runs_at_toy_width(tmp_path, spec):
     multi_aspect = spec.endswith((":1024", ":1024_kv", ":2k"))
@@ -100,6 +101,7 @@ def test_feature_cache_batches_are_one_bucket_and_deterministic(tmp_path):
                                first["latent"].astype(np.float32) * np.float32(0.18215))
 
 
+@pytest.mark.slow
 def test_next_stage_starts_from_the_previous_one(tmp_path):
     make_cache(tmp_path / "cache", text=True, sizes=[(8, 8)])
     train(recipe("pixart_sigma.py:256", tmp_path / "cache"), tmp_path / "s256", quiet=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -64,9 +65,10 @@ def inputs(b, hw, caption_len, caption_channels, valid, seed=1):
 
 
 def jdit_forward(module, params, x, t, y, mask, **extra):
-    out = module.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()),
-                       context=jnp.asarray(y.numpy()), context_mask=jnp.asarray(mask.numpy()),
-                       **{k: jnp.asarray(v.numpy()) for k, v in extra.items()})
+    out = jax.jit(module.apply)(
+        {"params": params}, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()),
+        context=jnp.asarray(y.numpy()), context_mask=jnp.asarray(mask.numpy()),
+        **{k: jnp.asarray(v.numpy()) for k, v in extra.items()})
     return np.asarray(out)
 
 

@@ -1,0 +1,108 @@
+"""Config files: every section's defaults in one place, overrides of omitted fields, typos
+refused before anything is built or compiled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import pytest
+
+import jdit
+from jdit.cli import main as cli_main
+from jdit.config import DATA, SECTIONS, complete, load_config, required, section
+from jdit.train.tasks import TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ROOT / "configs" / "shapes_tiny.py"
+
+
+def test_an_omitted_field_with_a_default_can_be_overridden():
+    written = load_config(SHAPES, fill_defaults=False)
+    omitted = {"model": "dtype", "train": "accumulate", "diffusion": "weighting",
+               "optim": "eps", "distill": "teacher"}
+    for name, key in omitted.items():
+        assert key not in written.get(name, {}), (name, key)  # the file does not name them
+    config = load_config(SHAPES, ["model.dtype=bfloat16", "train.accumulate=2",
+                                  "diffusion.weighting=min_snr", "optim.eps=1e-6",
+                                  "parallel.mesh.context=1", "model.scan_layers=True"])
+    assert config.model.dtype == "bfloat16" and config.train.accumulate == 2
+    assert config.diffusion.weighting == "min_snr" and config.optim.eps == 1e-6
+    assert config.parallel.mesh.context == 1 and config.model.scan_layers is True
+    module = jdit.models.build(config.model)
+    assert module.dtype == jnp.bfloat16 and module.scan_layers
+    # what the file says stays; the rest takes the one default
+    assert config.train.steps == written.train.steps
+    assert config.train.seed == SECTIONS["train"]["seed"]
+    assert config.sample.solver == written.sample.solver
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.stepz=3", "'train.stepz'"),
+    ("model.hidden_sise=3", "'model.hidden_sise'"),
+    ("optimizer.lr=3", "'optimizer'"),
+    ("parallel.mesh.pipeline=2", "'parallel.mesh.pipeline'"),
+])
+def test_a_typo_is_refused_naming_the_valid_keys(override, named):
+    with pytest.raises(ValueError, match=f"unknown config key {named}") as e:
+        load_config(SHAPES, [override])
+    assert "keys here" in str(e.value)
+
+
+def test_a_typo_on_the_command_line_fails_before_anything_is_built(tmp_path, monkeypatch):
+    import jdit.train.loop as loop
+
+    def never(*args, **kwargs):
+        raise AssertionError("the run was started")
+
+    monkeypatch.setattr(loop, "train", never)
+    with pytest.raises(ValueError, match="unknown config key 'train.stepz'.*'steps'"):
+        cli_main(["train", "--config", str(SHAPES), "--workdir", str(tmp_path / "run"),
+                  "--config.train.stepz=3"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_sections_and_data_tasks_agree_with_the_code():
+    assert set(DATA) == set(TASKS)
+    for name, values in DATA.items():
+        assert values["name"] == name
+    with pytest.raises(ValueError, match="data.name must be one of"):
+        section("data", {"name": "imagenet"})
+    with pytest.raises(ValueError, match=r"unknown config keys \['optim.lr_decay'\]"):
+        section("optim", {"lr": 1e-3, "lr_decay": 0.5})
+    with pytest.raises(ValueError, match="unknown config sections"):
+        complete({"model": {"family": "dit"}, "trainer": {}})
+    # required keys are named together, the command line being the way to set them
+    c = complete({"model": {"family": "dit"}, "data": {"name": "feature_cache"}, "train": {},
+                  "optim": {}})
+    with pytest.raises(ValueError, match=r"config keys \['data.path', 'train.steps', "
+                                         r"'train.batch_size', 'optim.lr'\] must be set"):
+        required(c)
+    required(c, ["model.family"])  # only the keys asked for
+
+
+def test_completion_is_idempotent_and_a_run_written_before_a_default_resumes(tmp_path):
+    from jdit.train.loop import _save_config
+
+    config = complete(load_config(SHAPES))
+    assert complete(config) == config
+    assert set(config) == {"model", "data", "diffusion", "optim", "train", "sample", "parallel",
+                           "distill"}
+    # config.json of an older run: the file's sections as written, no defaults filled in
+    older = load_config(SHAPES, fill_defaults=False).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    _save_config(tmp_path, json.loads(json.dumps(config)))  # same run: accepted
+    changed = json.loads(json.dumps(config))
+    changed["optim"]["lr"] = 0.5
+    with pytest.raises(ValueError, match="holds a different config"):
+        _save_config(tmp_path, changed)
+
+
+def test_architecture_configs_hold_the_model_and_its_pipeline_facts():
+    config = load_config(ROOT / "configs" / "pixart_sigma_xl2_1024.py",
+                         ["pipeline.caption_length=120"])
+    assert set(config) == {"model", "pipeline"}
+    assert config.pipeline.caption_length == 120 and config.pipeline.latent_scale == 0.13025
+    with pytest.raises(ValueError, match="unknown config key 'train'"):
+        load_config(ROOT / "configs" / "pixart_sigma_xl2_1024.py", ["train.steps=3"])

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdit.autoencoders import AutoencoderKL, decode_tiled, decode_tiled_exact
-from jdit.nn.init import abstract_params, init_params
+from jdit.nn.init import abstract_params, init_params, perturbed
 
 GiB = 2 ** 30
 
@@ -50,11 +50,7 @@ def run(size: int = 64, widths: Sequence[int] = (32, 64, 128, 128), tile: int = 
     log = log or (lambda s: print(s, file=sys.stderr))
     vae = AutoencoderKL(block_out_channels=tuple(widths), layers_per_block=2,
                         norm_num_groups=min(16, *widths))
-    params = init_params(vae, jax.random.PRNGKey(1))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-    params = tree.unflatten([a + 0.05 * jax.random.normal(k, a.shape)
-                             for a, k in zip(leaves, keys, strict=True)])
+    params = perturbed(init_params(vae, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))
     z = _smooth_latents(size)
     out: dict[str, Any] = {"latents": list(z.shape), "image_px": size * vae.scale_factor,
                            "widths": list(widths), "tile": tile, "overlap": overlap, "ways": {}}

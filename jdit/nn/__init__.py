@@ -20,7 +20,7 @@ from jdit.nn.embeddings import (
     timestep_sinusoid,
     unpatchify,
 )
-from jdit.nn.init import abstract_params, init_params
+from jdit.nn.init import abstract_params, init_params, perturbed
 from jdit.nn.layers import LOGICAL_AXES, AffineLayerNorm, Dense, Mlp, RMSNorm, layer_norm, modulate
 from jdit.nn.linear_attention import LinearSelfAttention, linear_attention
 from jdit.nn.mix_ffn import DepthwiseConv, MixFFN
@@ -29,7 +29,7 @@ from jdit.nn.stack import REMAT_POLICIES, run_blocks, stack_params, unstack_para
 
 __all__ = [
     "ATTENTION_IMPLS", "KV_COMPRESS_MODES", "LOGICAL_AXES", "REMAT_POLICIES",
-    "AdaLNModulation", "abstract_params", "init_params", "AffineLayerNorm", "CrossAttention", "Dense", "DepthwiseConv",
+    "AdaLNModulation", "abstract_params", "init_params", "perturbed", "AffineLayerNorm", "CrossAttention", "Dense", "DepthwiseConv",
     "FinalLayer", "KVCompress", "LabelEmbedder", "LinearSelfAttention", "Mlp", "MixFFN",
     "PatchEmbed", "RMSNorm", "SelfAttention", "TimestepEmbedder",
     "compressed_length", "dot_product_attention", "layer_norm", "linear_attention", "modulate",

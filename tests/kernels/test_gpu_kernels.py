@@ -26,7 +26,7 @@ def test_flash_values_and_gradients(lq, lk, d):
     got = gpu.flash_attention(q, k, v, kv_mask=mask, interpret=True, block_q=32, block_k=32)
     want = reference.flash_attention(q, k, v, kv_mask=mask)
     assert norm_rel_err(got, want) <= 1e-4
-    f = lambda fn: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), (0, 1, 2))(q, k, v)  # noqa: E731
+    f = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), (0, 1, 2)))(q, k, v)  # noqa: E731
     for g, w in zip(f(lambda *a: gpu.flash_attention(*a, kv_mask=mask, interpret=True)),
                     f(lambda *a: reference.flash_attention(*a, kv_mask=mask)), strict=True):
         assert norm_rel_err(g, w) <= 1e-4
@@ -38,9 +38,9 @@ def test_linear_values_and_gradients(chunk):
     got = gpu.linear_attention(q, k, v, chunk_size=chunk, interpret=True, block_size=32)
     want = reference.linear_attention(q, k, v, chunk_size=chunk)
     assert norm_rel_err(got, want) <= 1e-4
-    g = jax.grad(lambda q: jnp.sum(gpu.linear_attention(q, k, v, chunk_size=chunk,
-                                                        interpret=True)))(q)
-    w = jax.grad(lambda q: jnp.sum(reference.linear_attention(q, k, v, chunk_size=chunk)))(q)
+    g = jax.jit(jax.grad(lambda q: jnp.sum(gpu.linear_attention(q, k, v, chunk_size=chunk,
+                                                                interpret=True))))(q)
+    w = jax.jit(jax.grad(lambda q: jnp.sum(reference.linear_attention(q, k, v, chunk_size=chunk))))(q)
     assert norm_rel_err(g, w) <= 1e-4
 
 

@@ -36,13 +36,14 @@ SLOW = pytest.mark.slow  # the quick loop keeps one non-causal and one block-cau
 def test_values_and_gradients_match_the_reference(b, length, h, d, dv, chunk):
     q, k, v = inputs(b, length, h, d, dv)
     kw = dict(chunk_size=chunk)
-    out = linear_attention(q, k, v, interpret=True, block_size=128, **kw)
+    # compiled: the interpreted kernel runs op by op otherwise, several times slower
+    attend = jax.jit(lambda *a: linear_attention(*a, interpret=True, block_size=128, **kw))
+    out = attend(q, k, v)
     assert out.shape == v.shape and norm_rel_err(out, reference.linear_attention(q, k, v, **kw)) <= 1e-4
     w = jax.random.normal(jax.random.PRNGKey(5), out.shape)
-    got = jax.grad(lambda *a: jnp.sum(linear_attention(*a, interpret=True, block_size=128, **kw)
-                                      * w), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(lambda *a: jnp.sum(reference.linear_attention(*a, **kw) * w),
-                    argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(attend(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(lambda *a: jnp.sum(reference.linear_attention(*a, **kw) * w),
+                            argnums=(0, 1, 2)))(q, k, v)
     for g, gw in zip(got, want, strict=True):
         assert norm_rel_err(g, gw) <= 1e-4
 
@@ -64,16 +65,17 @@ def test_bfloat16_and_tpu_semantics_interpreter():
 
     q, k, v = inputs(1, 40, 2, 16, 16, jnp.bfloat16)
     want = reference.linear_attention(*(x.astype(jnp.float32) for x in (q, k, v)))
-    out = linear_attention(q, k, v, interpret=True)
+    out = jax.jit(lambda *a: linear_attention(*a, interpret=True))(q, k, v)
     assert out.dtype == jnp.bfloat16 and norm_rel_err(out, want) <= 2e-2
     params = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
-    assert norm_rel_err(linear_attention(q, k, v, chunk_size=16, interpret=params),
-               reference.linear_attention(q, k, v, chunk_size=16)) <= 2e-2
+    out = jax.jit(lambda *a: linear_attention(*a, chunk_size=16, interpret=params))(q, k, v)
+    assert norm_rel_err(out, reference.linear_attention(q, k, v, chunk_size=16)) <= 2e-2
     # ragged in rows and lanes: edge tiles hold undefined values (NaN here), which must not leak
     q, k, v = inputs(1, 44, 5, 32, 32)
     for chunk in (None, 16):
         kw = dict(chunk_size=chunk)
-        out = linear_attention(q, k, v, interpret=params, block_size=16, **kw)
+        out = jax.jit(lambda *a, kw=kw: linear_attention(*a, interpret=params, block_size=16,
+                                                         **kw))(q, k, v)
         assert norm_rel_err(out, reference.linear_attention(q, k, v, **kw)) <= 1e-4
 
 

@@ -9,6 +9,7 @@ import pytest
 
 import jdit
 from jdit.models import lit
+from jdit.nn import perturbed
 from jdit.train.step import make_loss_fn
 from jdit.weights.state_dict import flatten
 
@@ -16,17 +17,9 @@ TEACHER = dict(family="pixart", input_size=8, patch_size=2, in_channels=4, hidde
                depth=2, num_heads=4, caption_channels=16, learn_sigma=True)
 
 
-@jax.jit
-def _perturb(params, key):
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape)
-                                     for p, k in zip(leaves, keys, strict=True)])
-
-
 def noisy(params, seed):
     """Random weights everywhere (the zero-initialised output layers included)."""
-    return _perturb(params, jax.random.key(seed))
+    return perturbed(params, jax.random.key(seed), 0.1)
 
 
 def teacher_and_student(learn_sigma=True):
@@ -61,7 +54,7 @@ def _batch(rng):
             "context_mask": jnp.ones((2, 5), jnp.int32)}
 
 
-@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+@pytest.mark.parametrize("objective", [pytest.param("ddpm", marks=pytest.mark.slow), "flow"])
 def test_distillation_adds_the_teacher_terms(objective):
     teacher, t_params, _ = teacher_and_student(learn_sigma=objective == "ddpm")
     diffusion = {"objective": objective, "flow_shift": 3.0}

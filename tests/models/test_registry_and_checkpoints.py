@@ -91,11 +91,14 @@ def test_save_and_load_round_trip_across_layouts(tmp_path):
     assert config["format"] == "jdit" and config["model"]["kv_compress_layers"] == [2]
     assert "scan_layers" not in config["model"]
     inputs = module.example_inputs(batch=2)
-    ref = jax.jit(module.apply)({"params": params}, **inputs)
+    apply = jax.jit(module.apply)
+    ref = apply({"params": params}, **inputs)
     for scan in (False, True):
         loaded, p = jdit.models.from_pretrained(tmp_path / "ck", scan_layers=scan)
-        np.testing.assert_array_equal(np.asarray(jax.jit(loaded.apply)({"params": p}, **inputs)),
-                                      np.asarray(ref))
+        # the same module back (scanned): its program is the one compiled for the reference
+        assert (loaded == module) == scan
+        fn = apply if scan else jax.jit(loaded.apply)
+        np.testing.assert_array_equal(np.asarray(fn({"params": p}, **inputs)), np.asarray(ref))
     jdit.models.save_pretrained(module, params, tmp_path / "ck", overwrite=True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jdit.config import load_config  # noqa: E402
+from jdit.nn import perturbed  # noqa: E402
 from jdit.train.checkpoint import Checkpointer  # noqa: E402
 from jdit.train.loop import Run  # noqa: E402
 from tests.helpers import norm_rel_err  # noqa: E402
@@ -76,10 +77,7 @@ def check_sampling() -> None:
     single = make_run({"data": 1}, "dp", jax.devices()[:1])
     # Random weights everywhere (the zero-initialised output layers would make the model 0).
     params = single.sharded_init().params
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
-    params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
-                                       for p, k in zip(leaves, keys, strict=True)])
+    params = perturbed(params, jax.random.PRNGKey(7))
     prompts = [single.task.shapes.caption(p) for p in single.task.shapes.prompts("single", "heldout")[:8]]
     cond = single.task.encode(prompts)
     ref = single.generate(params, cond, seed=3, num_steps=4)
@@ -131,8 +129,7 @@ def check_pallas() -> None:
     inp.update(x=jax.random.normal(key, inp["x"].shape), t=jnp.linspace(10.0, 900.0, 4),
                context=jax.random.normal(key, inp["context"].shape),
                context_mask=jnp.array([[1] * 7, [1] * 3 + [0] * 4] * 2))
-    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(key, p.shape),
-                          xla.init(key, **inp))
+    params = perturbed(xla.init(key, **inp), key)
 
     def loss(m, p, batch):
         return jnp.mean(m.apply(p, **batch) ** 2)

@@ -43,6 +43,7 @@ def sigma(tmp_path_factory):
     return folder, tiny_pipelines.text_to_image(folder, "sigma")
 
 
+@pytest.mark.slow  # the whole pipeline against diffusers; its parts have quick parity tests
 def test_pixart_sigma_pipeline_matches_diffusers(sigma):
     folder, reference = sigma
     nchw, nhwc = _latents((2, 4, 8, 8))
@@ -74,6 +75,7 @@ def sana(tmp_path_factory):
     return folder, tiny_pipelines.sana(folder)
 
 
+@pytest.mark.slow  # the whole pipeline against diffusers; its parts have quick parity tests
 def test_sana_pipeline_matches_diffusers(sana):
     """Gemma-2 features of the instruction-prefixed prompt (first + last 299 kept), flow
     DPM-Solver++, DC-AE decode: as diffusers' SanaPipeline."""

@@ -7,11 +7,14 @@ ignored on restore.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+_LIST_ATTEMPTS = 5
 
 
 class Checkpointer:
@@ -23,14 +26,20 @@ class Checkpointer:
         watching a run that is still training: a writer removes unfinished temporaries on open,
         which would break a save in flight)."""
         self.every = every
-        self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=None if read_only else keep, create=not read_only,
-                read_only=read_only,
-                enable_async_checkpointing=async_save and not read_only,
-                cleanup_tmp_directories=not read_only),
-        )
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
+            enable_async_checkpointing=async_save and not read_only,
+            cleanup_tmp_directories=not read_only)
+        # A live run deletes its oldest step as it saves a new one; a reader listing the
+        # directory at that moment finds a step gone before it could read it: list again.
+        for attempt in range(_LIST_ATTEMPTS):
+            try:
+                self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+                break
+            except FileNotFoundError:
+                if not read_only or attempt == _LIST_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -26,8 +26,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import jax
 
     import jdit
+    from jdit.weights.jdit_folder import check_destination
 
     overrides = _overrides(args.set)
+    check_destination(args.dst, args.overwrite)  # before minutes of reading the source
     print(f"reading {args.src} ...", file=sys.stderr)
     module, params = jdit.models.from_pretrained(args.src, state_dict_key=args.state_dict_key,
                                                  **overrides)
@@ -318,11 +320,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
         return run_bench(argv[1], argv[2:])
     args, extra = build_parser().parse_known_args(argv)
-    if getattr(args, "takes_extra", False):
-        return int(args.func(args, extra))
-    if extra:
+    if extra and not getattr(args, "takes_extra", False):
         raise SystemExit(f"jdit: unrecognised arguments {extra}")
-    return int(args.func(args))
+    try:
+        return int(args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args))
+    except (ValueError, KeyError, OSError) as e:
+        # bad input (a path, a file, a config value): one line naming it, not a traceback
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"jdit {args.command}: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

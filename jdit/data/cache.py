@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -39,6 +38,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from jdit.files import atomic_write
 from jdit.weights.safetensors_io import DTYPES, read_safetensors, write_safetensors
 
 _SAFETENSORS_DTYPES = frozenset(DTYPES.values())
@@ -64,17 +64,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, json.dumps(obj, separators=(",", ":")))
 
 
 def _dtype_name(dtype: np.dtype) -> str:

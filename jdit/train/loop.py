@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jdit.config import complete, required
+from jdit.files import atomic_write, check_replaceable
 from jdit.models import build
 from jdit.parallel import Partitioner
 from jdit.parallel.distributed import is_primary
@@ -32,6 +33,16 @@ from jdit.train.optim import learning_rate, make_optimizer
 from jdit.train.step import TrainState, init_state, make_train_step
 from jdit.train.tasks import make_task
 from jdit.train.writers import MetricsWriter, save_grid
+
+
+def is_run_directory(path: str | Path) -> bool:
+    """A folder ``jdit train`` wrote: its ``config.json`` holds a run's model and train sections."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("model"), dict) \
+        and isinstance(config.get("train"), dict)
 
 
 def _save_config(workdir: Path, config: dict[str, Any]) -> None:
@@ -44,7 +55,7 @@ def _save_config(workdir: Path, config: dict[str, Any]) -> None:
         if json.loads(text) != steps_only:
             raise ValueError(f"{path} holds a different config; use a new workdir (only "
                              "train.steps may change when resuming)")
-    path.write_text(text)
+    atomic_write(path, text)
 
 
 class _Stop:
@@ -191,6 +202,8 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
     """
     workdir = Path(workdir)
     primary = is_primary()  # with several hosts, one writes the run's files
+    # a run writes, rotates and deletes checkpoints here: never in a folder of the user's files
+    check_replaceable(workdir, ours=is_run_directory, what="a jdit run directory")
     workdir.mkdir(parents=True, exist_ok=True)
     run = Run(config)
     c, task = run.config, run.task

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from jdit.files import atomic_write
+
 # --- TFRecord framing ------------------------------------------------------------------------
 
 def _crc32c_table() -> list[int]:
@@ -152,11 +154,7 @@ def write_png(path: str | Path, image: np.ndarray) -> None:
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(png)
-    os.replace(tmp, path)
+    atomic_write(path, png)
 
 
 def save_grid(path: str | Path, images: np.ndarray, columns: int | None = None,

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from jdit.files import check_replaceable
 from jdit.weights.safetensors_io import read_safetensors, write_safetensors
 from jdit.weights.state_dict import Tree, flatten, unflatten
 
@@ -35,11 +36,19 @@ def is_jdit_checkpoint(folder: str | Path) -> bool:
         return False
 
 
+def check_destination(folder: str | Path, overwrite: bool = False) -> None:
+    """Raise unless a checkpoint may be written at ``folder``: absent, empty, or (with
+    ``overwrite``) a jdit checkpoint. Never the user's files, whatever ``overwrite`` says."""
+    check_replaceable(folder, ours=is_jdit_checkpoint, what="a jdit checkpoint")
+    if is_jdit_checkpoint(folder) and not overwrite:
+        raise FileExistsError(f"{folder} holds a jdit checkpoint; pass overwrite=True "
+                              "(--overwrite) to replace it")
+
+
 def write_checkpoint(folder: str | Path, architecture: Mapping[str, Any], params: Tree,
                      *, overwrite: bool = False) -> None:
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
+    check_destination(folder, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = folder.parent / f".{folder.name}.tmp-{tag}"

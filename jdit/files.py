@@ -1,0 +1,60 @@
+"""Writing without losing the user's files: atomic writes, and what jdit may replace.
+
+Every file jdit writes goes through :func:`atomic_file` (a temporary sibling, flushed to disk,
+then renamed into place), so a crash or a full disk leaves the previous file, never half of one.
+Every folder jdit replaces or writes into must first pass :func:`check_replaceable`: absent,
+empty, or recognised as jdit's own by its marker (a checkpoint's ``config.json`` format, a run
+directory's ``config.json``). Anything else is the user's and is refused, whatever flag was given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path`` for writing; on a clean exit it is flushed to disk
+    and renamed to ``path``; on an exception it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; expected a file path to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically."""
+    with atomic_file(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def check_replaceable(path: str | os.PathLike, *, ours: Callable[[Path], bool],
+                      what: str) -> None:
+    """Raise ``FileExistsError`` unless ``path`` is absent, an empty folder, or ``ours(path)``
+    (something jdit wrote, told by its marker). ``what`` names jdit's kind of folder in the
+    message, e.g. "a jdit checkpoint"."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not {what}; refusing to replace it")
+    if next(path.iterdir(), None) is None or ours(path):
+        return
+    raise FileExistsError(f"{path} holds files that are not {what}; refusing to replace or write "
+                          "into it (choose another path, or move those files yourself)")

@@ -56,10 +56,14 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     from jdit.config import load_config
-    from jdit.train.loop import train
+    from jdit.train.loop import RunStopped, train
 
     config = load_config(args.config, _config_overrides(extra))
-    metrics = train(config, args.workdir)
+    try:
+        metrics = train(config, args.workdir)
+    except RunStopped as e:  # saved: say so, and let `jdit train ... && next` stop here
+        print(f"jdit train: {e}", file=sys.stderr)
+        return e.exit_code
     print(json.dumps({"workdir": str(args.workdir), **metrics}, indent=2))
     return 0
 

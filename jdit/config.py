@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -159,10 +160,58 @@ def required(config: Mapping[str, Any], keys: Sequence[str] | None = None) -> No
                          "--config.KEY=VALUE)")
 
 
+# What a value must be, checked before anything is built: the bound is inclusive ("> 0" keys
+# must be at least 1 when integers). A key a config does not have is not checked.
+_POSITIVE_INT = ("train.steps", "train.batch_size", "train.log_every", "train.accumulate",
+                 "train.keep_checkpoints", "sample.steps", "model.hidden_size", "model.depth",
+                 "model.num_heads", "model.patch_size", "model.input_size", "data.size",
+                 "data.text_dim", "data.max_length", "pipeline.resolution", "pipeline.vae_factor")
+_NON_NEGATIVE_INT = ("train.sample_every", "train.checkpoint_every", "train.seed",
+                     "optim.warmup_steps")
+_POSITIVE = ("optim.lr", "model.mlp_ratio")
+_NON_NEGATIVE = ("optim.weight_decay", "optim.grad_clip", "sample.guidance_scale",
+                 "diffusion.flow_shift", "train.ema_decay")
+_UINT64 = 2 ** 64
+
+
+def check_values(config: Mapping[str, Any]) -> None:
+    """Refuse counts, sizes and rates that cannot work (a zero batch, a negative step count, a
+    seed beyond 64 bits, a non-finite rate), naming the key and what was expected, before
+    anything is compiled or written. Unset (required) keys are :func:`required`'s to report."""
+    if isinstance(config, ml_collections.ConfigDict):
+        config = config.to_dict()
+    problems = []
+    for keys, integer, low, strict in ((_POSITIVE_INT, True, 0, True),
+                                       (_NON_NEGATIVE_INT, True, 0, False),
+                                       (_POSITIVE, False, 0, True), (_NON_NEGATIVE, False, 0, False)):
+        for key in keys:
+            name, _, field = key.partition(".")
+            values = config.get(name)
+            if not isinstance(values, Mapping) or values.get(field) in (None, REQUIRED, ""):
+                continue
+            value = values[field]
+            kind = "an integer" if integer else "a number"
+            bound = "> 0" if strict else ">= 0"
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and \
+                math.isfinite(value) and (value > low if strict else value >= low) and \
+                (not integer or float(value).is_integer())
+            if not ok:
+                problems.append(f"{key} must be {kind} {bound}, got {value!r}")
+    seed = (config.get("train") or {}).get("seed")
+    if isinstance(seed, int) and seed >= _UINT64:
+        problems.append(f"train.seed must fit in 64 bits (< 2**64), got {seed}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def parse_value(value: str) -> Any:
+    """A Python literal (``3``, ``1e-4``, ``(2, 2)``, ``None``), ``nan`` / ``inf`` as floats, or
+    else the string itself."""
     try:
         return ast.literal_eval(value)
     except (ValueError, SyntaxError):
+        if value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            return float(value)
         return value
 
 
@@ -191,7 +240,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         current = node.get(leaf)
         if isinstance(current, tuple) and isinstance(value, list):
             value = tuple(value)
-        node[leaf] = value
+        try:
+            node[leaf] = value
+        except TypeError:  # ml_collections keeps a field's type: say which key and what it wanted
+            raise ValueError(f"config key {key.strip()!r} must be of type {type(current).__name__} "
+                             f"(like {current!r}), got {value!r}") from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = (), *,
@@ -227,4 +280,5 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), *,
     apply_overrides(config, overrides)
     if fill_defaults:
         complete(config)  # an override may name a section's key it does not have (e.g. family)
+    check_values(config)
     return config

@@ -4,6 +4,7 @@ refused before anything is built or compiled."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ import pytest
 
 import jdit
 from jdit.cli import main as cli_main
-from jdit.config import DATA, SECTIONS, complete, load_config, required, section
+from jdit.config import DATA, SECTIONS, complete, load_config, parse_value, required, section
+from jdit.train.loop import train
 from jdit.train.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,3 +110,27 @@ def test_architecture_configs_hold_the_model_and_its_pipeline_facts():
     assert config.pipeline.caption_length == 120 and config.pipeline.latent_scale == 0.13025
     with pytest.raises(ValueError, match="unknown config key 'train'"):
         load_config(ROOT / "configs" / "pixart_sigma_xl2_1024.py", ["train.steps=3"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=0", "train.batch_size must be an integer > 0, got 0"),
+    ("train.steps=-5", "train.steps must be an integer > 0, got -5"),
+    ("train.log_every=0", "train.log_every must be an integer > 0"),
+    ("train.checkpoint_every=-1", "train.checkpoint_every must be an integer >= 0"),
+    ("model.hidden_size=0", "model.hidden_size must be an integer > 0"),
+    ("model.num_heads=2.5", "model.num_heads must be an integer > 0, got 2.5"),
+    ("optim.lr=nan", "optim.lr must be a number > 0, got nan"),
+    ("sample.guidance_scale=inf", "sample.guidance_scale must be a number >= 0, got inf"),
+    ("train.seed=18446744073709551616", "train.seed must fit in 64 bits"),
+])
+def test_values_that_cannot_work_are_refused_naming_the_key(override, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(override.partition("=")[0])):
+        load_config(SHAPES, [override])  # named: by the check, or as a value of the wrong type
+    # and a config built in code is checked by the loop before anything is written
+    config = load_config(SHAPES).to_dict()
+    section, _, rest = override.partition(".")
+    key, _, value = rest.partition("=")
+    config[section][key] = parse_value(value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(config, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()

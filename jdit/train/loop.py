@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jdit.config import complete, required
+from jdit.config import check_values, complete, required
 from jdit.files import atomic_write, check_replaceable
 from jdit.models import build
 from jdit.parallel import Partitioner
@@ -58,15 +58,29 @@ def _save_config(workdir: Path, config: dict[str, Any]) -> None:
     atomic_write(path, text)
 
 
+class RunStopped(Exception):
+    """A run stopped by SIGTERM or Ctrl-C after saving its state: it resumes from ``step`` when
+    started again. ``exit_code`` is the shell's convention for the signal (128 + its number)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        super().__init__(f"stopped at step {step} by {signal.Signals(signum).name} (resumable: "
+                         "the same command continues the run)")
+        self.step, self.signum, self.exit_code = step, signum, 128 + signum
+
+
 class _Stop:
     """Turns SIGTERM (and SIGINT) into a flag the loop checks after each step."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signum: int | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
     def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        self.signum = signum
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
@@ -120,6 +134,7 @@ class TrainSetup:
         self.config = complete(config)
         c = self.config
         required(c, ["train.steps", "optim.lr"])
+        check_values(c)
         self.module = build(c["model"])
         steps = int(c["train"]["steps"])
         self.lr = learning_rate(c["optim"], steps)
@@ -198,17 +213,24 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
     """Train (or resume) in ``workdir``; returns the last logged metrics.
 
     ``stop_after`` ends the run after that many steps in this call, saving a checkpoint, as a
-    SIGTERM would (used by the resume tests).
+    SIGTERM would (used by the resume tests), and returns. A SIGTERM or Ctrl-C saves, then raises
+    :class:`RunStopped`. Bad values, a workdir of someone else's files, a different config or a
+    ``train.steps`` below the step the run has reached are refused before anything is compiled
+    or written.
     """
     workdir = Path(workdir)
     primary = is_primary()  # with several hosts, one writes the run's files
     # a run writes, rotates and deletes checkpoints here: never in a folder of the user's files
     check_replaceable(workdir, ours=is_run_directory, what="a jdit run directory")
-    workdir.mkdir(parents=True, exist_ok=True)
     run = Run(config)
     c, task = run.config, run.task
     tc = c["train"]
     steps, log_every, sample_every = int(tc["steps"]), int(tc["log_every"]), int(tc["sample_every"])
+    reached = _reached_step(workdir)
+    if reached is not None and reached > steps:
+        raise ValueError(f"train.steps={steps} is below step {reached}, which the run in {workdir} "
+                         "has reached; ask for at least that many steps, or use a new workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
     if primary:
         _save_config(workdir, c)
 
@@ -246,7 +268,7 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
                file=sys.stderr, dynamic_ncols=True)
     last: dict[str, Any] = {}
     batches = prefetch(run.batch, start, steps)
-    t0, n0 = time.perf_counter(), start
+    t0, n0, done = time.perf_counter(), start, start
     try:
         for step, batch in zip(range(start, steps), batches, strict=True):
             with part.activate():
@@ -277,7 +299,15 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
         ckpt.close()
         if writer is not None:
             writer.close()
+    if stop.signum is not None:
+        raise RunStopped(done, stop.signum)
     return last
+
+
+def _reached_step(workdir: Path) -> int | None:
+    if not (workdir / "checkpoints").is_dir():
+        return None
+    return Checkpointer(workdir / "checkpoints", every=0, read_only=True).latest_step()
 
 
 def init_from(state: TrainState, run: Run, path: str) -> TrainState:

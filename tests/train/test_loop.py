@@ -75,6 +75,11 @@ def test_changed_config_in_an_existing_workdir_is_refused(tmp_path):
     train(tiny("digits_tiny", ["train.steps=5"]), tmp_path, quiet=True)  # more steps is fine
     with pytest.raises(ValueError, match="holds a different config"):
         train(tiny("digits_tiny", ["optim.lr=0.5"]), tmp_path, quiet=True)
+    # fewer steps than the run has reached: refused before the run's config is rewritten
+    before = (tmp_path / "config.json").read_bytes()
+    with pytest.raises(ValueError, match="train.steps=3 is below step 5, which the run"):
+        train(tiny("digits_tiny", ["train.steps=3"]), tmp_path, quiet=True)
+    assert (tmp_path / "config.json").read_bytes() == before
 
 
 def _start(workdir: Path, steps: int, checkpoint_every: int) -> subprocess.Popen:
@@ -104,8 +109,11 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc = _start(tmp_path, steps=100_000, checkpoint_every=100_000)
     _wait_for_steps(tmp_path, 3, proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-3000:]
+    code, err = proc.wait(timeout=120), proc.stderr.read().decode()
+    # saved, and not a success: `jdit train ... && next-step` stops here
+    assert code == 128 + signal.SIGTERM, err[-3000:]
     done = len(read_jsonl(tmp_path / "metrics.jsonl"))
+    assert f"stopped at step {done} by SIGTERM (resumable" in err
     assert Checkpointer(tmp_path / "checkpoints", every=0, read_only=True).latest_step() == done
 
 

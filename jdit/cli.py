@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     from jdit.config import load_config
-    from jdit.train.loop import RunStopped, train
+    from jdit.train.loop import RunStopped, TrainingDiverged, train
 
     config = load_config(args.config, _config_overrides(extra))
     try:
@@ -64,6 +64,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     except RunStopped as e:  # saved: say so, and let `jdit train ... && next` stop here
         print(f"jdit train: {e}", file=sys.stderr)
         return e.exit_code
+    except TrainingDiverged as e:
+        print(f"jdit train: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({"workdir": str(args.workdir), **metrics}, indent=2))
     return 0
 

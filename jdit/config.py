@@ -47,10 +47,12 @@ SECTIONS: dict[str, dict[str, Any]] = {
     # step; EMA decay ``min(ema_decay, (1 + step) / (10 + step))`` with ``ema_warmup``;
     # ``init_from`` a previous stage's workdir or any checkpoint from_pretrained reads;
     # ``per_device_batch`` is what ``jdit aot`` compiles for (None: batch_size / batch shards).
+    # ``nonfinite``: what a step with a NaN / inf loss, gradient or result does: "stop" the run
+    # (exit non-zero, checkpoints intact) or "skip" it (counted as ``skipped_steps``).
     "train": dict(steps=REQUIRED, batch_size=REQUIRED, seed=0, cond_dropout=0.1, accumulate=1,
                   ema_decay=0.9999, ema_warmup=True, init_from="", log_every=50, sample_every=0,
                   checkpoint_every=500, keep_checkpoints=3, async_checkpoints=True,
-                  per_device_batch=None),
+                  per_device_batch=None, nonfinite="stop"),
     # Sample grids and ``jdit sample`` / ``jdit eval`` of a trained run (jdit.train.generate).
     "sample": dict(solver="dpm++2m", steps=20, guidance_scale=4.5),
     # LiT distillation (jdit.models.lit): a frozen teacher workdir; ``inherit`` starts the student
@@ -171,6 +173,7 @@ _NON_NEGATIVE_INT = ("train.sample_every", "train.checkpoint_every", "train.seed
 _POSITIVE = ("optim.lr", "model.mlp_ratio")
 _NON_NEGATIVE = ("optim.weight_decay", "optim.grad_clip", "sample.guidance_scale",
                  "diffusion.flow_shift", "train.ema_decay")
+_CHOICES = {"train.nonfinite": ("stop", "skip")}
 _UINT64 = 2 ** 64
 
 
@@ -197,6 +200,11 @@ def check_values(config: Mapping[str, Any]) -> None:
                 (not integer or float(value).is_integer())
             if not ok:
                 problems.append(f"{key} must be {kind} {bound}, got {value!r}")
+    for key, choices in _CHOICES.items():
+        name, _, field = key.partition(".")
+        value = (config.get(name) or {}).get(field)
+        if value is not None and value not in choices:
+            problems.append(f"{key} must be one of {list(choices)}, got {value!r}")
     seed = (config.get("train") or {}).get("seed")
     if isinstance(seed, int) and seed >= _UINT64:
         problems.append(f"train.seed must fit in 64 bits (< 2**64), got {seed}")

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import queue
 import signal
 import sys
@@ -45,9 +46,13 @@ def is_run_directory(path: str | Path) -> bool:
         and isinstance(config.get("train"), dict)
 
 
-def _save_config(workdir: Path, config: dict[str, Any]) -> None:
+def _config_text(config: dict[str, Any]) -> str:
+    return json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def _check_same_config(workdir: Path, config: dict[str, Any]) -> None:
     path = workdir / "config.json"
-    text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
+    text = _config_text(config)
     if path.exists():
         # completed: a run written before a default was added resumes; through JSON, as written
         old = json.loads(json.dumps(complete(json.loads(path.read_text())), default=str))
@@ -55,7 +60,6 @@ def _save_config(workdir: Path, config: dict[str, Any]) -> None:
         if json.loads(text) != steps_only:
             raise ValueError(f"{path} holds a different config; use a new workdir (only "
                              "train.steps may change when resuming)")
-    atomic_write(path, text)
 
 
 class RunStopped(Exception):
@@ -66,6 +70,26 @@ class RunStopped(Exception):
         super().__init__(f"stopped at step {step} by {signal.Signals(signum).name} (resumable: "
                          "the same command continues the run)")
         self.step, self.signum, self.exit_code = step, signum, 128 + signum
+
+
+class TrainingDiverged(FloatingPointError):
+    """A step's loss, gradient norm or new parameters were not finite (``train.nonfinite`` =
+    "stop"): the run stopped without applying it; its checkpoints hold only finite states."""
+
+    def __init__(self, step: int, metrics: Mapping[str, Any], checkpoint: int | None) -> None:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+        if not math.isfinite(values["loss"]):
+            cause = f"the loss is {values['loss']}"
+        elif not math.isfinite(values["grad_norm"]):
+            cause = f"the gradient norm is {values['grad_norm']} (loss {values['loss']:.4g})"
+        else:
+            cause = f"the updated parameters are not finite (gradient norm {values['grad_norm']:.4g})"
+        kept = (f"the last checkpoint (step {checkpoint}) is intact" if checkpoint is not None
+                else "no checkpoint was written")
+        super().__init__(f"training diverged at step {step}: {cause}; the update was not applied "
+                         f"and {kept}. Lower optim.lr, raise optim.warmup_steps or set "
+                         "optim.grad_clip; or train.nonfinite='skip' to skip such steps")
+        self.step, self.metrics, self.checkpoint = step, values, checkpoint
 
 
 class _Stop:
@@ -226,13 +250,14 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
     c, task = run.config, run.task
     tc = c["train"]
     steps, log_every, sample_every = int(tc["steps"]), int(tc["log_every"]), int(tc["sample_every"])
+    _check_same_config(workdir, c)
     reached = _reached_step(workdir)
     if reached is not None and reached > steps:
         raise ValueError(f"train.steps={steps} is below step {reached}, which the run in {workdir} "
                          "has reached; ask for at least that many steps, or use a new workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     if primary:
-        _save_config(workdir, c)
+        atomic_write(workdir / "config.json", _config_text(c))
 
     ckpt = Checkpointer(workdir / "checkpoints", every=int(tc["checkpoint_every"]),
                         keep=int(tc["keep_checkpoints"]), async_save=bool(tc["async_checkpoints"]))
@@ -269,14 +294,24 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
     last: dict[str, Any] = {}
     batches = prefetch(run.batch, start, steps)
     t0, n0, done = time.perf_counter(), start, start
+    stop_on_nonfinite = tc["nonfinite"] == "stop"
+    skipped = 0  # non-finite steps in this call: a device scalar, read when logging
+    previous, diverged = None, None
     try:
         for step, batch in zip(range(start, steps), batches, strict=True):
             with part.activate():
                 state, metrics = train_step(state, batch)
             done = step + 1
             bar.update(1)
+            skipped = skipped + ~metrics["finite"]
+            # the previous step's flag: read while this step runs, so the device never waits
+            if stop_on_nonfinite and previous is not None and not bool(previous[1]["finite"]):
+                diverged = previous
+                break
+            previous = (done, metrics)
             if done % log_every == 0 or done == steps:
-                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+                last["skipped_steps"] = float(skipped)
                 rate = (done - n0) / (time.perf_counter() - t0)
                 last["steps_per_second"] = rate
                 if writer is not None:
@@ -292,6 +327,9 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
                 ckpt.save(done, state, {"data_index": done, "step": done})
             if interrupted:
                 break
+        if stop_on_nonfinite and diverged is None and previous is not None \
+                and not bool(previous[1]["finite"]):
+            diverged = previous
     finally:
         batches.close()
         bar.close()
@@ -299,6 +337,8 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
         ckpt.close()
         if writer is not None:
             writer.close()
+    if diverged is not None:
+        raise TrainingDiverged(*diverged, ckpt.latest_step())
     if stop.signum is not None:
         raise RunStopped(done, stop.signum)
     return last

@@ -143,7 +143,9 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
 
     ``train.accumulate`` splits the batch into that many micro-batches whose gradients are
     averaged (one optimizer step); ``train.ema_decay`` with ``train.ema_warmup`` uses
-    ``min(decay, (1 + step) / (10 + step))``.
+    ``min(decay, (1 + step) / (10 + step))``. A step whose loss, gradient norm or new parameters
+    are not finite leaves the state as it was (but for ``step`` and ``rng``) and reports
+    ``finite=False`` in its metrics.
     """
     train = section("train", cfg["train"])
     loss_fn = make_loss_fn(module, cfg["diffusion"], float(train["cond_dropout"]), null, teacher,
@@ -173,9 +175,16 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
         params = optax.apply_updates(state.params, updates)
         d = jnp.minimum(decay, (1.0 + state.step) / (10.0 + state.step)) if ema_warmup else decay
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "lr": lr_schedule(state.step)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                             ema_params=ema, rng=rng), metrics
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & \
+            jnp.isfinite(optax.tree.norm(params))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step),
+                   "finite": finite}
+        updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                ema_params=ema, rng=rng)
+        # A non-finite loss, gradient or result changes nothing but the step and the key: the
+        # state stays the last good one, whatever the loop then decides (stop, or skip on).
+        kept = state.replace(step=state.step + 1, rng=rng)
+        return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept), metrics
 
     return train_step

@@ -8,6 +8,7 @@ with the masked CRC-32C framing TFRecord requires.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import struct
@@ -104,7 +105,10 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         values = {k: float(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+        # JSON has no NaN or infinity: those are written as the strings "nan", "inf", "-inf"
+        # (read_jsonl turns them back into floats)
+        line = {k: v if math.isfinite(v) else str(v) for k, v in values.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **line}, allow_nan=False) + "\n")
         now = time.time()
         for tag, value in values.items():
             self._events.write(tfrecord(_event(now, step=int(step),
@@ -166,5 +170,12 @@ def save_grid(path: str | Path, images: np.ndarray, columns: int | None = None,
     write_png(path, grid(tiles, columns))
 
 
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The objects of a ``.jsonl`` file; ``metrics.jsonl``'s "nan" / "inf" / "-inf" strings come
+    back as floats."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [{k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()}
+            for row in rows]

@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
+from jdit.cli import main as cli_main
 from jdit.config import load_config
 from jdit.train.checkpoint import Checkpointer
 from jdit.train.loop import Run, evaluate, load_trained, sample_prompts, train
@@ -80,6 +82,33 @@ def test_changed_config_in_an_existing_workdir_is_refused(tmp_path):
     with pytest.raises(ValueError, match="train.steps=3 is below step 5, which the run"):
         train(tiny("digits_tiny", ["train.steps=3"]), tmp_path, quiet=True)
     assert (tmp_path / "config.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_or_skips_and_never_saves_a_non_finite_state(tmp_path, capsys):
+    diverging = ["optim.lr=1e30", "train.steps=12", "train.checkpoint_every=1",
+                 "train.keep_checkpoints=20"]
+    args = ["train", "--config", str(ROOT / "configs" / "digits_tiny.py"), "--workdir",
+            str(tmp_path / "stop")] + [f"--config.{o}" for o in TINY_DIGITS + diverging]
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert "jdit train: error: training diverged at step" in err and "Traceback" not in err
+    step = int(err.split("diverged at step ")[1].split(":")[0])
+    assert step < 12
+    # metrics.jsonl stays strict JSON, up to the step that was not applied
+    lines = (tmp_path / "stop" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=pytest.fail) for line in lines]
+    assert [r["step"] for r in rows] == list(range(1, step + 1))
+    # every checkpoint left is finite and the latest one restores
+    run, params, latest = load_trained(tmp_path / "stop")
+    assert latest <= step and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+
+    config = tiny("digits_tiny", diverging + ["train.nonfinite=skip", "train.log_every=1"])
+    last = train(config, tmp_path / "skip", quiet=True)
+    assert last["skipped_steps"] >= 1
+    assert [r["step"] for r in read_jsonl(tmp_path / "skip" / "metrics.jsonl")] == list(range(1, 13))
+    params = load_trained(tmp_path / "skip")[1]
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
 def _start(workdir: Path, steps: int, checkpoint_every: int) -> subprocess.Popen:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
+import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -26,6 +30,17 @@ def test_metrics_reach_jsonl_and_tensorboard(tmp_path):
     got = [(e.step, e.value) for e in acc.Scalars("loss")]
     assert [s for s, _ in got] == [1, 2, 5]
     np.testing.assert_allclose([v for _, v in got], [1.0, 0.5, 0.2], rtol=1e-6)
+
+
+def test_non_finite_metrics_stay_valid_json(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    writer.write(3, {"loss": float("nan"), "grad_norm": float("inf"), "x": -float("inf"), "lr": 0.5})
+    writer.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=pytest.fail) == {
+        "step": 3, "loss": "nan", "grad_norm": "inf", "x": "-inf", "lr": 0.5}
+    (row,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert math.isnan(row["loss"]) and row["grad_norm"] == math.inf and row["x"] == -math.inf
 
 
 def test_png_round_trip(tmp_path):

@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     from jdit.config import load_config
-    from jdit.train.loop import RunStopped, TrainingDiverged, train
+    from jdit.train.loop import RunStopped, train
 
     config = load_config(args.config, _config_overrides(extra))
     try:
@@ -64,9 +64,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     except RunStopped as e:  # saved: say so, and let `jdit train ... && next` stop here
         print(f"jdit train: {e}", file=sys.stderr)
         return e.exit_code
-    except TrainingDiverged as e:
-        print(f"jdit train: error: {e}", file=sys.stderr)
-        return 1
+
     print(json.dumps({"workdir": str(args.workdir), **metrics}, indent=2))
     return 0
 
@@ -76,9 +74,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise SystemExit("jdit sample: pass exactly one of --workdir (a trained run) and "
                          "--pretrained (a diffusers pipeline folder or hub repo id)")
     if args.pretrained is not None:
-        args.num = args.num or 1
+        args.num = 1 if args.num is None else args.num
         return _sample_pretrained(args)
-    args.num = args.num or 4
+    args.num = 4 if args.num is None else args.num
     from jdit.train.loop import sample_prompts
 
     kwargs = {k: v for k, v in dict(guidance_scale=args.guidance_scale, solver=args.solver,
@@ -331,8 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"jdit: unrecognised arguments {extra}")
     try:
         return int(args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args))
-    except (ValueError, KeyError, OSError) as e:
-        # bad input (a path, a file, a config value): one line naming it, not a traceback
+    except (ValueError, KeyError, OSError, FloatingPointError) as e:
+        # bad input (a path, a file, a config value) or a diverged run: one line, no traceback
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"jdit {args.command}: error: {message}", file=sys.stderr)
         return 1

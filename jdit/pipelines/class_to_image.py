@@ -20,6 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from jdit.pipelines import hub
+from jdit.pipelines.arguments import check_generation, check_latents
 from jdit.pipelines.output import to_output
 from jdit.pipelines.schedulers import SamplerSpec, from_diffusers_config
 from jdit.sampling import ClassifierFreeGuidance, sample
@@ -105,12 +106,11 @@ class ClassToImage:
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or labels.size == 0 \
                 or labels.min() < 0 or labels.max() >= n:
             raise ValueError(f"class_labels must be ints in [0, {n}), got {class_labels!r}")
+        check_generation(num_steps=num_steps, guidance_scale=guidance_scale, seed=seed)
         s, c = int(self.transformer.input_size), int(self.transformer.in_channels)
         shape = (len(labels), s, s, c)
         noise = (jax.random.normal(jax.random.key(seed), shape) if latents is None
-                 else jnp.asarray(latents, jnp.float32))
-        if noise.shape != shape:
-            raise ValueError(f"latents of shape {noise.shape}; expected {shape} (NHWC)")
+                 else jnp.asarray(check_latents(latents, shape)))
         run = self._program(solver or self.scheduler.solver, int(num_steps), guidance_scale > 1)
         out = run(self.transformer_params, self.vae_params, jnp.asarray(labels, jnp.int32), noise,
                   jnp.float32(guidance_scale), jax.random.fold_in(jax.random.key(seed), 1))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
+
+from jdit.pipelines.arguments import non_finite_images
 
 
 def resize_and_crop(images: jax.Array, height: int, width: int) -> jax.Array:
@@ -23,7 +26,16 @@ def resize_and_crop(images: jax.Array, height: int, width: int) -> jax.Array:
 
 
 def to_output(images: np.ndarray, output_type: str) -> np.ndarray | list[Any]:
-    """``np``: the float32 array in [0, 1]; ``pil``: a list of ``PIL.Image`` (rounded to uint8)."""
+    """``np``: the float32 array in [0, 1]; ``pil``: a list of ``PIL.Image`` (rounded to uint8).
+    Images holding NaN or infinity are never passed off as pictures: ``np`` returns them with a
+    ``RuntimeWarning`` naming them, ``pil`` raises ``FloatingPointError``."""
+    bad = non_finite_images(images)
+    if bad:
+        message = (f"{len(bad)} of {len(images)} generated images hold NaN or infinite values "
+                   f"(indices {bad}): the model or its weights produced them")
+        if output_type != "np":
+            raise FloatingPointError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
     if output_type == "np":
         return images.astype(np.float32)
     try:

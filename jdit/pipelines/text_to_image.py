@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jdit.data.buckets import TABLES, closest_bucket
 from jdit.pipelines import hub
+from jdit.pipelines.arguments import check_generation, check_latents, check_size
 from jdit.pipelines.output import resize_and_crop, to_output
 from jdit.pipelines.schedulers import SamplerSpec, from_diffusers_config
 from jdit.sampling import ClassifierFreeGuidance, sample
@@ -251,6 +252,8 @@ class TextToImage:
             raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r}")
         if vae_tiling not in (None, "blended", "exact"):
             raise ValueError(f"vae_tiling must be None, 'blended' or 'exact', got {vae_tiling!r}")
+        check_generation(num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
+                         num_images_per_prompt=num_images_per_prompt)
         texts = [t for t in _texts(prompts) for _ in range(num_images_per_prompt)]
         negs = _texts(negative_prompt) if not isinstance(negative_prompt, str) else [
             negative_prompt.lower().strip()] * len(_texts(prompts))
@@ -259,7 +262,9 @@ class TextToImage:
             raise ValueError(f"{len(negs)} negative prompts for {len(texts)} images")
         f = self.vae_scale_factor
         native = int(self.transformer.input_size) * f
-        height, width = int(height or native), int(width or native)
+        height = native if height is None else height
+        width = native if width is None else width
+        check_size(height, width, 1)
         orig = (height, width)
         sample_size = int(self.transformer.input_size)
         if use_resolution_binning:
@@ -268,15 +273,12 @@ class TextToImage:
                                  f"{sample_size} (known: {sorted(self.bins)}); pass "
                                  f"use_resolution_binning=False")
             height, width = closest_bucket(height, width, TABLES[self.bins[sample_size]])
-        if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+        check_size(height, width, f * int(self.transformer.patch_size))
         shape = (len(texts), height // f, width // f, self.latent_channels)
         if latents is None:
             noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
         else:
-            noise = jnp.asarray(latents, jnp.float32)
-            if noise.shape != shape:
-                raise ValueError(f"latents of shape {noise.shape}; expected {shape} (NHWC)")
+            noise = jnp.asarray(check_latents(latents, shape))
         length = int(max_sequence_length or self.max_sequence_length)
         if self.instruction is None:
             ids, mask = self.tokenize(texts, length)

@@ -28,6 +28,7 @@ from jdit.files import atomic_write, check_replaceable
 from jdit.models import build
 from jdit.parallel import Partitioner
 from jdit.parallel.distributed import is_primary
+from jdit.pipelines.arguments import check_generation
 from jdit.train.checkpoint import Checkpointer
 from jdit.train.generate import make_generator
 from jdit.train.optim import learning_rate, make_optimizer
@@ -423,6 +424,11 @@ def evaluate(workdir: str | Path, **kwargs: Any) -> dict[str, Any]:
 def sample_prompts(workdir: str | Path, conditions: list[str], out: str | Path,
                    num_per_prompt: int = 4, seed: int = 0, **kwargs: Any) -> np.ndarray:
     """Generate ``num_per_prompt`` images per prompt (or class id) and save them as one grid."""
+    check_generation(num_steps=kwargs.get("num_steps", 1), seed=seed,
+                     guidance_scale=kwargs.get("guidance_scale", 1.0),
+                     num_images_per_prompt=num_per_prompt)
+    if not conditions:
+        raise ValueError("no prompts (or class ids) to sample")
     run, params, _ = load_trained(workdir)
     repeated = [p for p in conditions for _ in range(num_per_prompt)]
     if run.task.kind == "text":

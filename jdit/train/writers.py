@@ -163,7 +163,12 @@ def write_png(path: str | Path, image: np.ndarray) -> None:
 
 def save_grid(path: str | Path, images: np.ndarray, columns: int | None = None,
               scale: int = 1) -> None:
-    """Save [-1, 1] images as one PNG grid, each pixel repeated ``scale`` times."""
+    """Save [-1, 1] images as one PNG grid, each pixel repeated ``scale`` times. Images holding
+    NaN or infinity are refused (a black tile would pass for a picture)."""
+    bad = [i for i, im in enumerate(np.asarray(images)) if not np.isfinite(im).all()]
+    if bad:
+        raise FloatingPointError(f"{len(bad)} of {len(images)} images hold NaN or infinite values "
+                                 f"(indices {bad[:10]}); {path} not written")
     tiles = to_uint8(images)
     if scale > 1:
         tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from jdit.pipelines import ClassToImage, TextToImage
-from jdit.pipelines.output import resize_and_crop
+from jdit.pipelines.output import resize_and_crop, to_output
 from jdit.testing import tiny_pipelines
 
 PROMPTS = ["A Red Circle in the top left ", "a happy cactus in the desert with a small blue cup"]
@@ -142,6 +143,34 @@ def test_bad_arguments_are_refused_before_anything_runs(sigma):
              use_resolution_binning=False)
     with pytest.raises(ValueError, match="prompts"):
         pipe([])
+    f = pipe.vae_scale_factor * pipe.transformer.patch_size
+    refused = [
+        (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number, got inf"),
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+        (dict(num_steps=2.5), "num_steps must be an integer >= 1, got 2.5"),
+        (dict(num_steps=0), "num_steps must be an integer >= 1"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt must be an integer >= 1"),
+        (dict(seed=2 ** 64), "seed must be an integer that fits in 64 bits"),
+        (dict(height=0), "height must be a positive integer, got 0"),
+        (dict(width=-64), "width must be a positive integer, got -64"),
+        (dict(height=f * 4 + 1, use_resolution_binning=False), f"is not a multiple of {f}"),
+        (dict(latents=np.zeros((1, 8, 8, 4), np.int32), height=64, width=64,
+              use_resolution_binning=False), "latents must be floating point"),
+        (dict(latents=np.full((1, 8, 8, 4), np.nan, np.float32), height=64, width=64,
+              use_resolution_binning=False), "latents hold 256 NaN or infinite values"),
+    ]
+    for kwargs, message in refused:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            pipe("a cat", **kwargs)
+
+
+def test_non_finite_images_are_never_passed_off_as_pictures():
+    images = np.full((3, 4, 4, 3), 0.5, np.float32)
+    images[1, 0, 0, 0] = np.nan
+    with pytest.warns(RuntimeWarning, match=re.escape("1 of 3 generated images hold NaN")):
+        assert np.isnan(to_output(images, "np")).any()
+    with pytest.raises(FloatingPointError, match=re.escape("(indices [1])")):
+        to_output(images, "pil")
 
 
 def test_resize_and_crop_matches_torch():

@@ -43,6 +43,14 @@ def test_non_finite_metrics_stay_valid_json(tmp_path):
     assert math.isnan(row["loss"]) and row["grad_norm"] == math.inf and row["x"] == -math.inf
 
 
+def test_a_grid_with_non_finite_images_is_not_written(tmp_path):
+    images = np.zeros((4, 8, 8, 3), np.float32)
+    images[2, 1, 1, 1] = np.inf
+    with pytest.raises(FloatingPointError, match=r"1 of 4 images hold NaN or infinite values \(indices \[2\]\)"):
+        save_grid(tmp_path / "g.png", images)
+    assert not list(tmp_path.iterdir())
+
+
 def test_png_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)

@@ -7,7 +7,9 @@ ignored on restore.
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ class Checkpointer:
         """``read_only`` opens a run's checkpoints without touching them (sample, eval, or
         watching a run that is still training: a writer removes unfinished temporaries on open,
         which would break a save in flight)."""
-        self.every = every
+        self.every, self.read_only = every, read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
             enable_async_checkpointing=async_save and not read_only,
@@ -52,13 +54,42 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """The state and metadata of ``step``, or of the newest checkpoint that reads back whole.
+
+        A damaged checkpoint (a truncated or missing file) is skipped with a warning naming it,
+        and an older one restored; a writer moves the damaged step aside to
+        ``damaged-<step>-<time>`` (kept for inspection, out of the way of the steps to come)."""
+        steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        return out["state"], dict(out["meta"])
+        damaged: list[tuple[int, str]] = []
+        for s in steps:
+            try:
+                out = self.manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001 (orbax / TensorStore raise many kinds)
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                damaged.append((s, reason))
+                if step is None:
+                    warnings.warn(f"checkpoint step {s} in {self.manager.directory} cannot be "
+                                  f"restored ({reason}); trying an older one", stacklevel=2)
+                continue
+            if damaged and not self.read_only:
+                self._set_aside([d for d, _ in damaged])
+            return out["state"], dict(out["meta"])
+        listed = "; ".join(f"step {s}: {reason}" for s, reason in damaged)
+        raise ValueError(f"no usable checkpoint in {self.manager.directory} ({listed})")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for s in steps:
+            path = Path(self.manager.directory) / str(s)
+            if path.exists():
+                aside = path.with_name(f"damaged-{s}-{stamp}")
+                os.replace(path, aside)
+                warnings.warn(f"moved the damaged checkpoint {path} to {aside}", stacklevel=3)
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

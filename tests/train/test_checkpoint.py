@@ -1,0 +1,91 @@
+"""Checkpoints: atomic steps, readers beside a live run, damaged steps skipped for older ones."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+import pytest
+
+from jdit.train.checkpoint import Checkpointer
+
+
+def _state(step):
+    return {"w": jnp.full((32, 32), float(step)), "b": jnp.arange(8.0) + step}
+
+
+def _write(directory, steps=(1, 2, 3)):
+    writer = Checkpointer(directory, every=1, keep=5, async_save=False)
+    for step in steps:
+        writer.save(step, _state(step), {"data_index": step})
+    writer.close()
+
+
+def _truncate_data(step_dir):
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files
+    for p in files:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["truncated data", "missing metadata"])
+def test_a_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path, damage):
+    _write(tmp_path)
+    if damage == "truncated data":
+        _truncate_data(tmp_path / "3")
+    else:
+        (tmp_path / "3" / "meta" / "metadata").unlink()
+    abstract = _state(0)
+    # a reader (sample, eval) restores step 2, warns naming step 3, touches nothing
+    with pytest.warns(UserWarning, match=re.escape(f"checkpoint step 3 in {tmp_path}")):
+        state, meta = Checkpointer(tmp_path, every=0, read_only=True).restore(abstract)
+    assert meta["data_index"] == 2 and float(state["w"][0, 0]) == 2.0
+    assert (tmp_path / "3").is_dir()
+    # a writer (a resuming run) moves the damaged step aside, for inspection, and saves on
+    writer = Checkpointer(tmp_path, every=1, keep=5, async_save=False)
+    with pytest.warns(UserWarning, match="moved the damaged checkpoint"):
+        state, meta = writer.restore(abstract)
+    assert meta["data_index"] == 2 and writer.latest_step() == 2
+    (aside,) = tmp_path.glob("damaged-3-*")
+    assert (aside / "state").is_dir()
+    writer.save(3, _state(30), {"data_index": 3})
+    writer.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state, meta = Checkpointer(tmp_path, every=0, read_only=True).restore(abstract)
+    assert meta["data_index"] == 3 and float(state["w"][0, 0]) == 30.0
+
+
+def test_no_usable_checkpoint_is_said_clearly(tmp_path):
+    _write(tmp_path, steps=(1, 2))
+    for step in ("1", "2"):
+        _truncate_data(tmp_path / step)
+    with pytest.warns(UserWarning), pytest.raises(
+            ValueError, match=re.escape(f"no usable checkpoint in {tmp_path} (step 2: ")):
+        Checkpointer(tmp_path, every=0, read_only=True).restore(_state(0))
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        Checkpointer(tmp_path / "empty", every=1).restore(_state(0))
+
+
+def test_a_reader_survives_a_step_deleted_while_it_lists(tmp_path, monkeypatch):
+    """A live run removes its oldest step while `jdit eval` (a read-only Checkpointer) lists the
+    directory; the reader lists again instead of failing."""
+    writer = Checkpointer(tmp_path, every=1, keep=2, async_save=False)
+    for step in (1, 2):
+        writer.save(step, {"w": jnp.full(3, float(step))}, {"step": step})
+    writer.close()
+    real, calls = ocp.CheckpointManager, []
+
+    def racing(directory, options):
+        calls.append(directory)
+        if len(calls) == 1:  # what orbax raises when a listed step's directory has gone
+            raise FileNotFoundError(f"{directory}/1")
+        return real(directory, options=options)
+
+    monkeypatch.setattr(ocp, "CheckpointManager", racing)
+    assert Checkpointer(tmp_path, every=0, read_only=True).latest_step() == 2 and len(calls) == 2
+    calls.clear()
+    with pytest.raises(FileNotFoundError):  # a writer does not hide it
+        Checkpointer(tmp_path, every=1)

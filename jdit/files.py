@@ -5,16 +5,20 @@ then renamed into place), so a crash or a full disk leaves the previous file, ne
 Every folder jdit replaces or writes into must first pass :func:`check_replaceable`: absent,
 empty, or recognised as jdit's own by its marker (a checkpoint's ``config.json`` format, a run
 directory's ``config.json``). Anything else is the user's and is refused, whatever flag was given.
+A :class:`DirectoryLock` keeps a second process out of a folder one process is writing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+LOCK_NAME = ".jdit.lock"
 
 
 @contextlib.contextmanager
@@ -46,7 +50,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
 
 def check_replaceable(path: str | os.PathLike, *, ours: Callable[[Path], bool],
                       what: str) -> None:
-    """Raise ``FileExistsError`` unless ``path`` is absent, an empty folder, or ``ours(path)``
+    """Raise ``FileExistsError`` unless ``path`` is absent, an empty folder (but for a jdit
+    lock file), or ``ours(path)``
     (something jdit wrote, told by its marker). ``what`` names jdit's kind of folder in the
     message, e.g. "a jdit checkpoint"."""
     path = Path(path)
@@ -54,7 +59,48 @@ def check_replaceable(path: str | os.PathLike, *, ours: Callable[[Path], bool],
         return
     if not path.is_dir():
         raise FileExistsError(f"{path} is a file, not {what}; refusing to replace it")
-    if next(path.iterdir(), None) is None or ours(path):
+    if not [p for p in path.iterdir() if p.name != LOCK_NAME] or ours(path):
         return
     raise FileExistsError(f"{path} holds files that are not {what}; refusing to replace or write "
                           "into it (choose another path, or move those files yourself)")
+
+
+class DirectoryLocked(OSError):
+    """Another live process holds the folder's lock."""
+
+
+class DirectoryLock:
+    """An exclusive lock on a folder for as long as the ``with`` block runs: a second process
+    that tries to take it is refused with the holder's PID. It is an OS lock (``flock``) on
+    ``<folder>/.jdit.lock``, so the kernel releases it however the holder ends, a kill included:
+    a lock left by a dead process never blocks."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "folder") -> None:
+        self.path = Path(folder) / LOCK_NAME
+        self.what = what
+        self._file: Any = None
+
+    def __enter__(self) -> DirectoryLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 (held open for the lock's lifetime)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise DirectoryLocked(f"{self.path.parent} is in use by another process ({holder}); "
+                                  f"one process per {self.what}") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the lock
+            self._file = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -12,7 +13,7 @@ import pytest
 import jdit
 from jdit.cli import main as cli_main
 from jdit.config import load_config
-from jdit.files import atomic_file, atomic_write, check_replaceable
+from jdit.files import DirectoryLock, DirectoryLocked, atomic_file, atomic_write, check_replaceable
 from jdit.train.loop import is_run_directory, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +110,35 @@ def test_training_refuses_a_folder_of_the_users_files(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"model": {}, "train": {}}))
     assert is_run_directory(tmp_path / "run")
+
+
+def test_a_directory_lock_admits_one_holder(tmp_path):
+    with DirectoryLock(tmp_path / "run", "run directory"):
+        with pytest.raises(DirectoryLocked, match=f"in use by another process \\(pid {os.getpid()} "
+                           ".*one process per run directory"), DirectoryLock(tmp_path / "run",
+                                                                   "run directory"):
+            pass
+    with DirectoryLock(tmp_path / "run"):  # released on exit
+        pass
+    # a folder holding only the lock file counts as empty for a new run
+    check_replaceable(tmp_path / "run", ours=lambda p: False, what="ours")
+
+
+@pytest.mark.slow
+def test_a_directory_lock_dies_with_its_process(tmp_path):
+    """Another process is refused while the holder lives; a killed holder's lock file blocks no
+    one (the kernel drops the lock with the process)."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from jdit.files import "
+                               "DirectoryLock; held = DirectoryLock(sys.argv[1]).__enter__(); "
+                               "print('held', flush=True); time.sleep(60)", str(tmp_path / "k")],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(DirectoryLocked, match=f"pid {holder.pid} "), DirectoryLock(tmp_path / "k"):
+        pass
+    holder.kill()
+    holder.wait()
+    with DirectoryLock(tmp_path / "k"):
+        pass

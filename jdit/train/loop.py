@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import queue
@@ -24,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jdit.config import check_values, complete, required
-from jdit.files import atomic_write, check_replaceable
+from jdit.files import DirectoryLock, atomic_write, check_replaceable
 from jdit.models import build
 from jdit.parallel import Partitioner
 from jdit.parallel.distributed import is_primary
@@ -248,17 +249,27 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
     # a run writes, rotates and deletes checkpoints here: never in a folder of the user's files
     check_replaceable(workdir, ours=is_run_directory, what="a jdit run directory")
     run = Run(config)
+    # one process per run directory (the primary host's; others write no run files)
+    lock = DirectoryLock(workdir, "run directory") if primary else contextlib.nullcontext()
+    with lock:
+        workdir.mkdir(parents=True, exist_ok=True)
+        steps = int(run.config["train"]["steps"])
+        _check_same_config(workdir, run.config)
+        reached = _reached_step(workdir)
+        if reached is not None and reached > steps:
+            raise ValueError(f"train.steps={steps} is below step {reached}, which the run in "
+                             f"{workdir} has reached; ask for at least that many steps, or use a "
+                             "new workdir")
+        if primary:
+            atomic_write(workdir / "config.json", _config_text(run.config))
+        return _train_loop(run, workdir, primary, stop_after, quiet)
+
+
+def _train_loop(run: Run, workdir: Path, primary: bool, stop_after: int | None,
+                quiet: bool) -> dict[str, Any]:
     c, task = run.config, run.task
     tc = c["train"]
     steps, log_every, sample_every = int(tc["steps"]), int(tc["log_every"]), int(tc["sample_every"])
-    _check_same_config(workdir, c)
-    reached = _reached_step(workdir)
-    if reached is not None and reached > steps:
-        raise ValueError(f"train.steps={steps} is below step {reached}, which the run in {workdir} "
-                         "has reached; ask for at least that many steps, or use a new workdir")
-    workdir.mkdir(parents=True, exist_ok=True)
-    if primary:
-        atomic_write(workdir / "config.json", _config_text(c))
 
     ckpt = Checkpointer(workdir / "checkpoints", every=int(tc["checkpoint_every"]),
                         keep=int(tc["keep_checkpoints"]), async_save=bool(tc["async_checkpoints"]))
@@ -279,7 +290,7 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
     null = task.null() if task.kind == "text" else None
     train_step = run.jit_train_step(None if null is None else (null["context"],
                                                                null["context_mask"]))
-    writer = MetricsWriter(workdir) if primary else None
+    writer = MetricsWriter(workdir, resume_step=start) if primary else None
     preview = task.preview()  # None: this task's samples are not images (latents)
     if preview is None:
         sample_every = 0

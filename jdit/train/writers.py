@@ -93,12 +93,21 @@ def scalar_summary(tag: str, value: float) -> bytes:
 
 
 class MetricsWriter:
-    """Appends one JSON object per call to ``metrics.jsonl`` and scalars to a TensorBoard file."""
+    """Appends one JSON object per call to ``metrics.jsonl`` and scalars to a TensorBoard file.
 
-    def __init__(self, workdir: str | Path) -> None:
+    ``resume_step``: the step a resumed run restarts from; lines of later steps (logged after
+    that checkpoint by the run that died) and a line cut short by the kill are dropped first, so
+    the file keeps one line per step."""
+
+    def __init__(self, workdir: str | Path, resume_step: int | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
+        path = self.workdir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if _step_of(line) is not None and _step_of(line) <= resume_step]
+            atomic_write(path, "".join(line + "\n" for line in kept))
+        self._jsonl = open(path, "a", buffering=1)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
         self._events = open(self.workdir / name, "ab")
         self._events.write(tfrecord(_event(time.time(), file_version="brain.Event:2")))
@@ -118,6 +127,14 @@ class MetricsWriter:
     def close(self) -> None:
         self._jsonl.close()
         self._events.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("step") if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 # --- images ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 
 from jdit.cli import main as cli_main
 from jdit.config import load_config
+from jdit.files import DirectoryLocked
 from jdit.train.checkpoint import Checkpointer
 from jdit.train.loop import Run, evaluate, load_trained, sample_prompts, train
 from jdit.train.writers import read_jsonl
@@ -137,6 +138,9 @@ def _wait_for_steps(workdir: Path, n: int, proc: subprocess.Popen, timeout: floa
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc = _start(tmp_path, steps=100_000, checkpoint_every=100_000)
     _wait_for_steps(tmp_path, 3, proc)
+    # a second process on the same run directory is refused, naming the holder
+    with pytest.raises(DirectoryLocked, match=f"in use by another process \\(pid {proc.pid} "):
+        train(tiny("shapes_tiny"), tmp_path, quiet=True)
     proc.send_signal(signal.SIGTERM)
     code, err = proc.wait(timeout=120), proc.stderr.read().decode()
     # saved, and not a success: `jdit train ... && next-step` stops here
@@ -166,10 +170,12 @@ def test_killed_runs_never_leave_a_corrupt_latest_checkpoint(tmp_path):
         proc.wait()
         run, params, step = load_trained(tmp_path)  # raises if the latest is unreadable
         assert step >= 1 and np.all(np.isfinite(np.asarray(params["t_block"]["linear"]["kernel"])))
-    # and the run still resumes to the end
+    # and the run still resumes to the end (the killed processes' locks died with them), its
+    # metrics one line per step although the killed runs logged steps they never saved
     config = tiny("shapes_tiny", [f"train.steps={step + 2}", "train.checkpoint_every=1"])
     train(config, tmp_path, quiet=True)
     assert load_trained(tmp_path)[2] == step + 2
+    assert [m["step"] for m in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(1, step + 3))
 
 
 def test_prefetch_keeps_order_raises_errors_and_stops_early():

@@ -43,6 +43,20 @@ def test_non_finite_metrics_stay_valid_json(tmp_path):
     assert math.isnan(row["loss"]) and row["grad_norm"] == math.inf and row["x"] == -math.inf
 
 
+def test_a_resumed_writer_keeps_one_line_per_step(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    for step in range(1, 6):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # cut short by a kill
+    writer = MetricsWriter(tmp_path, resume_step=3)  # the checkpoint the run resumes from
+    writer.write(4, {"loss": 40.0})
+    writer.close()
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
 def test_a_grid_with_non_finite_images_is_not_written(tmp_path):
     images = np.zeros((4, 8, 8, 3), np.float32)
     images[2, 1, 1, 1] = np.inf

@@ -27,6 +27,15 @@ DTYPES: dict[str, np.dtype] = {
 _NAMES = {v: k for k, v in DTYPES.items()}
 
 
+def _valid_entry(info: object) -> bool:
+    def ints(x: object, n: int | None = None) -> bool:
+        return isinstance(x, list) and (n is None or len(x) == n) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
+
+    return isinstance(info, dict) and isinstance(info.get("dtype"), str) and \
+        ints(info.get("shape")) and ints(info.get("data_offsets"), 2)
+
+
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     """All tensors of one ``.safetensors`` file (read-only views of a memory map)."""
     path = Path(path)
@@ -42,16 +51,23 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         header = json.loads(bytes(buf[8 : 8 + n]))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (a JSON object mapping tensor names "
+                         f"to entries was expected, got a {type(header).__name__})")
     data_start, data_len = 8 + n, size - 8 - n
     out: dict[str, np.ndarray] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = DTYPES.get(info.get("dtype"))
+        if not _valid_entry(info):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry (expected "
+                             "dtype, shape: [non-negative ints], data_offsets: [begin, end]); got "
+                             f"{str(info)[:200]}")
+        dtype = DTYPES.get(info["dtype"])
         if dtype is None:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        shape = tuple(int(s) for s in info["shape"])
-        begin, end = (int(o) for o in info["data_offsets"])
+        shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
         if not 0 <= begin <= end <= data_len or end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{path}: tensor {name!r} has inconsistent data offsets")
         out[name] = np.frombuffer(

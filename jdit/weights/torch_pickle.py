@@ -68,7 +68,17 @@ def _check_bounds(numel: int, offset: int, size: tuple[int, ...], stride: tuple[
         )
 
 
-def _rebuild_tensor(storage: np.ndarray, offset: int, size: Any, stride: Any, *_: Any) -> np.ndarray:
+class UnsupportedStorage:
+    """Stands for a tensor whose storage type jdit does not read (complex, float8, quantized):
+    kept until the tensor's name is known, then reported by :func:`extract_state_dict`."""
+
+    def __init__(self, type_name: str, key: str, path: str) -> None:
+        self.type_name, self.key, self.path = type_name, key, path
+
+
+def _rebuild_tensor(storage: Any, offset: int, size: Any, stride: Any, *_: Any) -> Any:
+    if isinstance(storage, UnsupportedStorage):
+        return storage
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
     _check_bounds(storage.size, int(offset), size, stride)
     item = storage.dtype.itemsize
@@ -118,14 +128,27 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
+        key = str(key)
+        if isinstance(storage_type, type) and issubclass(storage_type, Opaque):
+            return UnsupportedStorage(storage_type.qualname, key, str(self._archive.filename))
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-        key = str(key)
         if key not in self._storages:
-            raw = self._archive.read(f"{self._prefix}/data/{key}")
+            name = f"{self._prefix}/data/{key}"
+            try:
+                info = self._archive.getinfo(name)
+            except KeyError:
+                raise pickle.UnpicklingError(f"storage {key} is missing from the archive") from None
             dtype = storage_type.dtype.newbyteorder("<" if self._byteorder == "little" else ">")
-            if len(raw) < int(numel) * dtype.itemsize:
-                raise pickle.UnpicklingError(f"storage {key} is truncated")
+            # sizes are checked against the archive's bytes before anything is read or allocated
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise pickle.UnpicklingError(f"storage {key} is compressed; torch.save stores "
+                                             "storages uncompressed, so this file was not made by it")
+            if not isinstance(numel, int) or numel < 0 or numel * dtype.itemsize > info.file_size:
+                raise pickle.UnpicklingError(
+                    f"storage {key} declares {numel} x {dtype.itemsize} bytes but the file holds "
+                    f"{info.file_size} bytes for it (truncated or forged)")
+            raw = self._archive.read(name)
             arr = np.frombuffer(raw, dtype=dtype, count=int(numel))
             self._storages[key] = arr.astype(storage_type.dtype, copy=False)
         return self._storages[key]
@@ -147,7 +170,10 @@ def load_torch_checkpoint(path: str | Path) -> Any:
         byteorder = "little"
         if f"{prefix}/byteorder" in archive.namelist():
             byteorder = archive.read(f"{prefix}/byteorder").decode().strip()
-        return _Unpickler(archive.read(pkls[0]), archive, prefix, byteorder).load()
+        try:
+            return _Unpickler(archive.read(pkls[0]), archive, prefix, byteorder).load()
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def extract_state_dict(obj: Any, key: str | None = None) -> dict[str, np.ndarray]:
@@ -176,4 +202,9 @@ def extract_state_dict(obj: Any, key: str | None = None) -> dict[str, np.ndarray
         if found is None:
             keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
             raise ValueError(f"no tensor state dict found in checkpoint; top-level entries: {keys}")
+    for name, value in found.items():
+        if isinstance(value, UnsupportedStorage):
+            raise ValueError(f"{value.path}: tensor {str(name)!r} is stored as {value.type_name} "
+                             f"(storage {value.key}), which jdit does not read; supported: "
+                             f"{', '.join(sorted(STORAGE_DTYPES))}")
     return {str(k): v for k, v in found.items() if isinstance(v, np.ndarray)}

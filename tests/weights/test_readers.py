@@ -74,16 +74,20 @@ class _View:
 
 
 class _Pickler(pickle.Pickler):
+    numel = 4  # what the storage declares
+
     def persistent_id(self, obj):
-        return ("storage", torch.FloatStorage, "0", "cpu", 4) if isinstance(obj, _Storage) else None
+        return ("storage", torch.FloatStorage, "0", "cpu", self.numel) if isinstance(obj, _Storage) else None
 
 
-def _write_archive(path, obj, storage: bytes):
+def _write_archive(path, obj, storage: bytes, numel=4, compression=zipfile.ZIP_STORED):
     import io
 
     buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump(obj)
-    with zipfile.ZipFile(path, "w") as z:
+    pickler = _Pickler(buf, protocol=2)
+    pickler.numel = numel
+    pickler.dump(obj)
+    with zipfile.ZipFile(path, "w", compression=compression) as z:
         z.writestr("archive/data.pkl", buf.getvalue())
         z.writestr("archive/byteorder", "little")
         z.writestr("archive/data/0", storage)
@@ -94,8 +98,31 @@ def test_out_of_bounds_tensor_view_is_rejected(tmp_path):
     _write_archive(tmp_path / "ok.pth", {"w": _View((4,))}, data)
     np.testing.assert_array_equal(load_torch_checkpoint(tmp_path / "ok.pth")["w"], np.arange(4.0))
     _write_archive(tmp_path / "bad.pth", {"w": _View((1000,))}, data)  # 1000 floats of a 4-float storage
-    with pytest.raises(pickle.UnpicklingError, match="exceeds storage"):
+    with pytest.raises(ValueError, match=f"{tmp_path / 'bad.pth'}: tensor view .* exceeds storage"):
         load_torch_checkpoint(tmp_path / "bad.pth")
+
+
+def test_declared_sizes_are_checked_against_the_files_bytes_before_reading(tmp_path):
+    data = np.arange(4, dtype=np.float32).tobytes()
+    # a 16-byte storage declaring 10^12 floats: refused before anything is allocated
+    _write_archive(tmp_path / "huge.pth", {"w": _View((4,))}, data, numel=10**12)
+    with pytest.raises(ValueError, match=r"storage 0 declares 1000000000000 x 4 bytes but the "
+                                         r"file holds 16 bytes"):
+        load_torch_checkpoint(tmp_path / "huge.pth")
+    _write_archive(tmp_path / "zipped.pth", {"w": _View((4,))}, data,
+                   compression=zipfile.ZIP_DEFLATED)
+    with pytest.raises(ValueError, match="storage 0 is compressed"):
+        load_torch_checkpoint(tmp_path / "zipped.pth")
+
+
+def test_unsupported_storage_types_name_the_tensor(tmp_path):
+    path = tmp_path / "complex.pth"
+    torch.save({"ok": torch.ones(2), "phase": torch.zeros(3, dtype=torch.complex64)}, path)
+    obj = load_torch_checkpoint(path)
+    with pytest.raises(ValueError, match=f"{path}: tensor 'phase' is stored as "
+                                         r"torch.ComplexFloatStorage \(storage \d+\), which jdit "
+                                         "does not read; supported: BFloat16Storage"):
+        extract_state_dict(obj)
 
 
 def test_legacy_and_non_checkpoint_files_get_a_clear_error(tmp_path):
@@ -135,5 +162,15 @@ def test_sharded_index_and_corrupt_files(tmp_path):
     bad.write_bytes((10**9).to_bytes(8, "little") + b"{}")
     with pytest.raises(ValueError, match="corrupt safetensors header"):
         read_safetensors(bad)
+    for header, message in [(b"[1, 2]", "a JSON object mapping tensor names to entries was "
+                                        "expected, got a list"),
+                            (b'{"w": {"dtype": "F32", "data_offsets": [0, 4]}}',
+                             "tensor 'w' has a malformed header entry"),
+                            (b'{"w": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}',
+                             "tensor 'w' has a malformed header entry"),
+                            (b'{"w": 3}', "tensor 'w' has a malformed header entry")]:
+        bad.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+        with pytest.raises(ValueError, match=f"{bad}: .*{message}"):
+            read_safetensors(bad)
     with pytest.raises(FileNotFoundError):
         read_safetensors_folder(tmp_path, "absent")

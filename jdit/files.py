@@ -104,3 +104,23 @@ class DirectoryLock:
         if self._file is not None:
             self._file.close()  # closing releases the lock
             self._file = None
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file that must hold an object (a ``config.json``, an index): a missing, unreadable,
+    corrupt or non-object file is refused naming the file and what is wrong."""
+    import json
+
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text (UTF-8) JSON file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column "
+                         f"{e.colno}); the file is damaged or was cut short") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(value).__name__}")
+    return value

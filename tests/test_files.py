@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -13,8 +14,15 @@ import pytest
 import jdit
 from jdit.cli import main as cli_main
 from jdit.config import load_config
-from jdit.files import DirectoryLock, DirectoryLocked, atomic_file, atomic_write, check_replaceable
-from jdit.train.loop import is_run_directory, train
+from jdit.files import (
+    DirectoryLock,
+    DirectoryLocked,
+    atomic_file,
+    atomic_write,
+    check_replaceable,
+    read_json_object,
+)
+from jdit.train.loop import is_run_directory, load_trained, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,3 +150,19 @@ def test_a_directory_lock_dies_with_its_process(tmp_path):
     holder.wait()
     with DirectoryLock(tmp_path / "k"):
         pass
+
+
+def test_json_files_that_are_damaged_or_not_objects_are_named(tmp_path):
+    path = tmp_path / "config.json"
+    for text, message in [('{"model": {"hidden', "is not valid JSON"),
+                          ("[1, 2]", "must hold a JSON object, got a list")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"{path} {message}")):
+            read_json_object(path)
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match="is not a text"):
+        read_json_object(path)
+    # a run directory whose config.json was damaged: sample and eval say which file
+    path.write_text('{"model": {"family": "dit"}, "optim": {"lr": 0.1}, "train": {"steps": 0}}')
+    with pytest.raises(ValueError, match=re.escape(f"{path}: train.steps must be an integer > 0")):
+        load_trained(tmp_path)

@@ -11,7 +11,6 @@ Accepted sources:
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jdit.files import read_json_object
 from jdit.models import registry
 from jdit.nn.init import abstract_params
 from jdit.nn.stack import stack_params, unstack_params
@@ -102,11 +102,15 @@ def _resolve(path: Path, state_dict_key: str | None, overrides: dict[str, Any]
         cfg_file = path / "config.json"
         if not cfg_file.exists():
             raise FileNotFoundError(f"{path}: no config.json (not a diffusers or jdit model folder)")
-        cfg = json.loads(cfg_file.read_text())
+        cfg = read_json_object(cfg_file)
         family = _diffusers_family(cfg, path)
         weights = family_weights(family)
+        try:
+            fields = weights.config_from_diffusers(cfg)
+        except ValueError as e:
+            raise ValueError(f"{cfg_file}: {e}") from None
         sd = StateDict(_read_diffusers_tensors(path), str(path))
-        return family, weights.config_from_diffusers(cfg), _converting(sd, weights.convert_diffusers)
+        return family, fields, _converting(sd, weights.convert_diffusers)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     if path.suffix == ".safetensors":

@@ -139,6 +139,29 @@ def architecture_config(name: str) -> ml_collections.ConfigDict:
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def _check_types(family: str, fields: dict[str, Any]) -> None:
+    """A field whose default is an int, float or bool takes that kind of value: an integral
+    float becomes an int (JSON writes 72.0), anything else is refused naming the field (a
+    ``72.5`` head dimension would otherwise be truncated somewhere deep in the model)."""
+    defaults = field_defaults(family)
+    for key, value in fields.items():
+        default = defaults.get(key)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int | float) and not isinstance(value, bool) \
+                and float(value).is_integer()
+            if ok:
+                fields[key] = int(value)
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            continue
+        if not ok:
+            kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
+            raise ValueError(f"{family} config key {key!r} must be {kind}, got {value!r}")
+
+
 def build(spec: str | Mapping[str, Any], **overrides: Any) -> nn.Module:
     """Construct a model from a family name plus fields, or from a mapping with ``family``.
 
@@ -166,6 +189,7 @@ def build(spec: str | Mapping[str, Any], **overrides: Any) -> nn.Module:
     for key in ("kv_compress_layers",):
         if key in fields:
             fields[key] = tuple(fields[key])
+    _check_types(family, fields)
     module = cls(**fields)
     module.check_config()
     return module

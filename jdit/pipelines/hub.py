@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from jdit.files import read_json_object
 
 # What a text-to-image pipeline needs from a repo (fp32 / fp16 safetensors, configs, tokenizer).
 ALLOW_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.json",
@@ -41,7 +42,7 @@ def model_index(folder: Path) -> dict[str, Any]:
     if not index.exists():
         raise FileNotFoundError(f"{folder} has no model_index.json: not a diffusers pipeline "
                                 f"folder (for a single model use jdit.models.from_pretrained)")
-    data = json.loads(index.read_text())
+    data = read_json_object(index)
     if "_class_name" not in data:
         raise ValueError(f"{index}: no _class_name")
     return data

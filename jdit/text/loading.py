@@ -3,13 +3,13 @@ folder (by the config's ``model_type``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jdit.files import read_json_object
 from jdit.nn.init import abstract_params
 from jdit.text.t5 import T5Encoder
 from jdit.weights.safetensors_io import read_safetensors_folder
@@ -28,7 +28,7 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32, *,
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no config.json (not a transformers T5 folder)")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_json_object(cfg_file)
     if cfg.get("model_type") == "gemma2":
         return _gemma2(path, cfg, dtype, param_dtype)
     if cfg.get("model_type") == "umt5":  # one relative bias per layer, not T5's shared one

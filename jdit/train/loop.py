@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jdit.config import check_values, complete, required
-from jdit.files import DirectoryLock, atomic_write, check_replaceable
+from jdit.files import DirectoryLock, atomic_write, check_replaceable, read_json_object
 from jdit.models import build
 from jdit.parallel import Partitioner
 from jdit.parallel.distributed import is_primary
@@ -57,7 +57,7 @@ def _check_same_config(workdir: Path, config: dict[str, Any]) -> None:
     text = _config_text(config)
     if path.exists():
         # completed: a run written before a default was added resumes; through JSON, as written
-        old = json.loads(json.dumps(complete(json.loads(path.read_text())), default=str))
+        old = json.loads(json.dumps(complete(read_json_object(path)), default=str))
         steps_only = {**old, "train": {**old["train"], "steps": config["train"]["steps"]}}
         if json.loads(text) != steps_only:
             raise ValueError(f"{path} holds a different config; use a new workdir (only "
@@ -409,12 +409,12 @@ def load_trained(workdir: str | Path, use_ema: bool = True) -> tuple[Run, Any, i
     cfg_path = workdir / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{workdir} has no config.json: is it a jdit train workdir?")
-    config = json.loads(cfg_path.read_text())
+    config = read_json_object(cfg_path)
     try:
         run = Run(config)
     except ValueError as e:  # trained on another topology: spread over the devices here
         if "devices" not in str(e):
-            raise
+            raise ValueError(f"{cfg_path}: {e}") from None
         config["parallel"] = {**config.get("parallel", {}), "mesh": {"fsdp": -1}}
         run = Run(config)
     ckpt = Checkpointer(workdir / "checkpoints", every=0, read_only=True)

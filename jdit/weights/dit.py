@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from flax import linen as nn
 
-from jdit.weights.state_dict import StateDict, Tree, put
+from jdit.weights.state_dict import StateDict, Tree, config_float, config_int, put
 
 # What identifies DiT checkpoints (jdit.models.loading reads these for every family):
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel",)
@@ -35,23 +35,23 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
                          ("attention_bias", (True,)), ("norm_elementwise_affine", (False,))):
         if key in cfg and cfg[key] not in allowed:
             raise ValueError(f"diffusers DiT config: {key}={cfg[key]!r} is not supported ({allowed})")
-    heads = int(cfg.get("num_attention_heads", 16))
-    in_ch = int(cfg.get("in_channels", 4))
+    heads = config_int(cfg, "num_attention_heads", 16)
+    in_ch = config_int(cfg, "in_channels", 4)
     out_ch = cfg.get("out_channels")
     out_ch = in_ch if out_ch is None else int(out_ch)
     if out_ch not in (in_ch, 2 * in_ch):
         raise ValueError(f"diffusers DiT config: out_channels {out_ch} must be {in_ch} or {2 * in_ch}")
     return dict(
-        input_size=int(cfg.get("sample_size", 32)),
-        patch_size=int(cfg.get("patch_size", 2)),
+        input_size=config_int(cfg, "sample_size", 32),
+        patch_size=config_int(cfg, "patch_size", 2),
         in_channels=in_ch,
-        hidden_size=heads * int(cfg.get("attention_head_dim", 72)),
-        depth=int(cfg.get("num_layers", 28)),
+        hidden_size=heads * config_int(cfg, "attention_head_dim", 72),
+        depth=config_int(cfg, "num_layers", 28),
         num_heads=heads,
-        num_classes=int(cfg.get("num_embeds_ada_norm", 1000)),
+        num_classes=config_int(cfg, "num_embeds_ada_norm", 1000),
         learn_sigma=out_ch == 2 * in_ch,
         timestep_freq_shift=1.0,
-        mlp_norm_eps=float(cfg.get("norm_eps", 1e-5)),
+        mlp_norm_eps=config_float(cfg, "norm_eps", 1e-5),
     )
 
 

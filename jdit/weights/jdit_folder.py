@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jdit.files import check_replaceable
+from jdit.files import check_replaceable, read_json_object
 from jdit.weights.safetensors_io import read_safetensors, write_safetensors
 from jdit.weights.state_dict import Tree, flatten, unflatten
 
@@ -73,7 +73,7 @@ def write_checkpoint(folder: str | Path, architecture: Mapping[str, Any], params
 def read_checkpoint(folder: str | Path) -> tuple[dict[str, Any], Tree]:
     """``(architecture, params)`` of a jdit checkpoint folder."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json_object(folder / "config.json")
     version = config.get("format_version")
     if config.get("format") != FORMAT or version != FORMAT_VERSION:
         raise ValueError(f"{folder}: not a jdit checkpoint of format version {FORMAT_VERSION} "

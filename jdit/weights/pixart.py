@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from flax import linen as nn
 
-from jdit.weights.state_dict import StateDict, Tree, put
+from jdit.weights.state_dict import StateDict, Tree, config_int, put
 
 # What identifies PixArt checkpoints (jdit.models.loading reads these for every family):
 DIFFUSERS_CLASSES = ("PixArtTransformer2DModel",)
@@ -51,9 +51,9 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     _unsupported(cfg, "norm_elementwise_affine", (False,))
     _unsupported(cfg, "norm_eps", (1e-6,))
     _unsupported(cfg, "attention_type", ("default", None))
-    heads = int(cfg.get("num_attention_heads", 16))
-    hidden = heads * int(cfg.get("attention_head_dim", 72))
-    in_ch = int(cfg.get("in_channels", 4))
+    heads = config_int(cfg, "num_attention_heads", 16)
+    hidden = heads * config_int(cfg, "attention_head_dim", 72)
+    in_ch = config_int(cfg, "in_channels", 4)
     out_ch = cfg.get("out_channels", 8)
     out_ch = in_ch if out_ch is None else int(out_ch)
     if out_ch not in (in_ch, 2 * in_ch):
@@ -65,17 +65,17 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
             f"diffusers PixArt config: cross_attention_dim {cfg['cross_attention_dim']} must equal "
             f"the inner dim {hidden}"
         )
-    sample_size = int(cfg.get("sample_size", 128))
+    sample_size = config_int(cfg, "sample_size", 128)
     interp = cfg.get("interpolation_scale")
     micro = cfg.get("use_additional_conditions")
     return dict(
         input_size=sample_size,
-        patch_size=int(cfg.get("patch_size", 2)),
+        patch_size=config_int(cfg, "patch_size", 2),
         in_channels=in_ch,
         hidden_size=hidden,
-        depth=int(cfg.get("num_layers", 28)),
+        depth=config_int(cfg, "num_layers", 28),
         num_heads=heads,
-        caption_channels=int(cfg["caption_channels"]),
+        caption_channels=config_int(cfg, "caption_channels"),
         learn_sigma=out_ch == 2 * in_ch,
         pe_interpolation=float(max(sample_size // 64, 1) if interp is None else interp),
         micro_condition=bool(sample_size == 128 if micro is None else micro),

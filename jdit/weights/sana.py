@@ -20,7 +20,7 @@ from typing import Any
 
 from flax import linen as nn
 
-from jdit.weights.state_dict import StateDict, Tree, put
+from jdit.weights.state_dict import StateDict, Tree, config_float, config_int, put
 
 # What identifies SANA checkpoints (jdit.models.loading reads these for every family):
 DIFFUSERS_CLASSES = ("SanaTransformer2DModel",)
@@ -46,28 +46,28 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     unsupported("norm_eps", (1e-6,))
     unsupported("qk_norm", (None, "rms_norm_across_heads"))
     unsupported("timestep_scale", (1.0,))
-    heads = int(cfg.get("num_attention_heads", 70))
-    hidden = heads * int(cfg.get("attention_head_dim", 32))
-    cross_heads = int(cfg.get("num_cross_attention_heads", 20))
-    if cross_heads * int(cfg.get("cross_attention_head_dim", 112)) != hidden:
+    heads = config_int(cfg, "num_attention_heads", 70)
+    hidden = heads * config_int(cfg, "attention_head_dim", 32)
+    cross_heads = config_int(cfg, "num_cross_attention_heads", 20)
+    if cross_heads * config_int(cfg, "cross_attention_head_dim", 112) != hidden:
         raise ValueError("diffusers SANA config: cross-attention heads x head dim must equal the "
                          f"inner dim {hidden}")
     if cfg.get("cross_attention_dim", hidden) != hidden:
         raise ValueError(f"diffusers SANA config: cross_attention_dim must equal {hidden}")
-    in_ch = int(cfg.get("in_channels", 32))
+    in_ch = config_int(cfg, "in_channels", 32)
     out_ch = cfg.get("out_channels", 32)
     interp = cfg.get("interpolation_scale")
     return dict(
-        input_size=int(cfg.get("sample_size", 32)),
-        patch_size=int(cfg.get("patch_size", 1)),
+        input_size=config_int(cfg, "sample_size", 32),
+        patch_size=config_int(cfg, "patch_size", 1),
         in_channels=in_ch,
         out_channels=in_ch if out_ch is None else int(out_ch),
         hidden_size=hidden,
-        depth=int(cfg.get("num_layers", 20)),
+        depth=config_int(cfg, "num_layers", 20),
         num_heads=heads,
         cross_num_heads=cross_heads,
-        mlp_ratio=float(cfg.get("mlp_ratio", 2.5)),
-        caption_channels=int(cfg.get("caption_channels", 2304)),
+        mlp_ratio=config_float(cfg, "mlp_ratio", 2.5),
+        caption_channels=config_int(cfg, "caption_channels", 2304),
         pos_embed=interp is not None,
         pe_interpolation=1.0 if interp is None else float(interp),
         qk_norm=cfg.get("qk_norm") is not None,

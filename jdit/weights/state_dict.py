@@ -160,3 +160,27 @@ def check_tree(converted: Mapping[str, Any], expected: Mapping[str, Any], source
     if missing or unexpected or misshaped:
         raise CheckpointMismatchError(f"{source} (jdit parameter names)", missing, unexpected,
                                       misshaped)
+
+
+_NO_DEFAULT = object()
+
+
+def config_int(cfg: Mapping[str, Any], key: str, default: Any = _NO_DEFAULT) -> int:
+    """``cfg[key]`` (or ``default`` when absent or null) as an int; a non-integral number, a
+    bool or a string is refused naming the key (``int()`` would truncate ``72.5`` silently)."""
+    value = cfg.get(key) if cfg.get(key) is not None else default
+    if value is _NO_DEFAULT:
+        raise ValueError(f"config key {key!r} is required")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
+        raise ValueError(f"config key {key!r} must be an integer, got {value!r}")
+    return int(value)
+
+
+def config_float(cfg: Mapping[str, Any], key: str, default: Any = _NO_DEFAULT) -> float:
+    """``cfg[key]`` (or ``default``) as a finite float, refused naming the key otherwise."""
+    value = cfg.get(key) if cfg.get(key) is not None else default
+    if value is _NO_DEFAULT:
+        raise ValueError(f"config key {key!r} is required")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
+    return float(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -120,3 +121,24 @@ def test_convert_cli_from_official_pth(tmp_path, capsys):
                        jnp.asarray(t.numpy()), context=jnp.asarray(y.numpy()),
                        context_mask=jnp.asarray(mask.numpy()))
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_config_values_of_the_wrong_type_are_refused_naming_the_key(tmp_path):
+    # a diffusers config.json: a float head dimension is not truncated to an int
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "_class_name": "PixArtTransformer2DModel", "attention_head_dim": 72.5,
+        "caption_channels": 16}))
+    with pytest.raises(ValueError, match=re.escape(
+            f"{folder / 'config.json'}: config key 'attention_head_dim' must be an integer, got 72.5")):
+        jdit.models.from_pretrained(folder)
+    (folder / "config.json").write_text('{"_class_name": "PixArtTransformer2DModel", "attenti')
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'config.json'} is not valid JSON")):
+        jdit.models.from_pretrained(folder)
+    # jdit's own fields: integral floats (as JSON may write them) become ints, others are refused
+    assert jdit.models.build("dit", hidden_size=64.0, num_heads=4, depth=1).hidden_size == 64
+    for field, value, kind in [("hidden_size", 64.5, "an integer"), ("depth", "2", "an integer"),
+                               ("learn_sigma", 1, "true or false"), ("mlp_ratio", "4", "a number")]:
+        with pytest.raises(ValueError, match=re.escape(f"dit config key {field!r} must be {kind}")):
+            jdit.models.build("dit", **{field: value})

@@ -74,8 +74,13 @@ class WordEncoder:
         if len(words) + 1 > self.max_length:
             raise ValueError(f"prompt has {len(words)} words; max_length {self.max_length} "
                              f"allows {self.max_length - 1}: {prompt!r}")
-        unk = self._index["<unk>"]
-        return [self._index.get(w, unk) for w in words] + [self._index["<eos>"]]
+        unknown = sorted({w for w in words if w not in self._index})
+        if unknown:
+            # an unknown word would become <unk>: a prompt quietly different from the one asked
+            shown = ", ".join(self.vocabulary[:40]) + (" ..." if len(self.vocabulary) > 40 else "")
+            raise ValueError(f"{prompt!r}: {', '.join(map(repr, unknown))} not in this model's "
+                             f"vocabulary of {len(self.vocabulary)} words ({shown})")
+        return [self._index[w] for w in words] + [self._index["<eos>"]]
 
     def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(prompts, str):

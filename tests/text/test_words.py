@@ -26,9 +26,12 @@ def test_encode_is_deterministic_and_masks_padding():
 
 def test_unknown_words_and_errors():
     enc = WordEncoder.from_texts(["a red circle"], dim=8, max_length=4)
-    f, _ = enc.encode(["a purple circle"])
-    g, _ = enc.encode(["a green circle"])
-    np.testing.assert_array_equal(f, g)  # both unknown
+    # an unknown word is named, not quietly turned into <unk>
+    with pytest.raises(ValueError, match=r"'a purple circle': 'purple' not in this model's "
+                                         r"vocabulary of 3 words \(a, circle, red\)"):
+        enc.encode(["a purple circle"])
+    with pytest.raises(ValueError, match="'eos', 'unk' not in"):
+        enc.encode(["unk eos"])
     with pytest.raises(ValueError, match="max_length 4 allows 3"):
         enc.encode(["a red circle again"])
     with pytest.raises(TypeError):

@@ -7,9 +7,13 @@ ignored on restore.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,38 @@ import jax
 import orbax.checkpoint as ocp
 
 _LIST_ATTEMPTS = 5
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` (or one it was raised from) says the disk is full: an ``ENOSPC``
+    ``OSError``, or TensorStore's ``RESOURCE_EXHAUSTED ... No space left on device``."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error) or "os_error_code='28'" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class DiskFull(OSError):
+    """A checkpoint could not be written for lack of space; the earlier ones are intact."""
+
+
+class _QuietDiskFull(logging.Filter):
+    """Drops orbax's and asyncio's log records of a full disk (one per array and thread, with
+    tracebacks): the error reaches the user once, as :class:`DiskFull`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return "No space left on device" not in text and "os_error_code='28'" not in text
+
+
+_QUIET = _QuietDiskFull()
+for _name in ("absl", "asyncio"):
+    logging.getLogger(_name).addFilter(_QUIET)
 
 
 class Checkpointer:
@@ -50,8 +86,26 @@ class Checkpointer:
         return self.every > 0 and step % self.every == 0
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        with self._disk_full_said_once():
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    @contextlib.contextmanager
+    def _disk_full_said_once(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            with contextlib.suppress(Exception):
+                self.manager.reload()
+            intact = self.manager.latest_step()
+            kept = f"step {intact} is the latest intact checkpoint" if intact is not None else \
+                "no checkpoint was completed"
+            # saves are asynchronous: the write that failed may be an earlier step's
+            raise DiskFull(errno.ENOSPC, f"disk full while saving a checkpoint in "
+                           f"{self.manager.directory}; {kept}. Free some space and run the same "
+                           "command to resume") from None
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """The state and metadata of ``step``, or of the newest checkpoint that reads back whole.
@@ -92,8 +146,15 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_full_said_once():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            with self._disk_full_said_once():
+                self.manager.wait_until_finished()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                self.manager.close()
+            raise
         self.manager.close()

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import queue
@@ -30,7 +31,7 @@ from jdit.models import build
 from jdit.parallel import Partitioner
 from jdit.parallel.distributed import is_primary
 from jdit.pipelines.arguments import check_generation
-from jdit.train.checkpoint import Checkpointer
+from jdit.train.checkpoint import Checkpointer, DiskFull, is_disk_full
 from jdit.train.generate import make_generator
 from jdit.train.optim import learning_rate, make_optimizer
 from jdit.train.step import TrainState, init_state, make_train_step
@@ -262,7 +263,17 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
                              "new workdir")
         if primary:
             atomic_write(workdir / "config.json", _config_text(run.config))
-        return _train_loop(run, workdir, primary, stop_after, quiet)
+        try:
+            return _train_loop(run, workdir, primary, stop_after, quiet)
+        except Exception as e:  # a full disk under a log or sample write: said once, plainly
+            if isinstance(e, DiskFull) or not is_disk_full(e):
+                raise
+            intact = _reached_step(workdir)
+            kept = "no checkpoint was completed" if intact is None else \
+                f"step {intact} is the latest intact checkpoint"
+            where = getattr(e, "filename", None) or workdir
+            raise DiskFull(errno.ENOSPC, f"disk full while writing {where}; {kept}. Free some "
+                           "space and run the same command to resume") from None
 
 
 def _train_loop(run: Run, workdir: Path, primary: bool, stop_after: int | None,

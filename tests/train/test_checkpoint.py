@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import pytest
 
-from jdit.train.checkpoint import Checkpointer
+from jdit.train.checkpoint import Checkpointer, DiskFull, is_disk_full
 
 
 def _state(step):
@@ -89,3 +89,56 @@ def test_a_reader_survives_a_step_deleted_while_it_lists(tmp_path, monkeypatch):
     calls.clear()
     with pytest.raises(FileNotFoundError):  # a writer does not hide it
         Checkpointer(tmp_path, every=1)
+
+
+def test_a_full_disk_is_one_clear_error_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
+    _write(tmp_path, steps=(1, 2))
+    writer = Checkpointer(tmp_path, every=1, keep=5, async_save=False)
+
+    def full(*args, **kwargs):  # what orbax raises (through TensorStore) when a write fails
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "w/0": Failed to write 4096 bytes: '
+                         "No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(writer.manager, "save", full)
+    with pytest.raises(DiskFull, match=re.escape(f"disk full while saving a checkpoint in {tmp_path}; "
+                                                 "step 2 is the latest intact checkpoint")) as e:
+        writer.save(3, _state(3), {"data_index": 3})
+    assert e.value.errno == 28 and is_disk_full(e.value)
+    writer.close()
+    state, meta = Checkpointer(tmp_path, every=0, read_only=True).restore(_state(0))
+    assert meta["data_index"] == 2 and float(state["w"][0, 0]) == 2.0
+    assert not is_disk_full(ValueError("RESOURCE_EXHAUSTED: out of memory"))
+
+
+@pytest.mark.slow
+def test_a_run_on_a_full_disk_says_so_in_one_line(tmp_path):
+    """A real full file system (a 3 MB tmpfs; needs the right to mount, as root in CI here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        root = Path(__file__).resolve().parents[2]
+        overrides = ["train.steps=60", "train.checkpoint_every=2", "train.keep_checkpoints=50",
+                     "model.hidden_size=32", "model.depth=1", "model.num_heads=2",
+                     "train.batch_size=8", "train.sample_every=0"]
+        done = subprocess.run(
+            [sys.executable, "-m", "jdit.cli", "train", "--config",
+             str(root / "configs" / "digits_tiny.py"), "--workdir", str(mount / "run")]
+            + [f"--config.{o}" for o in overrides], capture_output=True, text=True, cwd=root,
+            env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+        assert done.returncode == 1, done.stderr[-3000:]
+        noise = [line for line in done.stderr.splitlines()
+                 if "Traceback" in line or "RESOURCE_EXHAUSTED" in line or "ERROR:" in line]
+        assert not noise, noise[:5]
+        assert "jdit train: error: [Errno 28] disk full while " in done.stderr
+        latest = int(done.stderr.split("; step ")[1].split(" ")[0])
+        state = Checkpointer(mount / "run" / "checkpoints", every=0, read_only=True)
+        assert state.latest_step() == latest
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -22,6 +22,17 @@ def _overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 is refused, never read as "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import jax
 
@@ -247,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     multi = train.add_argument_group("multi-host (or JAX_COORDINATOR_ADDRESS, JDIT_NUM_PROCESSES,"
                                      " JDIT_PROCESS_ID)")
     multi.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
-    multi.add_argument("--num-processes", type=int, default=None)
+    multi.add_argument("--num-processes", type=positive_int, default=None)
     multi.add_argument("--process-id", type=int, default=None)
     multi.add_argument("--distributed", action="store_true",
                        help="let JAX discover the hosts (TPU pod slices, SLURM)")
@@ -262,15 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a prompt (text models) or class id (class models); repeatable")
     smp.add_argument("--out", default="samples.png",
                      help="the grid (--workdir), or the PNG name; several images get _0, _1, ...")
-    smp.add_argument("--num", type=int, default=None,
+    smp.add_argument("--num", type=positive_int, default=None,
                      help="images per prompt (default 4 for a grid, 1 with --pretrained)")
-    smp.add_argument("--height", type=int, default=None, help="--pretrained: image height")
-    smp.add_argument("--width", type=int, default=None, help="--pretrained: image width")
+    smp.add_argument("--height", type=positive_int, default=None, help="--pretrained: image height")
+    smp.add_argument("--width", type=positive_int, default=None, help="--pretrained: image width")
     smp.add_argument("--negative-prompt", default="", help="--pretrained: negative prompt")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--guidance-scale", type=float, default=None)
     smp.add_argument("--solver", default=None)
-    smp.add_argument("--steps", type=int, default=None)
+    smp.add_argument("--steps", type=positive_int, default=None)
     smp.set_defaults(func=cmd_sample)
 
     ev = sub.add_parser("eval", help="evaluate a trained workdir; prints JSON")
@@ -295,11 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     aot.add_argument("--pipeline", default=None, choices=("pixart_sigma_1024", "tiny"),
                      help="instead: T5-XXL + PixArt-Σ + SDXL VAE, 20 CFG steps, as one program")
     aot.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5p:4x4x4, v6e:4x4")
-    aot.add_argument("--batch", type=int, default=None,
+    aot.add_argument("--batch", type=positive_int, default=None,
                      help="per-device batch (default: train.batch_size over the batch shards)")
     aot.add_argument("--max-batch", action="store_true",
                      help="search the largest per-device batch that fits in HBM")
-    aot.add_argument("--caption-length", type=int, default=None,
+    aot.add_argument("--caption-length", type=positive_int, default=None,
                      help="caption tokens (default: 300, PixArt-Σ's T5 length)")
     aot.add_argument("--sampler", action="store_true", help="also compile the CFG sampler")
     aot.add_argument("--mesh", default=None, type=parse_mesh,

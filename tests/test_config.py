@@ -134,3 +134,12 @@ def test_values_that_cannot_work_are_refused_naming_the_key(override, message, t
     with pytest.raises(ValueError, match=re.escape(message)):
         train(config, tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_command_line_counts_of_zero_are_refused_not_read_as_the_default(capsys):
+    for argv in (["sample", "--workdir", "w", "--num", "0"], ["aot", "--batch", "0"],
+                 ["sample", "--pretrained", "p", "--height", "-8"]):
+        with pytest.raises(SystemExit) as e:
+            cli_main(argv)
+        assert e.value.code == 2
+        assert "expected an integer >= 1" in capsys.readouterr().err

@@ -87,7 +87,7 @@ def test_sections_and_data_tasks_agree_with_the_code():
 
 
 def test_completion_is_idempotent_and_a_run_written_before_a_default_resumes(tmp_path):
-    from jdit.train.loop import _save_config
+    from jdit.train.loop import _check_same_config
 
     config = complete(load_config(SHAPES))
     assert complete(config) == config
@@ -96,11 +96,11 @@ def test_completion_is_idempotent_and_a_run_written_before_a_default_resumes(tmp
     # config.json of an older run: the file's sections as written, no defaults filled in
     older = load_config(SHAPES, fill_defaults=False).to_dict()
     (tmp_path / "config.json").write_text(json.dumps(older))
-    _save_config(tmp_path, json.loads(json.dumps(config)))  # same run: accepted
+    _check_same_config(tmp_path, json.loads(json.dumps(config)))  # same run: accepted
     changed = json.loads(json.dumps(config))
     changed["optim"]["lr"] = 0.5
     with pytest.raises(ValueError, match="holds a different config"):
-        _save_config(tmp_path, changed)
+        _check_same_config(tmp_path, changed)
 
 
 def test_architecture_configs_hold_the_model_and_its_pipeline_facts():

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -50,9 +51,47 @@ class _QuietDiskFull(logging.Filter):
         return "No space left on device" not in text and "os_error_code='28'" not in text
 
 
+class _QuietReadOnly(logging.Filter):
+    """Drops orbax's warnings that a manager opened read-only is read-only: jdit opens readers
+    that way on purpose (sample, eval, finding the latest step after a failure)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("CheckpointManagerOptions.read_only=True")
+                    or text.startswith("Given directory is read only="))
+
+
+def _late_callback_for_closed_loop(unraisable: Any) -> bool:
+    """TensorStore finishing a write after orbax's event loop has closed (the save was abandoned
+    because an earlier write failed): ``call_soon_threadsafe`` raises in a TensorStore thread,
+    which prints the traceback as unraisable, once per pending write (hundreds on a full disk)."""
+    error, tb = unraisable.exc_value, unraisable.exc_traceback
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        return False
+    names = []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return bool(names) and names[0] == "call_soon_threadsafe"
+
+
+def _install_quiet_unraisable_hook() -> None:
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not _late_callback_for_closed_loop(unraisable):
+            previous(unraisable)
+
+    hook.jdit_quiet = True  # type: ignore[attr-defined]
+    if not getattr(previous, "jdit_quiet", False):
+        sys.unraisablehook = hook
+
+
 _QUIET = _QuietDiskFull()
 for _name in ("absl", "asyncio"):
     logging.getLogger(_name).addFilter(_QUIET)
+logging.getLogger("absl").addFilter(_QuietReadOnly())
+_install_quiet_unraisable_hook()
 
 
 class Checkpointer:

@@ -69,8 +69,14 @@ ASPECT_RATIO_2048: dict[str, tuple[int, int]] = {
     "3.62": (3712, 1024), "3.75": (3840, 1024), "3.88": (3968, 1024), "4.0": (4096, 1024),
 }
 
+# SANA's 4K table (diffusers' ``ASPECT_RATIO_4096_BIN`` in ``pipeline_sana.py``): the 2K table
+# with both sides doubled.
+ASPECT_RATIO_4096: dict[str, tuple[int, int]] = {
+    k: (2 * h, 2 * w) for k, (h, w) in ASPECT_RATIO_2048.items()}
+
 TABLES: dict[int, dict[str, tuple[int, int]]] = {
     256: ASPECT_RATIO_256, 512: ASPECT_RATIO_512, 1024: ASPECT_RATIO_1024, 2048: ASPECT_RATIO_2048,
+    4096: ASPECT_RATIO_4096,
 }
 """The tables by base resolution (the side of their square bucket)."""
 
@@ -78,7 +84,8 @@ Table = Mapping[str, Sequence[float]]
 
 
 def table_for(resolution: int) -> dict[str, tuple[int, int]]:
-    """The PixArt table whose square bucket is ``resolution`` x ``resolution`` (256 ... 2048)."""
+    """The table whose square bucket is ``resolution`` x ``resolution`` (PixArt's 256 ... 2048,
+    SANA's 4096; SANA's 512 ... 2048 tables are PixArt's)."""
     if resolution not in TABLES:
         raise ValueError(f"no aspect-ratio table for resolution {resolution!r}; "
                          f"expected one of {sorted(TABLES)}")
@@ -94,6 +101,15 @@ def _as_table(table: Table | int) -> Mapping[str, Sequence[float]]:
     return table
 
 
+def closest_key(height: int, width: int, table: Table | int = 1024) -> str:
+    """The ratio key of the bucket nearest to ``height / width`` (see :func:`closest_bucket`);
+    PixArt trains with ``float(key)`` as the aspect-ratio micro-condition."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got height={height}, width={width}")
+    ar = float(height / width)
+    return min(_as_table(table), key=lambda key: abs(float(key) - ar))  # first wins a tie
+
+
 def closest_bucket(height: int, width: int, table: Table | int = 1024) -> tuple[int, int]:
     """The ``(height, width)`` of the bucket whose ratio key is nearest to ``height / width``.
 
@@ -101,16 +117,8 @@ def closest_bucket(height: int, width: int, table: Table | int = 1024) -> tuple[
     ``abs(float(key) - height / width)``, the first key in table order wins a tie. ``table`` is a
     table (diffusers' float lists are accepted) or a resolution of :data:`TABLES`.
     """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got height={height}, width={width}")
     table = _as_table(table)
-    ar = float(height / width)
-    best, best_d = None, None
-    for key in table:
-        d = abs(float(key) - ar)
-        if best_d is None or d < best_d:
-            best, best_d = key, d
-    h, w = table[best]
+    h, w = table[closest_key(height, width, table)]
     return int(h), int(w)
 
 

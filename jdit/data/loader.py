@@ -35,26 +35,48 @@ from jdit.data.sources import require
 Example = dict[str, Any]
 
 
-def resize_center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 (H, W, C) -> uint8 (height, width, C): scale (bicubic) to cover, then center-crop."""
+RESAMPLE = ("bicubic", "lanczos")
+
+
+def resize_center_crop(image: np.ndarray, height: int, width: int, *,
+                       resample: str = "bicubic") -> np.ndarray:
+    """uint8 (H, W, C) -> uint8 (height, width, C), as PixArt's and SANA's data pipelines do it.
+
+    The side whose scale is larger is resized to its target exactly and the other one to
+    ``int(side * scale)`` (truncated), with Pillow's bicubic (PixArt-Σ uses Lanczos for its 2K
+    and 2880 tables: ``resample="lanczos"``); then torchvision's ``CenterCrop``: the crop's
+    offset is ``round((size - target) / 2)`` (ties to even); a side short of its target (float
+    rounding; no case is known) would be zero-padded first, as torchvision does. ``tests/data/test_resize.py`` compares this with
+    ``torchvision.transforms`` pixel for pixel.
+    """
     pil = require("PIL.Image", "jdit.data.loader.resize_center_crop")
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
         raise ValueError(f"expected a uint8 image (H, W, 1|3), got {image.dtype} {image.shape}")
     if height < 1 or width < 1:
         raise ValueError(f"target size must be positive, got ({height}, {width})")
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample must be one of {RESAMPLE}, got {resample!r}")
     h, w = image.shape[:2]
     if (h, w) == (height, width):
         return image
-    scale = max(height / h, width / w)
-    # Round up so that rounding never leaves the resized image smaller than the target.
-    nh, nw = max(height, int(np.ceil(h * scale - 1e-6))), max(width, int(np.ceil(w * scale - 1e-6)))
-    im = pil.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    if height / h > width / w:
+        nh, nw = height, int(w * height / h)
+    else:
+        nh, nw = int(h * width / w), width
+    nh, nw = max(nh, 1), max(nw, 1)
+    out = image
     if (nh, nw) != (h, w):
-        im = im.resize((nw, nh), resample=pil.Resampling.BICUBIC)
-    top, left = (nh - height) // 2, (nw - width) // 2
-    out = np.asarray(im.crop((left, top, left + width, top + height)))
-    return out.reshape(height, width, image.shape[-1])
+        im = pil.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        filt = pil.Resampling.BICUBIC if resample == "bicubic" else pil.Resampling.LANCZOS
+        out = np.asarray(im.resize((nw, nh), resample=filt)).reshape(nh, nw, image.shape[-1])
+    if nh < height or nw < width:  # torchvision pads (zeros) before cropping
+        top, left = max(height - nh, 0) // 2, max(width - nw, 0) // 2
+        out = np.pad(out, ((top, max(height - nh, 0) - top), (left, max(width - nw, 0) - left),
+                           (0, 0)))
+        nh, nw = out.shape[:2]
+    top, left = int(round((nh - height) / 2.0)), int(round((nw - width) / 2.0))
+    return np.ascontiguousarray(out[top: top + height, left: left + width])
 
 
 def to_unit_range(image: np.ndarray) -> np.ndarray:

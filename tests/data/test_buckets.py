@@ -14,6 +14,7 @@ from jdit.data.buckets import (
     ASPECT_RATIO_512,
     ASPECT_RATIO_1024,
     ASPECT_RATIO_2048,
+    ASPECT_RATIO_4096,
     TABLES,
     BucketBatchSampler,
     assign_buckets,
@@ -28,9 +29,10 @@ def _diffusers_tables() -> dict[str, dict]:
     spec = importlib.util.find_spec("diffusers")
     if spec is None:
         pytest.skip("diffusers is not installed")
-    folder = Path(spec.submodule_search_locations[0]) / "pipelines" / "pixart_alpha"
+    folder = Path(spec.submodule_search_locations[0]) / "pipelines"
     tables = {}
-    for name in ("pipeline_pixart_alpha.py", "pipeline_pixart_sigma.py"):
+    for name in ("pixart_alpha/pipeline_pixart_alpha.py", "pixart_alpha/pipeline_pixart_sigma.py",
+                 "sana/pipeline_sana.py"):
         for node in ast.parse((folder / name).read_text()).body:
             if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
                     and node.targets[0].id.startswith("ASPECT_RATIO_")):
@@ -39,7 +41,8 @@ def _diffusers_tables() -> dict[str, dict]:
 
 
 OURS = {"ASPECT_RATIO_256_BIN": ASPECT_RATIO_256, "ASPECT_RATIO_512_BIN": ASPECT_RATIO_512,
-        "ASPECT_RATIO_1024_BIN": ASPECT_RATIO_1024, "ASPECT_RATIO_2048_BIN": ASPECT_RATIO_2048}
+        "ASPECT_RATIO_1024_BIN": ASPECT_RATIO_1024, "ASPECT_RATIO_2048_BIN": ASPECT_RATIO_2048,
+        "ASPECT_RATIO_4096_BIN": ASPECT_RATIO_4096}  # the last from SANA's pipeline
 
 
 def test_tables_equal_diffusers():

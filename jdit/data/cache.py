@@ -95,7 +95,8 @@ class FeatureCacheWriter:
     """
 
     def __init__(self, directory: str | os.PathLike, *, examples_per_shard: int = 1024,
-                 max_shard_bytes: int = 256 << 20, overwrite: bool = False, resume: bool = False):
+                 max_shard_bytes: int = 256 << 20, overwrite: bool = False, resume: bool = False,
+                 metadata: Mapping[str, Any] | None = None):
         if examples_per_shard < 1 or max_shard_bytes < 1:
             raise ValueError("examples_per_shard and max_shard_bytes must be positive")
         self.directory = Path(directory)
@@ -109,6 +110,7 @@ class FeatureCacheWriter:
         self._offset: list[int] = []
         self._shapes: dict[str, list[list[int]]] = {}
         self._strings: dict[str, list[str]] = {}
+        self.metadata: dict[str, Any] = json.loads(json.dumps(dict(metadata or {})))
         complete = (self.directory / INDEX).exists()
         if complete or any(self.directory.glob("shard-*.json")):
             kind = "a complete" if complete else "an incomplete"
@@ -122,6 +124,12 @@ class FeatureCacheWriter:
                     raise FileExistsError(f"{self.directory}: the feature cache is complete; "
                                           "nothing to resume (pass overwrite=True to rebuild it)")
                 index = _load_index(self.directory)
+                if index["metadata"] != self.metadata:
+                    raise ValueError(
+                        f"{self.directory}: the incomplete cache was started with other metadata "
+                        f"(encoders, buckets); resume it with the same settings or rebuild it "
+                        f"(overwrite). It has {_describe(index['metadata'])}, this run "
+                        f"{_describe(self.metadata)}")
                 self._fields = index["fields"] or None
                 self._shards = index["shards"]
                 self._ids = index["ids"]
@@ -194,6 +202,7 @@ class FeatureCacheWriter:
         shard = {"file": name, "num_examples": len(self._pending),
                  "bytes": path.stat().st_size, "sha256": _sha256(path)}
         part = {"format": FORMAT, "version": VERSION, "shard": s, "fields": self._fields,
+                "metadata": self.metadata,
                 **shard, "ids": [e[0] for e in self._pending],
                 "shapes": {k: [list(e[1][k].shape) for e in self._pending] for k in self._shapes},
                 "strings": {k: [e[2][k] for e in self._pending] for k in self._strings}}
@@ -214,7 +223,7 @@ class FeatureCacheWriter:
             return
         self.flush()
         _write_json_atomic(self.directory / INDEX, {
-            "format": FORMAT, "version": VERSION, "complete": True,
+            "format": FORMAT, "version": VERSION, "complete": True, "metadata": self.metadata,
             "fields": self._fields or {}, "shards": self._shards, "ids": self._ids,
             "shard": self._shard, "offset": self._offset, "shapes": self._shapes,
             "strings": self._strings,
@@ -248,6 +257,69 @@ def write_cache(directory: str | os.PathLike, examples: Iterator[Mapping[str, An
     return FeatureCache(directory)
 
 
+def _describe(metadata: Mapping[str, Any]) -> str:
+    return json.dumps(metadata, sort_keys=True)[:400]
+
+
+def merge_parts(directory: str | os.PathLike, parts: list[str],
+                metadata: Mapping[str, Any] | None = None,
+                order: list[str] | None = None) -> FeatureCache:
+    """Join complete caches in subfolders ``parts`` of ``directory`` (one per process of a
+    multi-host writer) into one cache at ``directory``: its ``index.json`` lists every part's
+    shards (``<part>/shard-NNNNN.safetensors``), nothing is copied. Examples follow ``order``
+    (example ids; those not in it come last, in part order). The parts' fields and metadata
+    must agree (and equal ``metadata`` when given)."""
+    directory = Path(directory)
+    if (directory / INDEX).exists():
+        raise FileExistsError(f"{directory}: already holds a complete feature cache")
+    merged: dict[str, Any] | None = None
+    rows: list[tuple[str, int, int, dict[str, list[int]], dict[str, str]]] = []
+    shards: list[dict[str, Any]] = []
+    for part in parts:
+        index = _load_index(directory / part)
+        if not index["complete"]:
+            raise ValueError(f"{directory / part}: this part of the cache is incomplete")
+        if merged is None:
+            merged = {"fields": index["fields"], "metadata": index["metadata"]}
+            if metadata is not None and index["metadata"] != json.loads(json.dumps(metadata)):
+                raise ValueError(f"{directory / part}: metadata {_describe(index['metadata'])} "
+                                 f"differs from {_describe(metadata)}")
+        # a part that holds no example (a process whose examples were all skipped) has no fields
+        same_fields = not index["fields"] or not merged["fields"] or \
+            index["fields"] == merged["fields"]
+        if index["metadata"] != merged["metadata"] or not same_fields:
+            raise ValueError(f"{directory / part}: fields or metadata differ from those of "
+                             f"{directory / parts[0]}")
+        merged["fields"] = merged["fields"] or index["fields"]
+        first = len(shards)
+        shards += [{**sh, "file": f"{part}/{sh['file']}"} for sh in index["shards"]]
+        for i, example_id in enumerate(index["ids"]):
+            rows.append((example_id, first + index["shard"][i], index["offset"][i],
+                         {k: v[i] for k, v in index["shapes"].items()},
+                         {k: v[i] for k, v in index["strings"].items()}))
+    if merged is None:
+        raise ValueError(f"{directory}: no parts to merge")
+    seen: set[str] = set()
+    for example_id, *_ in rows:
+        if example_id in seen:
+            raise ValueError(f"{directory}: example id {example_id!r} is in two parts")
+        seen.add(example_id)
+    if order is not None:
+        rank = {k: i for i, k in enumerate(order)}
+        rows.sort(key=lambda r: rank.get(r[0], len(rank)))
+    fields = merged["fields"] or {}
+    array_fields = [k for k, v in fields.items() if v["kind"] == "array"]
+    string_fields = [k for k, v in fields.items() if v["kind"] == "str"]
+    _write_json_atomic(directory / INDEX, {
+        "format": FORMAT, "version": VERSION, "complete": True, "metadata": merged["metadata"],
+        "fields": fields, "shards": shards, "ids": [r[0] for r in rows],
+        "shard": [r[1] for r in rows], "offset": [r[2] for r in rows],
+        "shapes": {k: [r[3][k] for r in rows] for k in array_fields},
+        "strings": {k: [r[4][k] for r in rows] for k in string_fields},
+    })
+    return FeatureCache(directory)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -273,7 +345,7 @@ def _load_index(directory: Path) -> dict[str, Any]:
             raise FileNotFoundError(f"{directory}: not a feature cache (no {INDEX}); a cache is "
                                     "written by jdit.data.cache.FeatureCacheWriter")
         index = {"complete": False, "fields": {}, "shards": [], "ids": [], "shard": [],
-                 "offset": [], "shapes": {}, "strings": {}}
+                 "offset": [], "shapes": {}, "strings": {}, "metadata": {}}
         for s, part_path in enumerate(parts):
             if part_path.name != _part_name(s):
                 raise ValueError(f"{directory}: shard index {_part_name(s)} is missing "
@@ -281,6 +353,7 @@ def _load_index(directory: Path) -> dict[str, Any]:
             part = _read_json(part_path)
             if s == 0:
                 index["fields"] = part["fields"]
+                index["metadata"] = part.get("metadata", {})
                 index["shapes"] = {k: [] for k in part["shapes"]}
                 index["strings"] = {k: [] for k in part["strings"]}
             elif part["fields"] != index["fields"]:
@@ -295,6 +368,7 @@ def _load_index(directory: Path) -> dict[str, Any]:
                 index["shapes"][k].extend(v)
             for k, v in part["strings"].items():
                 index["strings"][k].extend(v)
+    index.setdefault("metadata", {})
     n = len(index["ids"])
     if not (len(index["shard"]) == len(index["offset"]) == n
             and all(len(v) == n for v in index["shapes"].values())
@@ -323,6 +397,7 @@ class FeatureCache:
                              "not finish); resume it with FeatureCacheWriter(..., resume=True) or "
                              "read it with allow_incomplete=True")
         self.complete = bool(index["complete"])
+        self.metadata: dict[str, Any] = index["metadata"]
         self.fields: dict[str, dict[str, str]] = index["fields"]
         self.shards: list[dict[str, Any]] = index["shards"]
         self.ids: list[str] = index["ids"]

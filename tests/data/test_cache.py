@@ -231,3 +231,48 @@ def test_cache_feeds_the_loaders(tmp_path):
     for a, b in zip(after, [next(it2) for _ in range(3)], strict=False):
         np.testing.assert_array_equal(a["text"], b["text"])
         assert list(a["id"]) == list(b["id"])
+
+
+def test_metadata_is_kept_and_a_resume_with_other_metadata_is_refused(tmp_path):
+    meta = {"autoencoder": {"kind": "identity"}, "buckets": {"table": 256}}
+    with pytest.raises(RuntimeError):
+        with FeatureCacheWriter(tmp_path, metadata=meta, examples_per_shard=1) as w:
+            w.add("a", latent=np.zeros((2, 2, 3), np.float32))
+            raise RuntimeError("killed")
+    with pytest.raises(ValueError, match="started with other metadata"):
+        FeatureCacheWriter(tmp_path, resume=True, metadata={**meta, "buckets": {"table": 512}})
+    with FeatureCacheWriter(tmp_path, resume=True, metadata=meta) as w:
+        assert "a" in w
+        w.add("b", latent=np.ones((2, 2, 3), np.float32))
+    assert FeatureCache(tmp_path).metadata == meta
+
+
+def test_parts_merge_into_one_cache_in_the_given_order(tmp_path):
+    from jdit.data.cache import merge_parts
+
+    meta = {"kind": "test"}
+    for p, ids in (("part-0", ["x1", "x3"]), ("part-1", ["x0", "x2", "x4"])):
+        with FeatureCacheWriter(tmp_path / p, metadata=meta, examples_per_shard=2) as w:
+            for i in ids:
+                w.add(i, latent=np.full((1, int(i[1]) + 1, 2), int(i[1]), np.float16), caption=i)
+    with FeatureCacheWriter(tmp_path / "part-2", metadata=meta):
+        pass  # a process whose examples were all skipped
+    cache = merge_parts(tmp_path, ["part-0", "part-1", "part-2"], meta,
+                        order=[f"x{i}" for i in range(5)])
+    assert cache.ids == ["x0", "x1", "x2", "x3", "x4"] and cache.metadata == meta
+    for i in range(5):
+        ex = cache[i]
+        assert ex["caption"] == f"x{i}" and ex["latent"].shape == (1, i + 1, 2)
+        assert (ex["latent"] == i).all()
+    cache.verify()
+    with pytest.raises(FileExistsError):
+        merge_parts(tmp_path, ["part-0"])
+    (tmp_path / "index.json").unlink()
+    with FeatureCacheWriter(tmp_path / "part-3", metadata=meta) as w:
+        w.add("x1", latent=np.zeros((1, 1, 2), np.float16), caption="again")
+    with pytest.raises(ValueError, match="'x1' is in two parts"):
+        merge_parts(tmp_path, ["part-0", "part-3"])
+    with FeatureCacheWriter(tmp_path / "part-4", metadata={"kind": "other"}):
+        pass
+    with pytest.raises(ValueError, match="metadata differ"):
+        merge_parts(tmp_path, ["part-0", "part-4"])

@@ -1,4 +1,5 @@
-"""The ``jdit`` command line: ``train``, ``sample``, ``eval``, ``convert``, ``aot``, ``bench``."""
+"""The ``jdit`` command line: ``train``, ``cache``, ``sample``, ``eval``, ``convert``, ``aot``,
+``bench``."""
 
 from __future__ import annotations
 
@@ -78,6 +79,25 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     print(json.dumps({"workdir": str(args.workdir), **metrics}, indent=2))
     return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from jdit.parallel.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+    from jdit.data import cache_command
+
+    return cache_command.main(args)
+
+
+def _multi_host(parser: argparse.ArgumentParser) -> None:
+    multi = parser.add_argument_group("multi-host (or JAX_COORDINATOR_ADDRESS, "
+                                      "JDIT_NUM_PROCESSES, JDIT_PROCESS_ID)")
+    multi.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    multi.add_argument("--num-processes", type=positive_int, default=None)
+    multi.add_argument("--process-id", type=int, default=None)
+    multi.add_argument("--distributed", action="store_true",
+                       help="let JAX discover the hosts (TPU pod slices, SLURM)")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -255,14 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train from a config file (--config.key=value overrides)")
     train.add_argument("--config", required=True, help="config file, e.g. configs/shapes_tiny.py")
     train.add_argument("--workdir", required=True, help="run directory (resumes if it exists)")
-    multi = train.add_argument_group("multi-host (or JAX_COORDINATOR_ADDRESS, JDIT_NUM_PROCESSES,"
-                                     " JDIT_PROCESS_ID)")
-    multi.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
-    multi.add_argument("--num-processes", type=positive_int, default=None)
-    multi.add_argument("--process-id", type=int, default=None)
-    multi.add_argument("--distributed", action="store_true",
-                       help="let JAX discover the hosts (TPU pod slices, SLURM)")
+    _multi_host(train)
     train.set_defaults(func=cmd_train, takes_extra=True)
+
+    from jdit.data import cache_command
+
+    cache = sub.add_parser("cache", help="encode a dataset (image folder, JSONL, tar shards, "
+                                         "TFDS) once into a feature cache for jdit train")
+    cache_command.add_arguments(cache)
+    _multi_host(cache)
+    cache.set_defaults(func=cmd_cache)
 
     smp = sub.add_parser("sample", help="sample a grid from a trained workdir, or PNGs from a "
                                          "published pipeline (--pretrained)")

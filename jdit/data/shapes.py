@@ -188,6 +188,15 @@ def to_float(images: np.ndarray) -> np.ndarray:
 
 
 @functools.cache
+def vocabulary() -> list[str]:
+    """Every word of every caption (colours, shapes, positions, "a"/"an", "and"), sorted: the
+    vocabulary of the word-level text encoder trained on this data."""
+    from jdit.text.words import tokenize
+
+    texts = [caption(p) for kind in ("single", "pair") for p in _all_prompts(kind)]
+    return sorted({w for t in texts for w in tokenize(t)})
+
+
 def _all_prompts(kind: Kind) -> tuple[tuple[Obj, ...], ...]:
     triples = [Obj(c, s, p) for p in POSITIONS for c in _COLOR_NAMES for s in SHAPES]
     if kind == "single":

@@ -162,12 +162,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"jdit cache: {message}", file=sys.stderr)
 
     with DirectoryLock(part, what="cache part"):
-        summary = build_cache(source, out, image, text, geometry=geometry,
-                              metadata={"source": _source_name(args.source)},
-                              batch_size=args.batch_size,
-                              dtype=args.dtype, threads=args.threads, process_index=index,
-                              process_count=count, wait_timeout=args.wait_timeout,
-                              progress=not args.no_progress, log=say)
+        build_cache(source, out, image, text, geometry=geometry,
+                    metadata={"source": _source_name(args.source)}, batch_size=args.batch_size,
+                    dtype=args.dtype, threads=args.threads, process_index=index,
+                    process_count=count, wait_timeout=args.wait_timeout,
+                    progress=not args.no_progress, log=say)
     if index == 0:
         from jdit.data.caching import summary_of
 

@@ -45,6 +45,8 @@ FORMAT_VERSION = 1
 NULL_CAPTION = "null_caption.safetensors"
 SKIPPED = "skipped.jsonl"
 SUMMARY = "summary.json"
+PREVIEW = "preview.safetensors"
+PREVIEW_PROMPTS = 16
 DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -208,6 +210,35 @@ def _write_null_caption(directory: Path, text: Any) -> None:
                       metadata={"format": "jdit-null-caption"})
 
 
+def _write_preview(directory: Path, cache: FeatureCache, text: Any) -> None:
+    """The first distinct captions of the cache, encoded: sample grids during training need no
+    text encoder."""
+    from jdit.weights.safetensors_io import write_safetensors
+
+    prompts: list[str] = []
+    for i in range(len(cache)):
+        caption = cache._strings["caption"][i]
+        if caption not in prompts:
+            prompts.append(caption)
+        if len(prompts) == PREVIEW_PROMPTS:
+            break
+    features, mask = text.encode(prompts)
+    atomic_write(directory / PREVIEW.replace(".safetensors", ".json"), json.dumps(prompts))
+    write_safetensors(directory / PREVIEW, {"text": features.astype(np.float32),
+                                            "text_mask": mask.astype(np.int32)},
+                      metadata={"format": "jdit-preview"})
+
+
+def read_preview(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(prompts, text (P, L, D), text_mask (P, L))`` of a cache's ``preview.safetensors``."""
+    from jdit.weights.safetensors_io import read_safetensors
+
+    tensors = read_safetensors(path)
+    prompts = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    return prompts, np.asarray(tensors["text"], np.float32), \
+        np.asarray(tensors["text_mask"], np.int32)
+
+
 def part_name(index: int, count: int) -> str:
     return f"part-{index:05d}-of-{count:05d}"
 
@@ -279,6 +310,8 @@ def build_cache(source: Any, directory: str | Path, image: Any, text: Any | None
         _wait_for(directory, parts, wait_timeout, log)
         merged = merge_parts(directory, parts, meta, order=ids)
         _merge_skipped(directory, parts, merged)
+        if text is not None and len(merged):
+            _write_preview(directory, merged, text)
     return summary
 
 

@@ -18,7 +18,8 @@ from jdit.sampling import ClassifierFreeGuidance, sample
 def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
                    partitioner: Any = None) -> Callable[..., np.ndarray]:
     """``generate(params, conditions, seed, guidance_scale=None, solver=None, num_steps=None)``
-    returns images in [-1, 1], NHWC. Defaults come from the ``sample`` config section.
+    returns images in [-1, 1], NHWC (decoded by the task's ``to_images`` when it samples
+    latents). Defaults come from the ``sample`` config section.
 
     With a :class:`~jdit.parallel.Partitioner` the noise is split over the mesh's batch axes
     (when they divide the number of images) and the sampler runs under its mesh and rules; the
@@ -28,8 +29,11 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
     schedule = make_schedule(diffusion)
     prediction = "flow" if isinstance(schedule, FlowSchedule) else diffusion["prediction"]
     defaults = section("sample", config.get("sample"))
-    size, channels = task.size, task.channels
+    height, width = getattr(task, "sample_hw", (task.size, task.size))
+    channels = task.channels
     null = task.null()
+    # a latent-space task turns samples into images (its VAE); pixels are clipped to [-1, 1]
+    to_images = getattr(task, "to_images", None) or (lambda x: np.clip(x, -1.0, 1.0))
 
     if task.kind == "text":
         def model_fn(x2: jax.Array, t2: jax.Array, params: Any, ctx2: jax.Array,
@@ -53,8 +57,7 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
 
             def go(scale: jax.Array, params: Any, noise: jax.Array, key: jax.Array,
                    *cond: jax.Array) -> jax.Array:
-                x = sample(guided, noise, key=key, args=(scale, params) + cond, **run)
-                return jnp.clip(x, -1.0, 1.0)
+                return sample(guided, noise, key=key, args=(scale, params) + cond, **run)
 
             cache[sig] = jax.jit(
                 go, in_shardings=(p.replicated, p.param_shardings(module), noise_sh,
@@ -78,19 +81,19 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
             args = (jnp.concatenate([jnp.full((b,), module.num_classes, jnp.int32), labels]),)
         scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         key = jax.random.PRNGKey(seed)
-        noise = jax.random.normal(key, (b, size, size, channels))
+        noise = jax.random.normal(key, (b, height, width, channels))
         run = dict(solver=solver or defaults["solver"],
                    num_steps=int(num_steps or defaults["steps"]), schedule=schedule,
                    prediction=prediction, key=jax.random.fold_in(key, 1))
         if partitioner is None:
             out = sample(guided, noise, args=(jnp.float32(scale), params) + args, **run)
-            return np.asarray(jnp.clip(out, -1.0, 1.0))
+            return to_images(np.asarray(out))
         # Host values (numpy) are the same on every process: each places its own shards.
         split = b % partitioner.batch_shards == 0
         sampler = _sharded_sampler(split, len(args), **run)
         noise = np.asarray(noise)
         with partitioner.activate():
             out = sampler(jnp.float32(scale), params, noise, *(np.asarray(a) for a in args))
-        return np.asarray(out.addressable_data(0))
+        return to_images(np.asarray(out.addressable_data(0)))
 
     return generate

@@ -208,6 +208,8 @@ class Run(TrainSetup):
         required(c)
         self.batch_size = int(c["train"]["batch_size"])
         self.task = make_task(c["data"], self.batch_size, int(c["train"]["seed"]))
+        if hasattr(self.task, "check_model"):  # a feature cache made for another model
+            self.task.check_model(self.module)
         self.generate = make_generator(self.module, self.task, c, self.partitioner)
         self._teacher: tuple[Any, Any] | None = None
 

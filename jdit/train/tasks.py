@@ -8,6 +8,7 @@ have seen; ``batch(index, rows=(start, stop))`` is the part of the global batch 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,9 +53,7 @@ class ShapesTask:
         self.batch_size, self.seed = batch_size, seed
         # Every word of the vocabulary (colours, shapes, positions, "a"/"an", "and"); words are
         # not held out, only their combinations.
-        vocab = [shapes.caption(p) for split in ("train", "heldout")
-                 for p in shapes.prompts("single", split)] + ["and"]
-        self.encoder = WordEncoder.from_texts(vocab, dim=int(cfg["text_dim"]),
+        self.encoder = WordEncoder.from_texts(shapes.vocabulary(), dim=int(cfg["text_dim"]),
                                               max_length=int(cfg["max_length"]))
         self.channels = 3
 
@@ -79,23 +78,30 @@ class ShapesTask:
 
     def evaluate(self, generate: Generate, batch_size: int = 64, num_pairs: int = 200,
                  single_repeats: int = 4) -> dict[str, float]:
-        """Prompt adherence read by :mod:`jdit.eval.shapes`. adherence_single: every held-out
-        single prompt ``single_repeats`` times, seeds differing (54 prompts, 216 images at the
-        defaults: the whole single-object space has 8 x 3 x 9 = 216 prompts, a quarter held
-        out); adherence_pair: ``num_pairs`` distinct held-out pair prompts, one image each."""
-        from jdit.eval import shapes as evaluator
+        return shapes_adherence(generate, self.encode, batch_size, num_pairs, single_repeats)
 
-        singles = self.shapes.prompts("single", "heldout") * single_repeats
-        pairs = self.shapes.prompts("pair", "heldout")[:num_pairs]
-        out: dict[str, float] = {}
-        for name, objs in (("adherence_single", singles), ("adherence_pair", pairs)):
-            cond = self.encode([self.shapes.caption(o) for o in objs])
-            images = generate_in_chunks(generate, cond, batch_size)
-            kind = name.split("_")[1]
-            out[name] = float(evaluator.adherence(images, list(objs)))
-            out[f"num_{kind}_prompts"] = len(set(objs))
-            out[f"num_{kind}_images"] = len(objs)
-        return out
+
+def shapes_adherence(generate: Generate, encode: Callable[[list[str]], dict[str, np.ndarray]],
+                     batch_size: int = 64, num_pairs: int = 200, single_repeats: int = 4
+                     ) -> dict[str, float]:
+    """Prompt adherence read by :mod:`jdit.eval.shapes`. adherence_single: every held-out single
+    prompt ``single_repeats`` times, seeds differing (54 prompts, 216 images at the defaults: the
+    whole single-object space has 8 x 3 x 9 = 216 prompts, a quarter held out); adherence_pair:
+    ``num_pairs`` distinct held-out pair prompts, one image each."""
+    from jdit.data import shapes
+    from jdit.eval import shapes as evaluator
+
+    singles = shapes.prompts("single", "heldout") * single_repeats
+    pairs = shapes.prompts("pair", "heldout")[:num_pairs]
+    out: dict[str, float] = {}
+    for name, objs in (("adherence_single", singles), ("adherence_pair", pairs)):
+        cond = encode([shapes.caption(o) for o in objs])
+        images = generate_in_chunks(generate, cond, batch_size)
+        kind = name.split("_")[1]
+        out[name] = float(evaluator.adherence(images, list(objs)))
+        out[f"num_{kind}_prompts"] = len(set(objs))
+        out[f"num_{kind}_images"] = len(objs)
+    return out
 
 
 class DigitsTask:
@@ -133,7 +139,8 @@ class DigitsTask:
 
 
 class FeatureCacheTask:
-    """Pre-computed features (:mod:`jdit.data.cache`): the recipe path for real datasets.
+    """Pre-computed features (:mod:`jdit.data.cache`, written by ``jdit cache``): the path for
+    real datasets.
 
     Each example holds ``latent`` (h, w, c), the VAE latent mean before scaling, and either
     ``text`` (L, D) + ``text_mask`` (L) from the text encoder or ``label`` (a class id). Every
@@ -143,9 +150,12 @@ class FeatureCacheTask:
 
     ``data`` config (:data:`jdit.config.DATA`): ``path`` (the cache directory), ``latent_scale``,
     ``null_caption`` (a ``.safetensors`` file with ``text`` and ``text_mask``: the encoded empty
-    prompt for condition dropout), ``micro_condition`` (PixArt-α 1024: pass each batch's pixel
-    size and aspect ratio), ``vae_factor``. Sample grids and evaluation need the VAE decoder and
-    are not run here.
+    prompt for condition dropout), ``micro_condition`` (PixArt-α 1024: pass each batch's original
+    image size and bucket ratio), ``vae_factor``. A cache ``jdit cache`` wrote records its
+    encoders: a ``latent_scale`` or ``vae_factor`` other than its autoencoder's, or a model whose
+    input channels or caption width differ from its features, is refused. Such a cache also
+    gives sample grids during training (its preview captions, decoded with its VAE) and, for the
+    embedded shapes data in pixel space, the prompt-adherence evaluation.
     """
 
     def __init__(self, cfg: Mapping[str, Any], batch_size: int, seed: int) -> None:
@@ -154,7 +164,8 @@ class FeatureCacheTask:
 
         cfg = section("data", cfg)
         if not cfg.get("path"):
-            raise ValueError("data.path must name a feature cache directory (jdit.data.cache)")
+            raise ValueError("data.path must name a feature cache directory (jdit cache)")
+        self.path = Path(cfg["path"])
         self.cache = FeatureCache(cfg["path"])
         fields = set(self.cache.fields)
         if "latent" not in fields:
@@ -169,28 +180,69 @@ class FeatureCacheTask:
                              f"'label' (class-conditional) fields, has {sorted(fields)}")
         self.latent_scale = float(cfg["latent_scale"])
         self.vae_factor = int(cfg["vae_factor"])
+        self.meta = self.cache.metadata
+        self.autoencoder = self.meta.get("autoencoder")
+        if self.autoencoder is not None:  # written by jdit cache: its facts must agree
+            self._check_encoders()
         self.micro_condition = bool(cfg["micro_condition"])
         self.null_path = cfg["null_caption"] or f"{cfg['path']}/null_caption.safetensors"
         self.batch_size = batch_size
         self.sampler = BucketBatchSampler(self.cache.sizes("latent"), batch_size, table=None,
                                           seed=seed, shard_index=0, shard_count=1)
         self.channels = self.cache.shape(0, "latent")[-1]
-        self.size = self.cache.shape(0, "latent")[0]
+        sizes, counts = np.unique(self.cache.sizes("latent"), axis=0, return_counts=True)
+        self.sample_hw = tuple(int(v) for v in sizes[np.argmax(counts)])  # the commonest bucket
+        self.size = self.sample_hw[0]
+        self._decoder: Any = None
+
+    def _check_encoders(self) -> None:
+        ae, where = self.autoencoder, self.path
+        if abs(self.latent_scale - float(ae["scaling_factor"])) > 1e-9:
+            raise ValueError(
+                f"{where}: the cache was encoded with {ae['kind']} {ae.get('source', '')} whose "
+                f"latent scale is {ae['scaling_factor']}, but data.latent_scale is "
+                f"{self.latent_scale}: set --config.data.latent_scale={ae['scaling_factor']} "
+                "(or use a cache made for this model)")
+        if int(ae["factor"]) != self.vae_factor and ae["kind"] != "identity":
+            raise ValueError(f"{where}: the cache's autoencoder downsamples {ae['factor']}x, "
+                             f"data.vae_factor is {self.vae_factor}")
+
+    def check_model(self, module: Any) -> None:
+        """Refuse a model whose inputs do not fit the cached features."""
+        want = getattr(module, "in_channels", None)
+        if want is not None and int(want) != self.channels:
+            raise ValueError(f"{self.path}: the cache holds {self.channels}-channel latents, the "
+                             f"model takes {want} channels (model.in_channels): a cache made "
+                             "for another model")
+        width = getattr(module, "caption_channels", None)
+        if self.kind == "text" and width is not None:
+            have = self.cache.shape(0, "text")[-1]
+            if int(width) != have:
+                raise ValueError(f"{self.path}: the cache's text features are {have} wide, the "
+                                 f"model expects {width} (model.caption_channels): a cache made "
+                                 "for another text encoder")
 
     def batch(self, index: int, rows: Rows = None) -> dict[str, np.ndarray]:
         chosen = self.sampler.batch(index)  # the global batch's plan; read only our rows
         examples = [self.cache[int(i)] for i in chosen.indices[_rows(rows, self.batch_size)]]
         latents = np.stack([e["latent"] for e in examples]).astype(np.float32)
-        out = {"images": latents * np.float32(self.latent_scale)}
+        shift = float((self.autoencoder or {}).get("shift_factor", 0.0))
+        out = {"images": (latents - np.float32(shift)) * np.float32(self.latent_scale)}
         if self.kind == "text":
             out["context"] = np.stack([e["text"] for e in examples]).astype(np.float32)
             out["context_mask"] = np.stack([e["text_mask"] for e in examples]).astype(np.int32)
         else:
             out["labels"] = np.asarray([e["label"] for e in examples], np.int32).reshape(-1)
         if self.micro_condition:
-            h, w = (self.vae_factor * s for s in latents.shape[1:3])
-            out["resolution"] = np.tile(np.float32([h, w]), (len(examples), 1))
-            out["aspect_ratio"] = np.full((len(examples), 1), h / w, np.float32)
+            if "original_size" in examples[0]:  # PixArt trains on the original size and key
+                out["resolution"] = np.stack([e["original_size"] for e in examples]
+                                             ).astype(np.float32)
+                out["aspect_ratio"] = np.array([[float(e["aspect_ratio"])] for e in examples],
+                                               np.float32)
+            else:
+                h, w = (self.vae_factor * s for s in latents.shape[1:3])
+                out["resolution"] = np.tile(np.float32([h, w]), (len(examples), 1))
+                out["aspect_ratio"] = np.full((len(examples), 1), h / w, np.float32)
         return out
 
     def null(self) -> dict[str, np.ndarray] | None:
@@ -212,12 +264,61 @@ class FeatureCacheTask:
                              f"text_mask (1, {want[0]}), got {text.shape} and {mask.shape}")
         return {"context": text.astype(np.float32), "context_mask": mask.astype(np.int32)}
 
-    def preview(self) -> None:
-        return None  # latents need the VAE decoder to become a grid
+    def _text_encoder(self) -> Any:
+        from jdit.data.encoders import WordTextEncoder
+
+        identity = self.meta.get("text_encoder") or {}
+        if identity.get("kind") == "words":
+            return WordTextEncoder.from_identity(identity)
+        return None
+
+    def encode(self, captions: list[str]) -> dict[str, np.ndarray]:
+        encoder = self._text_encoder()
+        if encoder is None:
+            raise ValueError(f"{self.path}: prompts other than the cached preview ones need the "
+                             "cache's text encoder; only a words: encoder is rebuilt in training")
+        ctx, mask = encoder.encode(captions)
+        return {"context": ctx, "context_mask": mask}
+
+    def preview(self) -> tuple[list[str], dict[str, np.ndarray]] | None:
+        """The cache's preview captions (``preview.safetensors``, written by ``jdit cache``) or,
+        for class data, its first labels; None for a cache without them."""
+        if self.autoencoder is None:
+            return None  # a hand-written cache: no decoder known
+        if self.kind == "class":
+            labels = np.unique([int(self.cache[i]["label"]) for i in range(min(len(self.cache),
+                                                                               64))])[:16]
+            return [str(k) for k in labels], {"labels": labels.astype(np.int32)}
+        from jdit.data.caching import PREVIEW, read_preview
+
+        if not (self.path / PREVIEW).is_file():
+            return None
+        prompts, ctx, mask = read_preview(self.path / PREVIEW)
+        return prompts, {"context": ctx, "context_mask": mask}
+
+    def to_images(self, samples: np.ndarray) -> np.ndarray:
+        """Sampled latents (as the model sees them) -> images in [-1, 1], with the cache's VAE."""
+        ae = self.autoencoder or {"kind": "identity"}
+        if ae["kind"] == "identity":
+            return np.clip(samples, -1.0, 1.0)
+        if self._decoder is None:
+            from jdit.data.encoders import VaeEncoder
+
+            self._decoder = VaeEncoder.from_pretrained(ae["source"])
+            if self._decoder.identity["config_sha256"] != ae.get("config_sha256"):
+                raise ValueError(f"{ae['source']}: this VAE's config differs from the one the "
+                                 f"cache {self.path} was encoded with")
+        z = samples / np.float32(self.latent_scale) + np.float32(ae.get("shift_factor", 0.0))
+        return np.clip(self._decoder.decode(z), -1.0, 1.0)
 
     def evaluate(self, generate: Generate, **kwargs: Any) -> dict[str, float]:
-        raise ValueError("data.name='feature_cache' has no built-in evaluation (its samples are "
-                         "latents); evaluate decoded images with your own metrics")
+        text = self.meta.get("text_encoder") or {}
+        if text.get("source") == "words:shapes" and (self.autoencoder or {}).get("kind") == \
+                "identity":
+            return shapes_adherence(generate, self.encode, **kwargs)
+        raise ValueError("this feature cache has no built-in evaluation (only a pixel-space "
+                         "cache of the embedded shapes data does); evaluate decoded images with "
+                         "your own metrics")
 
 
 TASKS = {"shapes": ShapesTask, "digits": DigitsTask, "feature_cache": FeatureCacheTask}

@@ -3,6 +3,13 @@
     jdit train --config configs/shapes_tiny.py --workdir runs/shapes
     jdit eval --workdir runs/shapes
 
+The same model from files (the path a user's own images take, docs/data.md):
+
+    python -m jdit.data.export shapes shapes_png --num-examples 20000
+    jdit cache shapes_png shapes_cache --vae identity --text-encoder words:shapes --size 32
+    jdit train --config configs/shapes_tiny.py:cache --workdir runs/shapes_cache \
+        --config.data.path=shapes_cache
+
 Tuned to fit 15 minutes on 2 CPU cores (BENCHMARKS.md has the runs): patch 4 (64 tokens) with
 rectified flow whose sigmas are shifted toward noise (shift 3: the layout is decided at high
 noise), a high learning rate for a short cosine run, and a short EMA.
@@ -13,12 +20,17 @@ import ml_collections
 TEXT_DIM = 64
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(data: str = "embedded") -> ml_collections.ConfigDict:
+    if data not in ("embedded", "cache"):
+        raise ValueError(f"shapes_tiny takes 'embedded' (rendered in memory) or 'cache' (a "
+                         f"feature cache written by jdit cache), got {data!r}")
     config = ml_collections.ConfigDict()
     config.model = dict(family="pixart", input_size=32, patch_size=4, in_channels=3,
                         hidden_size=128, depth=4, num_heads=4, mlp_ratio=4.0,
                         caption_channels=TEXT_DIM, learn_sigma=False, pe_interpolation=1.0)
     config.data = dict(name="shapes", size=32, pair_fraction=0.6, text_dim=TEXT_DIM, max_length=16)
+    if data == "cache":  # pixels in [-1, 1] and word features, as jdit cache wrote them
+        config.data = dict(name="feature_cache", path="", latent_scale=1.0, vae_factor=1)
     config.diffusion = dict(objective="flow", flow_shift=3.0, timestep_sampler="logit_normal",
                             logit_mean=0.0, logit_std=1.0)
     config.optim = dict(name="adamw", lr=3e-3, b2=0.99, warmup_steps=100, schedule="cosine",

@@ -1,0 +1,200 @@
+"""``jdit cache`` end to end: sources to a feature cache to ``jdit train``; resume, multi-host,
+bad input, and a latent-space cache checked against diffusers' VAE and transformers' T5."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+Image = pytest.importorskip("PIL.Image")
+
+from jdit.cli import main as jdit  # noqa: E402 (after the importorskip)
+from jdit.data.cache import FeatureCache  # noqa: E402
+from jdit.data.caching import Geometry, build_cache  # noqa: E402
+from jdit.data.encoders import image_encoder, text_encoder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = ["a red circle in the center", "a blue square in the top left",
+           "a green triangle in the bottom right and a red square in the top left"]
+
+
+def _folder(path: Path, n: int, size=(32, 32), seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = size if i % 2 == 0 else (size[1], size[0])
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path / f"{i:03d}.png")
+        (path / f"{i:03d}.txt").write_text(PROMPTS[i % len(PROMPTS)])
+    return path
+
+
+def _cache_args(src, out, *extra):
+    return ["cache", str(src), str(out), "--vae", "identity", "--text-encoder", "words:shapes",
+            "--no-progress", *extra]
+
+
+def _content(cache: FeatureCache) -> dict[str, tuple]:
+    return {ex["id"]: (ex["latent"].tobytes(), ex["text"].tobytes(), ex["caption"])
+            for ex in cache}
+
+
+def test_a_folder_becomes_a_cache_that_jdit_train_reads(tmp_path):
+    src = _folder(tmp_path / "photos", 10, size=(32, 48))
+    (src / "bad.png").write_bytes(b"not an image")
+    (src / "bad.txt").write_text("a red circle in the center")
+    (src / "empty.png").write_bytes((src / "000.png").read_bytes())
+    (src / "empty.txt").write_text("   ")
+    out = tmp_path / "cache"
+    assert jdit(_cache_args(src, out, "--buckets", "256", "--max-upscale", "16",
+                            "--batch-size", "4")) == 0
+    cache = FeatureCache(out)
+    assert len(cache) == 10 and cache.metadata["kind"] == "text"
+    assert {tuple(s) for s in cache.sizes()} == {(208, 304), (304, 208)}  # two buckets
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["reason"]) for r in skipped) == [
+        ("bad.png", "unreadable_image"), ("empty.png", "empty_caption")]
+    assert json.loads((out / "summary.json").read_text())["skipped"] == 2
+    ex = cache.get("001.png")
+    assert ex["caption"] == PROMPTS[1] and list(ex["original_size"]) == [48, 32]
+    assert ex["aspect_ratio"] == "1.46"
+    # a second run finds the cache complete and refuses to redo it; --overwrite rebuilds it
+    assert jdit(_cache_args(src, out, "--buckets", "256", "--max-upscale", "16")) == 1
+    # train from it: buckets, condition dropout to the cached null caption, a sample grid
+    from jdit.config import load_config
+    from jdit.train.loop import train
+
+    config = load_config(str(ROOT / "configs" / "shapes_tiny.py") + ":cache", [
+        f"data.path={out}", "model.input_size=32",
+        "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.batch_size=2",
+        "train.steps=2", "train.sample_every=2", "train.checkpoint_every=0", "sample.steps=2",
+        "train.log_every=1"])
+    metrics = train(config, tmp_path / "run", quiet=True)
+    assert np.isfinite(metrics["loss"])
+    assert (tmp_path / "run" / "samples").is_dir() and any((tmp_path / "run" / "samples").glob("*.png"))
+    prompts = (tmp_path / "run" / "samples" / "prompts.txt").read_text().splitlines()
+    assert prompts == PROMPTS  # the cache's preview captions
+
+
+def test_training_refuses_a_cache_made_for_another_model(tmp_path):
+    src = _folder(tmp_path / "photos", 4)
+    out = tmp_path / "cache"
+    assert jdit(_cache_args(src, out, "--size", "32")) == 0
+    from jdit.config import load_config
+    from jdit.train.loop import Run
+
+    base = [f"data.path={out}", "model.hidden_size=32", "model.depth=1", "model.num_heads=2"]
+    cfg = str(ROOT / "configs" / "shapes_tiny.py") + ":cache"
+    with pytest.raises(ValueError, match="latent scale is 1.0, but data.latent_scale is 0.13025"):
+        Run(load_config(cfg, base + ["data.latent_scale=0.13025"]))
+    with pytest.raises(ValueError, match="4 channels .* a cache made for another model"):
+        Run(load_config(cfg, base + ["model.in_channels=4"]))
+    with pytest.raises(ValueError, match="text features are 64 wide, the model expects 32"):
+        Run(load_config(cfg, base + ["model.caption_channels=32"]))
+
+
+class _Killed(Exception):
+    pass
+
+
+class _DiesAfter:
+    """The identity encoder, killed (an exception) after ``n`` batches."""
+
+    def __init__(self, n):
+        self.inner, self.n = image_encoder("identity"), n
+        self.identity, self.factor = self.inner.identity, 1
+
+    def encode(self, images):
+        if self.n == 0:
+            raise _Killed
+        self.n -= 1
+        return self.inner.encode(images)
+
+
+def test_a_killed_cache_resumes_with_every_example_exactly_once(tmp_path):
+    from jdit.data.sources import open_source
+
+    src = _folder(tmp_path / "photos", 23, size=(32, 40))
+    source = open_source(str(src))
+    text = text_encoder("words:shapes")
+    geometry = Geometry(table=256, max_upscale=16)
+    kwargs = dict(geometry=geometry, batch_size=3, progress=False, examples_per_shard=2)
+    build_cache(source, tmp_path / "clean", image_encoder("identity"), text, **kwargs)
+    for dies_after in (2, 1, 0):  # three kills at different points, then a full run
+        with pytest.raises(_Killed):
+            build_cache(source, tmp_path / "resumed", _DiesAfter(dies_after), text, **kwargs)
+    build_cache(source, tmp_path / "resumed", image_encoder("identity"), text, **kwargs)
+    clean, resumed = FeatureCache(tmp_path / "clean"), FeatureCache(tmp_path / "resumed")
+    assert len(resumed.ids) == len(set(resumed.ids)) == 23
+    assert resumed.ids == clean.ids  # merged in source order
+    assert _content(resumed) == _content(clean)
+
+
+@pytest.mark.slow
+def test_a_cache_killed_by_sigkill_resumes_exactly(tmp_path):
+    src = _folder(tmp_path / "photos", 60, size=(32, 32))
+    out = tmp_path / "cache"
+    args = [sys.executable, "-m", "jdit.cli", *_cache_args(src, out, "--size", "32",
+                                                           "--batch-size", "2")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    part = out / "part-00000-of-00001"
+    import time
+
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(part.glob("shard-*.json"))) < 1:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not (out / "index.json").exists()
+    done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cache = FeatureCache(out)
+    assert sorted(cache.ids) == sorted(f"{i:03d}.png" for i in range(60))
+    cache.verify()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_write_parts_that_merge_into_the_one_process_cache(tmp_path):
+    src = _folder(tmp_path / "photos", 13, size=(32, 48))
+    one = tmp_path / "one"
+    assert jdit(_cache_args(src, one, "--buckets", "256", "--max-upscale", "16")) == 0
+    two = tmp_path / "two"
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jdit.cli", *_cache_args(src, two, "--buckets", "256",
+                                                        "--max-upscale", "16"),
+         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+        env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    merged = FeatureCache(two)
+    parts = [FeatureCache(two / f"part-0000{i}-of-00002") for i in range(2)]
+    assert sorted(parts[0].ids + parts[1].ids) == sorted(merged.ids)
+    assert not set(parts[0].ids) & set(parts[1].ids) and len(parts[0]) and len(parts[1])
+    assert merged.ids == FeatureCache(one).ids
+    assert _content(merged) == _content(FeatureCache(one))
+
+
+def test_jsonl_and_tfds_sources_cache_like_a_folder(tmp_path):
+    src = _folder(tmp_path / "photos", 5)
+    manifest = tmp_path / "data.jsonl"
+    manifest.write_text("".join(json.dumps({"image": f"photos/{i:03d}.png",
+                                            "caption": PROMPTS[i % 3]}) + "\n" for i in range(5)))
+    assert jdit(_cache_args(manifest, tmp_path / "a", "--size", "32")) == 0
+    assert jdit(_cache_args(src, tmp_path / "b", "--size", "32")) == 0
+    a, b = FeatureCache(tmp_path / "a"), FeatureCache(tmp_path / "b")
+    assert [ex["latent"].tobytes() for ex in a] == [ex["latent"].tobytes() for ex in b]
+    assert [ex["caption"] for ex in a] == [ex["caption"] for ex in b]

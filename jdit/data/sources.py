@@ -1,4 +1,4 @@
-"""Random-access data sources for real datasets: TFDS ``data_source`` and image folders.
+"""Random-access data sources for real datasets, and :func:`open_source` to pick one from a spec.
 
 A source has ``len(source)``, ``source[i] -> dict`` (any ``i`` in any order, the same answer
 every time), which is what :mod:`jdit.data.loader` (grain) shuffles, shards and batches,
@@ -10,7 +10,8 @@ or ``"class"``). Examples are dicts of numpy values::
 
 Images keep their own size here; the loader resizes them to a fixed size or to their
 aspect-ratio bucket. ``id`` names the example within its source (TFDS: ``"{split}/{index}"``,
-image folder: the image's relative path), e.g. as the key of a :mod:`jdit.data.cache`.
+image folder: the image's relative path, manifest: its ``id`` or image path, tar shards:
+``"{shard name}/{key}"``), e.g. as the key of a :mod:`jdit.data.cache`.
 
 One unusable example (an unreadable image, an empty caption, a broken manifest line) raises
 :class:`BadExample` from ``source[i]``, with a ``reason`` code (:data:`REASONS`) and the
@@ -18,7 +19,8 @@ One unusable example (an unreadable image, an empty caption, a broken manifest l
 folder or manifest is an ordinary error when the source is built.
 
 The sources: :class:`TfdsSource` (:func:`tfds_source`), :class:`ImageFolderSource`
-(:mod:`jdit.data.folders`). TFDS, grain and Pillow are optional
+(:mod:`jdit.data.folders`), :class:`ManifestSource` (:mod:`jdit.data.manifests`),
+:class:`TarShardSource` (:mod:`jdit.data.tars`). TFDS, grain and Pillow are optional
 (``pip install 'jdit[data]'``) and imported only when used; paths go through ``etils.epath``,
 so ``gs://`` URLs work where local paths do.
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from jdit.data.examples import (
     REASONS,
@@ -42,9 +45,12 @@ from jdit.data.examples import (
 )
 from jdit.data.folders import IMAGE_EXTENSIONS, ImageFolderSource
 from jdit.data.images import decode_image, image_size
+from jdit.data.manifests import ManifestSource
+from jdit.data.tars import TarShardSource, shard_paths
 
-__all__ = ["IMAGE_EXTENSIONS", "REASONS", "BadExample", "ImageFolderSource", "TfdsSource",
-           "decode_image", "image_size", "require", "tfds_source"]
+__all__ = ["IMAGE_EXTENSIONS", "REASONS", "BadExample", "ImageFolderSource", "ManifestSource",
+           "TarShardSource", "TfdsSource", "decode_image", "image_size", "open_source", "require",
+           "tfds_source"]
 
 
 def _tfds_caption(value: Any, where: str) -> str:
@@ -193,3 +199,83 @@ def _missing_tensorflow(error: BaseException | None) -> bool:
         error = error.__cause__
     return False
 
+
+SPEC_FORMS = """a source is one of:
+  FOLDER                       images with caption sidecars (name.txt, or name.json with
+                               "caption"); with label=True, name.cls / name.json "label" sidecars
+                               or one folder per class
+  FILE.jsonl                   a manifest: one {"image": path, "caption": text} (or "label": int)
+                               per line, paths relative to the manifest's folder
+  FILE.tar, FOLDER of .tar     WebDataset-style tar shards (0001.jpg + 0001.txt / .json / .cls)
+  PATTERN.tar                  shards named by braces and/or globs: shard-{000000..000099}.tar,
+                               data/*.tar
+  tfds:NAME/SPLIT              a TFDS dataset prepared as array_record (NAME may hold a config
+                               and version: coco_captions/2017:1.1.0; SPLIT is what follows
+                               the last '/': train, validation[:10%])
+  tfds:VERSION_FOLDER/SPLIT    a prepared TFDS version folder (holding dataset_info.json)"""
+
+
+def open_source(spec: str | os.PathLike, *, label: bool = False,
+                data_dir: str | os.PathLike | None = None, caption_feature: str | None = None,
+                **kwargs: Any) -> TfdsSource | ImageFolderSource | ManifestSource | TarShardSource:
+    """The source a ``spec`` names (:data:`SPEC_FORMS`): text-image data, or class-labelled data
+    with ``label=True``.
+
+    A path that exists is taken as it is: a folder holding ``.tar`` files (and no images) is a
+    :class:`TarShardSource` of them (sorted), another folder an :class:`ImageFolderSource`, a
+    ``.jsonl`` file a :class:`ManifestSource`, a ``.tar`` file a one-shard
+    :class:`TarShardSource`; otherwise braces and globs are expanded to tar shards
+    (:func:`jdit.data.tars.shard_paths`). ``tfds:`` specs go to :func:`tfds_source` with
+    ``data_dir``; a text dataset needs ``caption_feature`` (the caption's feature name), a
+    class dataset ``label=True`` (feature ``"label"``, or ``label_feature=...``). Other keyword
+    arguments go to the source's constructor (e.g. ``missing_sidecar="skip"`` for a folder).
+    Anything else is an error listing the accepted forms.
+    """
+    spec = os.fspath(spec)
+    if spec.startswith("tfds:"):
+        return _open_tfds(spec, label=label, data_dir=data_dir, caption_feature=caption_feature,
+                          **kwargs)
+    if data_dir is not None or caption_feature is not None:
+        raise ValueError(f"{spec}: data_dir and caption_feature apply to tfds: sources only")
+    path = epath.Path(spec)
+    if path.is_dir():
+        tars = sorted((p for p in path.iterdir() if p.name.endswith(".tar")
+                       and not p.name.startswith(".") and p.is_file()), key=str)
+        if not tars:
+            return ImageFolderSource(path, label=label, **kwargs)
+        images = [p.name for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if images:
+            raise ValueError(f"{spec}: holds both .tar shards and images ({images[0]}, ...); "
+                             "name the shards (DIR/*.tar) or move them apart")
+        return TarShardSource(tars, label=label, **kwargs)
+    if path.is_file():
+        if path.name.endswith(".jsonl"):
+            return ManifestSource(path, label=label, **kwargs)
+        if path.name.endswith(".tar"):
+            return TarShardSource([path], label=label, **kwargs)
+        raise ValueError(f"{spec}: not a source jdit can read; {SPEC_FORMS}")
+    if any(c in spec for c in "{*?["):
+        return TarShardSource(shard_paths(spec), label=label, **kwargs)
+    raise FileNotFoundError(f"{spec}: no such file or folder; {SPEC_FORMS}")
+
+
+def _open_tfds(spec: str, *, label: bool, data_dir: str | os.PathLike | None,
+               caption_feature: str | None, **kwargs: Any) -> TfdsSource:
+    name, _, split = spec.removeprefix("tfds:").rpartition("/")
+    if not name or not split:
+        raise ValueError(f"{spec!r}: expected tfds:NAME/SPLIT (e.g. tfds:imagenet2012/train) or "
+                         "tfds:VERSION_FOLDER/SPLIT")
+    if label and caption_feature is not None:
+        raise ValueError(f"{spec}: give caption_feature (text-image data) or label=True (class "
+                         "labels), not both")
+    if not label and caption_feature is None:
+        raise ValueError(f"{spec}: a text-image TFDS dataset needs caption_feature (the name of "
+                         "its caption feature, 'a/b' for a nested one); for class labels pass "
+                         "label=True")
+    label_feature = kwargs.pop("label_feature", "label") if label else None
+    source = tfds_source(name, split, data_dir, caption_feature=caption_feature,
+                         label_feature=label_feature, **kwargs)
+    if label and source.label_feature is None:
+        raise ValueError(f"{spec}: the dataset has no {label_feature!r} feature (pass "
+                         "label_feature=... to name its label)")
+    return source

@@ -1,84 +1,69 @@
-"""Random-access data sources for real datasets: TFDS ``data_source`` and image folders.
+"""Random-access data sources for real datasets, and :func:`open_source` to pick one from a spec.
 
-A source has ``len(source)`` and ``source[i] -> dict`` (any ``i`` in any order, the same answer
-every time), which is what :mod:`jdit.data.loader` (grain) shuffles, shards and batches. Examples
-are dicts of numpy values::
+A source has ``len(source)``, ``source[i] -> dict`` (any ``i`` in any order, the same answer
+every time), which is what :mod:`jdit.data.loader` (grain) shuffles, shards and batches,
+``source.example_id(i)`` (the example's id without reading it) and ``source.kind`` (``"text"``
+or ``"class"``). Examples are dicts of numpy values::
 
     {"image": uint8 (H, W, 3), "caption": str, "id": str}    # text-image data
     {"image": uint8 (H, W, 3), "label": int32 (), "id": str} # class-labelled data
 
 Images keep their own size here; the loader resizes them to a fixed size or to their
 aspect-ratio bucket. ``id`` names the example within its source (TFDS: ``"{split}/{index}"``,
-image folder: the image's relative path), e.g. as the key of a :mod:`jdit.data.cache`.
+image folder: the image's relative path, manifest: its ``id`` or image path, tar shards:
+``"{shard name}/{key}"``), e.g. as the key of a :mod:`jdit.data.cache`.
 
-TFDS, grain and Pillow are optional (``pip install 'jdit[data]'``) and imported only when used.
+One unusable example (an unreadable image, an empty caption, a broken manifest line) raises
+:class:`BadExample` from ``source[i]``, with a ``reason`` code (:data:`REASONS`) and the
+``example_id``, so that a caller encoding a whole dataset can skip it and say why; a missing
+folder or manifest is an ordinary error when the source is built.
+
+The sources: :class:`TfdsSource` (:func:`tfds_source`), :class:`ImageFolderSource`
+(:mod:`jdit.data.folders`), :class:`ManifestSource` (:mod:`jdit.data.manifests`),
+:class:`TarShardSource` (:mod:`jdit.data.tars`). TFDS, grain and Pillow are optional
+(``pip install 'jdit[data]'``) and imported only when used; paths go through ``etils.epath``,
+so ``gs://`` URLs work where local paths do.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
+from jdit.data.examples import (
+    REASONS,
+    BadExample,
+    as_rgb,
+    caption_text,
+    check_index,
+    for_example,
+    require,
+)
+from jdit.data.folders import IMAGE_EXTENSIONS, ImageFolderSource
+from jdit.data.images import decode_image, image_size
+from jdit.data.manifests import ManifestSource
+from jdit.data.tars import TarShardSource, shard_paths
 
-_PIP = {"tensorflow_datasets": "tensorflow-datasets", "grain": "grain", "PIL": "Pillow"}
-
-
-def require(module: str, purpose: str) -> Any:
-    """Import an optional dependency of jdit's data paths, or say how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(
-            f"{purpose} needs the Python package {_PIP.get(module.split('.')[0], module)!r} "
-            f"({e}); "
-            "install jdit's data extra: pip install 'jdit[data]'"
-        ) from e
-
-
-def _as_rgb(image: np.ndarray, where: str) -> np.ndarray:
-    """uint8 (H, W) / (H, W, 1|3|4) -> uint8 (H, W, 3); alpha is composited on white."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"{where}: expected a uint8 image, got dtype {image.dtype}")
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.ndim != 3 or image.shape[-1] not in (1, 2, 3, 4):
-        raise ValueError(f"{where}: expected an image (H, W, 1|3|4), got shape {image.shape}")
-    c = image.shape[-1]
-    if c in (2, 4):  # grey+alpha or RGBA
-        alpha = image[..., -1:].astype(np.float32) / 255.0
-        color = image[..., :-1].astype(np.float32)
-        image = np.round(color * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-        c -= 1
-    if c == 1:
-        image = np.repeat(image, 3, axis=-1)
-    return np.ascontiguousarray(image)
+__all__ = ["IMAGE_EXTENSIONS", "REASONS", "BadExample", "ImageFolderSource", "ManifestSource",
+           "TarShardSource", "TfdsSource", "decode_image", "image_size", "open_source", "require",
+           "tfds_source"]
 
 
-def _as_text(value: Any, where: str) -> str:
-    """A caption from a str, bytes, or a sequence of them (the first one)."""
+def _tfds_caption(value: Any, where: str) -> str:
+    """A TFDS caption: a str or bytes, or a sequence of them (the first one is used)."""
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value.item()
     if isinstance(value, (list, tuple, np.ndarray)):
         if len(value) == 0:
-            raise ValueError(f"{where}: empty list of captions")
+            raise BadExample("missing_caption", f"{where}: empty list of captions")
         value = value[0]
         if isinstance(value, np.ndarray) and value.ndim == 0:
             value = value.item()
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{where}: caption is not UTF-8 ({e})") from None
-    if not isinstance(value, str):
-        raise TypeError(f"{where}: expected a text caption, got {type(value).__name__}")
-    return value
+    return caption_text(value, where)
 
 
 def _get_path(example: dict, path: str, where: str) -> Any:
@@ -95,7 +80,9 @@ class TfdsSource:
     """A TFDS ``data_source`` (ArrayRecord files, read without TensorFlow) decoded to jdit examples.
 
     Build it with :func:`tfds_source`. ``source[i]`` is ``{"image", "id"}`` plus ``"caption"``
-    (when ``caption_feature`` is set) or ``"label"`` (when the dataset has ``label_feature``).
+    (when ``caption_feature`` is set; ``kind == "text"``) or ``"label"`` (when the dataset has
+    ``label_feature``; ``kind == "class"``); with neither, ``kind`` is None. A caption that is
+    empty, not UTF-8 or not text raises :class:`BadExample`.
     """
 
     def __init__(self, data_source: Any, name: str, split: str, *, image_feature: str = "image",
@@ -108,23 +95,31 @@ class TfdsSource:
         self.label_feature = label_feature
         self.rgb = rgb
 
+    @property
+    def kind(self) -> str | None:
+        if self.caption_feature is not None:
+            return "text"
+        return "class" if self.label_feature is not None else None
+
     def __len__(self) -> int:
         return len(self.data_source)
 
+    def example_id(self, index: int) -> str:
+        return f"{self.split}/{check_index(index, len(self), f'{self.name}/{self.split}')}"
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        n = len(self)
-        if not isinstance(index, (int, np.integer)) or not 0 <= index < n:
-            raise IndexError(f"{self.name}/{self.split}: index {index!r} out of range [0, {n})")
-        index = int(index)
+        index = check_index(index, len(self), f"{self.name}/{self.split}")
         raw = self.data_source[index]
         where = f"{self.name}/{self.split}[{index}]"
+        example_id = self.example_id(index)
         image = np.asarray(_get_path(raw, self.image_feature, where))
-        out: dict[str, Any] = {"image": _as_rgb(image, where) if self.rgb else image,
-                               "id": f"{self.split}/{index}"}
-        if self.caption_feature is not None:
-            out["caption"] = _as_text(_get_path(raw, self.caption_feature, where), where).strip()
-        elif self.label_feature is not None:
-            out["label"] = np.int32(np.asarray(_get_path(raw, self.label_feature, where)))
+        out: dict[str, Any] = {"image": as_rgb(image, where) if self.rgb else image,
+                               "id": example_id}
+        with for_example(example_id):
+            if self.caption_feature is not None:
+                out["caption"] = _tfds_caption(_get_path(raw, self.caption_feature, where), where)
+            elif self.label_feature is not None:
+                out["label"] = np.int32(np.asarray(_get_path(raw, self.label_feature, where)))
         return out
 
     def __repr__(self) -> str:
@@ -205,106 +200,82 @@ def _missing_tensorflow(error: BaseException | None) -> bool:
     return False
 
 
-class ImageFolderSource:
-    """Images under ``root`` (any depth), each with a caption sidecar ``<name>.txt`` beside it.
+SPEC_FORMS = """a source is one of:
+  FOLDER                       images with caption sidecars (name.txt, or name.json with
+                               "caption"); with label=True, name.cls / name.json "label" sidecars
+                               or one folder per class
+  FILE.jsonl                   a manifest: one {"image": path, "caption": text} (or "label": int)
+                               per line, paths relative to the manifest's folder
+  FILE.tar, FOLDER of .tar     WebDataset-style tar shards (0001.jpg + 0001.txt / .json / .cls)
+  PATTERN.tar                  shards named by braces and/or globs: shard-{000000..000099}.tar,
+                               data/*.tar
+  tfds:NAME/SPLIT              a TFDS dataset prepared as array_record (NAME may hold a config
+                               and version: coco_captions/2017:1.1.0; SPLIT is what follows
+                               the last '/': train, validation[:10%])
+  tfds:VERSION_FOLDER/SPLIT    a prepared TFDS version folder (holding dataset_info.json)"""
 
-    ``photos/cat.jpg`` pairs with ``photos/cat.txt`` (UTF-8, surrounding whitespace stripped).
-    Images are the files whose extension (any case) is in ``extensions``; hidden files and
-    folders (name starting with ``.``) are skipped. Order: sorted relative POSIX paths, so the
-    same folder gives the same indices on every machine. A missing sidecar is an error at
-    construction (all missing ones are named); an unreadable image or caption raises a
-    ``ValueError`` naming the file when that example is read. EXIF orientation is applied.
 
-    ``source[i]`` is ``{"image": uint8 (H, W, 3), "caption": str, "id": relative path}``.
+def open_source(spec: str | os.PathLike, *, label: bool = False,
+                data_dir: str | os.PathLike | None = None, caption_feature: str | None = None,
+                **kwargs: Any) -> TfdsSource | ImageFolderSource | ManifestSource | TarShardSource:
+    """The source a ``spec`` names (:data:`SPEC_FORMS`): text-image data, or class-labelled data
+    with ``label=True``.
+
+    A path that exists is taken as it is: a folder holding ``.tar`` files (and no images) is a
+    :class:`TarShardSource` of them (sorted), another folder an :class:`ImageFolderSource`, a
+    ``.jsonl`` file a :class:`ManifestSource`, a ``.tar`` file a one-shard
+    :class:`TarShardSource`; otherwise braces and globs are expanded to tar shards
+    (:func:`jdit.data.tars.shard_paths`). ``tfds:`` specs go to :func:`tfds_source` with
+    ``data_dir``; a text dataset needs ``caption_feature`` (the caption's feature name), a
+    class dataset ``label=True`` (feature ``"label"``, or ``label_feature=...``). Other keyword
+    arguments go to the source's constructor (e.g. ``missing_sidecar="skip"`` for a folder).
+    Anything else is an error listing the accepted forms.
     """
+    spec = os.fspath(spec)
+    if spec.startswith("tfds:"):
+        return _open_tfds(spec, label=label, data_dir=data_dir, caption_feature=caption_feature,
+                          **kwargs)
+    if data_dir is not None or caption_feature is not None:
+        raise ValueError(f"{spec}: data_dir and caption_feature apply to tfds: sources only")
+    path = epath.Path(spec)
+    if path.is_dir():
+        tars = sorted((p for p in path.iterdir() if p.name.endswith(".tar")
+                       and not p.name.startswith(".") and p.is_file()), key=str)
+        if not tars:
+            return ImageFolderSource(path, label=label, **kwargs)
+        images = [p.name for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if images:
+            raise ValueError(f"{spec}: holds both .tar shards and images ({images[0]}, ...); "
+                             "name the shards (DIR/*.tar) or move them apart")
+        return TarShardSource(tars, label=label, **kwargs)
+    if path.is_file():
+        if path.name.endswith(".jsonl"):
+            return ManifestSource(path, label=label, **kwargs)
+        if path.name.endswith(".tar"):
+            return TarShardSource([path], label=label, **kwargs)
+        raise ValueError(f"{spec}: not a source jdit can read; {SPEC_FORMS}")
+    if any(c in spec for c in "{*?["):
+        return TarShardSource(shard_paths(spec), label=label, **kwargs)
+    raise FileNotFoundError(f"{spec}: no such file or folder; {SPEC_FORMS}")
 
-    def __init__(self, root: str | os.PathLike, *,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, caption_extension: str = ".txt"):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist or is not a "
-                                    "directory")
-        exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
-        if caption_extension.lower() in exts:
-            raise ValueError(f"caption_extension {caption_extension!r} is also an image extension")
-        self.caption_extension = caption_extension
-        paths = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for f in filenames:
-                if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts:
-                    paths.append(Path(dirpath, f).relative_to(self.root).as_posix())
-        self.paths: list[str] = sorted(paths)
-        if not self.paths:
-            raise ValueError(f"no images ({', '.join(sorted(exts))}) under {str(self.root)!r}")
-        missing = [p for p in self.paths if not self._caption_path(p).is_file()]
-        if missing:
-            shown = ", ".join(str(self._caption_path(p)) for p in missing[:5])
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise FileNotFoundError(f"{len(missing)} image(s) under {str(self.root)!r} have no "
-                                    f"caption file: missing {shown}{more}")
 
-    def _caption_path(self, rel: str) -> Path:
-        return (self.root / rel).with_suffix(self.caption_extension)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def _open(self, path: Path):
-        pil = require("PIL.Image", "jdit.data.ImageFolderSource")
-        try:
-            return pil.open(path)
-        except (OSError, ValueError, pil.DecompressionBombError) as e:
-            raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-
-    def read_image(self, index: int) -> np.ndarray:
-        """The image of example ``index`` as uint8 (H, W, 3)."""
-        require("PIL.Image", "jdit.data.ImageFolderSource")
-        ops = importlib.import_module("PIL.ImageOps")
-        path = self.root / self.paths[index]
-        with self._open(path) as im:
-            try:
-                im = ops.exif_transpose(im)
-                if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                    im = im.convert("RGBA")
-                elif im.mode != "RGB":
-                    im = im.convert("RGB")
-                arr = np.asarray(im)
-            except (OSError, ValueError, SyntaxError) as e:
-                raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
-        return _as_rgb(arr, str(path))
-
-    def read_caption(self, index: int) -> str:
-        path = self._caption_path(self.paths[index])
-        try:
-            return path.read_bytes().decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: caption file is not UTF-8 ({e})") from None
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read caption file ({e})") from None
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        n = len(self)
-        if not isinstance(index, (int, np.integer)) or not 0 <= index < n:
-            raise IndexError(f"{self.root}: index {index!r} out of range [0, {n})")
-        index = int(index)
-        return {"image": self.read_image(index), "caption": self.read_caption(index),
-                "id": self.paths[index]}
-
-    def size(self, index: int) -> tuple[int, int]:
-        """``(height, width)`` of image ``index`` after EXIF orientation, from its header only."""
-        path = self.root / self.paths[index]
-        with self._open(path) as im:
-            w, h = im.size
-            try:
-                orientation = im.getexif().get(0x0112, 1)
-            except Exception:  # noqa: BLE001 - unreadable EXIF: as exif_transpose, ignore it
-                orientation = 1
-        return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
-
-    def sizes(self) -> np.ndarray:
-        """``(N, 2)`` int array of every image's ``(height, width)``, for aspect-ratio buckets."""
-        return np.array([self.size(i) for i in range(len(self))], dtype=np.int64).reshape(-1, 2)
-
-    def __repr__(self) -> str:
-        return f"ImageFolderSource({str(self.root)!r}, len={len(self)})"
+def _open_tfds(spec: str, *, label: bool, data_dir: str | os.PathLike | None,
+               caption_feature: str | None, **kwargs: Any) -> TfdsSource:
+    name, _, split = spec.removeprefix("tfds:").rpartition("/")
+    if not name or not split:
+        raise ValueError(f"{spec!r}: expected tfds:NAME/SPLIT (e.g. tfds:imagenet2012/train) or "
+                         "tfds:VERSION_FOLDER/SPLIT")
+    if label and caption_feature is not None:
+        raise ValueError(f"{spec}: give caption_feature (text-image data) or label=True (class "
+                         "labels), not both")
+    if not label and caption_feature is None:
+        raise ValueError(f"{spec}: a text-image TFDS dataset needs caption_feature (the name of "
+                         "its caption feature, 'a/b' for a nested one); for class labels pass "
+                         "label=True")
+    label_feature = kwargs.pop("label_feature", "label") if label else None
+    source = tfds_source(name, split, data_dir, caption_feature=caption_feature,
+                         label_feature=label_feature, **kwargs)
+    if label and source.label_feature is None:
+        raise ValueError(f"{spec}: the dataset has no {label_feature!r} feature (pass "
+                         "label_feature=... to name its label)")
+    return source

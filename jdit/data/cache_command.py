@@ -145,8 +145,11 @@ def main(args: argparse.Namespace) -> int:
     resample = args.resample or ("lanczos" if (args.buckets or 0) >= 2048 else "bicubic")
     geometry = Geometry(table=args.buckets, size=args.size, resample=resample,
                         max_aspect_ratio=args.max_aspect_ratio, max_upscale=args.max_upscale)
+    folder = Path(args.source)
+    extra = {"missing_sidecar": "skip"} if folder.is_dir() and not any(folder.glob("*.tar")) \
+        else {}  # an image without its caption is skipped and counted, not an error
     source = open_source(args.source, label=args.labels, data_dir=args.data_dir,
-                         caption_feature=args.caption_feature)
+                         caption_feature=args.caption_feature, **extra)
     image, text = _encoders(args)
     factor = image.factor
     if args.size is not None and (args.size[0] % factor or args.size[1] % factor):

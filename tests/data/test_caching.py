@@ -87,7 +87,8 @@ def test_training_refuses_a_cache_made_for_another_model(tmp_path):
     from jdit.config import load_config
     from jdit.train.loop import Run
 
-    base = [f"data.path={out}", "model.hidden_size=32", "model.depth=1", "model.num_heads=2"]
+    base = [f"data.path={out}", "model.hidden_size=32", "model.depth=1", "model.num_heads=2",
+            "train.batch_size=2"]
     cfg = str(ROOT / "configs" / "shapes_tiny.py") + ":cache"
     with pytest.raises(ValueError, match="latent scale is 1.0, but data.latent_scale is 0.13025"):
         Run(load_config(cfg, base + ["data.latent_scale=0.13025"]))

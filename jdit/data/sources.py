@@ -28,7 +28,6 @@ so ``gs://`` URLs work where local paths do.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -149,7 +148,7 @@ def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     ``rgb=False``. Extra keyword arguments go to ``tfds.data_source`` (e.g. ``decoders``).
     """
     tfds = require("tensorflow_datasets", "jdit.data.tfds_source")
-    folder = Path(os.path.expanduser(str(name)))
+    folder = epath.Path(os.path.expanduser(str(name)))  # gs:// version folders too
     try:
         if (folder / "dataset_info.json").is_file():
             builder = tfds.builder_from_directory(str(folder))

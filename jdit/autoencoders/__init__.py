@@ -2,10 +2,11 @@
 exact with whole-image GroupNorm statistics), and AutoencoderDC (SANA's DC-AE)."""
 
 from jdit.autoencoders.dc import AutoencoderDC
-from jdit.autoencoders.exact_tiling import decode_tiled_exact
+from jdit.autoencoders.exact_tiling import decode_tiled_exact, encode_tiled_exact
 from jdit.autoencoders.kl import AutoencoderKL
 from jdit.autoencoders.loading import from_pretrained
 from jdit.autoencoders.tiling import decode_tiled
 
 __all__ = ["AutoencoderDC", "AutoencoderKL", "decode_tiled", "decode_tiled_exact",
+           "encode_tiled_exact",
            "from_pretrained"]

@@ -392,9 +392,10 @@ def encode_tiled_exact(vae: Any, params: Any, images: Array, tile: int = 512,
     if not stored <= set(levels):
         raise ValueError(f"store_levels must be among {levels}, got {list(store_levels or [])}")
     bounds = sorted({0, n_levels - 1} | stored)
+    # segments of levels [lo, hi); a one-level VAE has none but tiles its input conv, (0, 0)
+    segments = list(zip(bounds[:-1], bounds[1:], strict=True)) or [(0, 0)]
     x = images
-    # a one-level VAE (bounds [0]) tiles only its input conv
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if len(bounds) > 1 else [(0, 0)]:
-        out_c = vae.block_out_channels[max(hi - 1, 0)]
+    for lo, hi in segments:
+        out_c = vae.block_out_channels[max(hi - 1, 0)]  # the downsampling's (or input conv's)
         x = _segment(_encoder_ops(vae, range(lo, hi)), params, x, vae, tile >> lo, out_c)
     return _tail(vae, params, x, attention_chunk)

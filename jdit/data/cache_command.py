@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=_positive(int), default=8)
     run.add_argument("--dtype", choices=DTYPES, default="float16",
                      help="stored latents and text features (pixels stay float32)")
+    run.add_argument("--examples-per-shard", type=_positive(int), default=256,
+                     help="examples per shard file (a killed run redoes at most one shard)")
     run.add_argument("--threads", type=_positive(int), default=4,
                      help="threads decoding and resizing images")
     run.add_argument("--caption-feature", default=None, help="tfds: the caption feature")
@@ -168,6 +170,7 @@ def main(args: argparse.Namespace) -> int:
         build_cache(source, out, image, text, geometry=geometry,
                     metadata={"source": _source_name(args.source)}, batch_size=args.batch_size,
                     dtype=args.dtype, threads=args.threads, process_index=index,
+                    examples_per_shard=args.examples_per_shard,
                     process_count=count, wait_timeout=args.wait_timeout,
                     progress=not args.no_progress, log=say)
     if index == 0:

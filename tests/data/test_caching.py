@@ -137,10 +137,11 @@ def test_a_killed_cache_resumes_with_every_example_exactly_once(tmp_path):
 
 @pytest.mark.slow
 def test_a_cache_killed_by_sigkill_resumes_exactly(tmp_path):
-    src = _folder(tmp_path / "photos", 60, size=(32, 32))
+    src = _folder(tmp_path / "photos", 300, size=(32, 32))
     out = tmp_path / "cache"
     args = [sys.executable, "-m", "jdit.cli", *_cache_args(src, out, "--size", "32",
-                                                           "--batch-size", "2")]
+                                                           "--batch-size", "2",
+                                                           "--examples-per-shard", "4")]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     part = out / "part-00000-of-00001"
@@ -155,7 +156,7 @@ def test_a_cache_killed_by_sigkill_resumes_exactly(tmp_path):
     done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     cache = FeatureCache(out)
-    assert sorted(cache.ids) == sorted(f"{i:03d}.png" for i in range(60))
+    assert cache.ids == [f"{i:03d}.png" for i in range(300)]
     cache.verify()
 
 

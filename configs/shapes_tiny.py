@@ -5,7 +5,7 @@
 
 The same model from files (the path a user's own images take, docs/data.md):
 
-    python -m jdit.data.export shapes shapes_png --num-examples 20000
+    jdit export shapes shapes_png -n 20000 --pair-fraction 0.6
     jdit cache shapes_png shapes_cache --vae identity --text-encoder words:shapes --size 32
     jdit train --config configs/shapes_tiny.py:cache --workdir runs/shapes_cache \
         --config.data.path=shapes_cache

@@ -1,5 +1,5 @@
-"""The ``jdit`` command line: ``train``, ``cache``, ``sample``, ``eval``, ``convert``, ``aot``,
-``bench``."""
+"""The ``jdit`` command line: ``train``, ``cache``, ``export``, ``sample``, ``eval``, ``convert``,
+``aot``, ``bench``."""
 
 from __future__ import annotations
 
@@ -285,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache_command.add_arguments(cache)
     _multi_host(cache)
     cache.set_defaults(func=cmd_cache)
+
+    from jdit.data import export
+
+    exp = sub.add_parser("export", help="write N examples of an embedded dataset (shapes, "
+                                        "digits) as a folder of PNG files with captions or labels")
+    export.add_arguments(exp)
+    exp.set_defaults(func=export.main)
 
     smp = sub.add_parser("sample", help="sample a grid from a trained workdir, or PNGs from a "
                                          "published pipeline (--pretrained)")

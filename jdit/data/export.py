@@ -55,7 +55,7 @@ def is_export(path: Path) -> bool:
         return False
 
 
-def _batches(name: str, seed: int, size: int, batch_size: int
+def _batches(name: str, seed: int, size: int, batch_size: int, pair_fraction: float
              ) -> Iterator[tuple[np.ndarray, list[str] | np.ndarray]]:
     """Training batches ``0, 1, ...``: (images float [-1, 1] (B, H, W, C), captions or labels)."""
     k = 0
@@ -63,8 +63,7 @@ def _batches(name: str, seed: int, size: int, batch_size: int
         if name == "shapes":
             from jdit.data import shapes
 
-            b = shapes.batch(seed, k, batch_size, size=size,
-                             pair_fraction=TASK_DEFAULTS["shapes"]["pair_fraction"])
+            b = shapes.batch(seed, k, batch_size, size=size, pair_fraction=pair_fraction)
             yield b["images"], list(b["captions"])
         else:
             from jdit.data import digits
@@ -92,14 +91,14 @@ def _check_args(name: str, num_examples: int, seed: int, batch_size: int) -> Non
 
 
 def _write(folder: Path, name: str, num_examples: int, seed: int, size: int, batch_size: int,
-           progress: bool) -> None:
+           pair_fraction: float, progress: bool) -> None:
     from tqdm import tqdm
 
     width = max(5, len(str(num_examples - 1)))  # names sort in index order
     sidecar = ".txt" if name == "shapes" else ".cls"
     done = 0
     with tqdm(total=num_examples, unit="image", desc=f"export {name}", disable=not progress) as bar:
-        for images, conditions in _batches(name, seed, size, batch_size):
+        for images, conditions in _batches(name, seed, size, batch_size, pair_fraction):
             pixels = np.round((images.astype(np.float64) + 1.0) * 127.5).clip(0, 255)
             for row in range(min(batch_size, num_examples - done)):
                 stem = folder / f"{done:0{width}d}"
@@ -112,6 +111,7 @@ def _write(folder: Path, name: str, num_examples: int, seed: int, size: int, bat
                 break
     marker = {"format": FORMAT, "version": 1, "dataset": name, "num_examples": num_examples,
               "seed": seed, "size": size, "batch_size": batch_size,
+              **({"pair_fraction": pair_fraction} if name == "shapes" else {}),
               "read_with": "open_source(folder)" if name == "shapes"
               else "open_source(folder, label=True)"}
     atomic_write(folder / MARKER, json.dumps(marker, indent=1) + "\n")
@@ -131,24 +131,35 @@ def _publish(staging: Path, directory: Path) -> None:
 
 def export_dataset(name: str, directory: str | os.PathLike, num_examples: int, *,
                    seed: int = 0, size: int | None = None,
-                   batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> Path:
+                   batch_size: int = DEFAULT_BATCH_SIZE, pair_fraction: float | None = None,
+                   progress: bool = False) -> Path:
     """Write the first ``num_examples`` training examples of the embedded dataset ``name``
     (``"shapes"`` or ``"digits"``) for ``seed`` / ``batch_size`` / ``size`` (default: the
     task's, 32) to the folder ``directory`` as PNG files with caption or label sidecars (see
-    the module's docstring); returns its path. ``progress`` shows a progress bar.
+    the module's docstring); returns its path. ``pair_fraction`` (shapes: the share of
+    two-object captions, ``data.pair_fraction``; default the task's) must match the run's
+    config for the export to equal its examples (configs/shapes_tiny.py uses 0.6).
+    ``progress`` shows a progress bar.
 
     ``directory`` must be absent, empty, or an earlier export (replaced); a folder of anything
     else, or a file, is refused with ``FileExistsError`` and left untouched.
     """
     _check_args(name, num_examples, seed, batch_size)
     size = TASK_DEFAULTS[name]["size"] if size is None else size
+    if pair_fraction is None:
+        pair_fraction = TASK_DEFAULTS["shapes"]["pair_fraction"]
+    if name != "shapes" and pair_fraction != TASK_DEFAULTS["shapes"]["pair_fraction"]:
+        raise ValueError("pair_fraction applies to the shapes dataset only")
+    if not 0.0 <= float(pair_fraction) <= 1.0:
+        raise ValueError(f"pair_fraction must lie in [0, 1], got {pair_fraction!r}")
     directory = Path(directory)
     check_replaceable(directory, ours=is_export, what="a jdit export")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.with_name(f".{directory.name}.{secrets.token_hex(4)}.partial")
     staging.mkdir()
     try:
-        _write(staging, name, int(num_examples), int(seed), int(size), int(batch_size), progress)
+        _write(staging, name, int(num_examples), int(seed), int(size), int(batch_size),
+               float(pair_fraction), progress)
         _publish(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -182,13 +193,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULT_BATCH_SIZE,
                         help=f"train.batch_size the examples follow (default "
                              f"{DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--pair-fraction", type=float, default=None,
+                        help="shapes: data.pair_fraction of the run to match (default 0.5; "
+                             "configs/shapes_tiny.py uses 0.6)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``jdit export``: write the folder, print what was written (JSON) to stdout."""
     path = export_dataset(args.dataset, args.directory, args.num_examples, seed=args.seed,
-                          size=args.size, batch_size=args.batch_size, progress=not args.quiet)
+                          size=args.size, batch_size=args.batch_size,
+                          pair_fraction=args.pair_fraction, progress=not args.quiet)
     print(json.dumps({"directory": str(path), **read_json_object(path / MARKER)}, indent=2),
           file=sys.stdout)
     return 0

@@ -200,3 +200,92 @@ def test_jsonl_and_tfds_sources_cache_like_a_folder(tmp_path):
     a, b = FeatureCache(tmp_path / "a"), FeatureCache(tmp_path / "b")
     assert [ex["latent"].tobytes() for ex in a] == [ex["latent"].tobytes() for ex in b]
     assert [ex["caption"] for ex in a] == [ex["caption"] for ex in b]
+
+
+@pytest.fixture(scope="module")
+def tiny_sigma(tmp_path_factory):
+    """A tiny PixArt-Σ pipeline folder (8x VAE, T5 of width 32) and its diffusers pipeline."""
+    pytest.importorskip("diffusers")
+    from jdit.testing import tiny_pipelines
+
+    folder = tmp_path_factory.mktemp("tiny_sigma")
+    return folder, tiny_pipelines.text_to_image(folder, "sigma")
+
+
+@pytest.mark.slow
+def test_a_latent_cache_equals_diffusers_vae_and_transformers_t5_and_trains(tmp_path,
+                                                                             tiny_sigma):
+    import torch
+
+    from jdit.data.loader import resize_center_crop, to_unit_range
+
+    folder, pipe = tiny_sigma
+    rng = np.random.default_rng(1)
+    src = tmp_path / "photos"
+    src.mkdir()
+    images = {"wide.png": rng.integers(0, 256, (48, 96, 3), dtype=np.uint8),
+              "square.png": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+              "tall.png": rng.integers(0, 256, (96, 48, 3), dtype=np.uint8)}
+    for i, (name, image) in enumerate(images.items()):
+        Image.fromarray(image).save(src / name)
+        (src / name).with_suffix(".txt").write_text(f"  A Photo of thing {i}  ")
+    out = tmp_path / "cache"
+    assert jdit(["cache", str(src), str(out), "--pretrained", str(folder), "--buckets", "256",
+                 "--max-upscale", "8", "--dtype", "float32", "--batch-size", "2",
+                 "--no-progress"]) == 0
+    cache = FeatureCache(out)
+    assert cache.metadata["autoencoder"]["kind"] == "AutoencoderKL"
+    assert cache.metadata["text_encoder"]["max_length"] == 300  # PixArt-Σ's
+    with torch.no_grad():
+        for i, (name, image) in enumerate(images.items()):
+            ex = cache.get(name)
+            bucket = {"wide.png": (176, 352), "square.png": (256, 256),
+                      "tall.png": (352, 176)}[name]
+            pixels = to_unit_range(resize_center_crop(image, *bucket))
+            mean = pipe.vae.encode(torch.from_numpy(pixels).permute(2, 0, 1)[None]
+                                   ).latent_dist.mean[0].permute(1, 2, 0).numpy()
+            np.testing.assert_allclose(ex["latent"], mean, atol=2e-4, rtol=1e-4)
+            tokens = pipe.tokenizer([f"a photo of thing {i}"], padding="max_length",
+                                    max_length=300, truncation=True, return_tensors="pt")
+            features = pipe.text_encoder(tokens.input_ids,
+                                         attention_mask=tokens.attention_mask)[0][0].numpy()
+            np.testing.assert_array_equal(ex["text_mask"], tokens.attention_mask[0].numpy())
+            np.testing.assert_allclose(ex["text"], features, atol=2e-4, rtol=1e-4)
+    # the null caption for condition dropout is the encoded empty prompt
+    from jdit.weights.safetensors_io import read_safetensors
+
+    null = read_safetensors(out / "null_caption.safetensors")
+    with torch.no_grad():
+        tokens = pipe.tokenizer([""], padding="max_length", max_length=300, return_tensors="pt")
+        empty = pipe.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+    np.testing.assert_allclose(null["text"], empty.numpy(), atol=2e-4, rtol=1e-4)
+
+    # fine-tune config on it (a tiny model), with a sample grid decoded by the cache's VAE
+    from jdit.config import load_config
+    from jdit.train.loop import train
+
+    config = load_config(str(ROOT / "configs" / "finetune_folder.py") + ":pixart_sigma_xl2_256", [
+        f"data.path={out}", "data.latent_scale=0.18215", "model.hidden_size=32",
+        "model.depth=1", "model.num_heads=2", "model.caption_channels=32",
+        "model.dtype=float32", "model.scan_layers=False", "model.remat_policy=none",
+        "train.batch_size=1", "train.steps=2", "train.sample_every=2",
+        "train.checkpoint_every=0", "sample.steps=2", "train.log_every=1",
+        "parallel.mesh.fsdp=1", "parallel.mesh.data=-1"])
+    metrics = train(config, tmp_path / "run", quiet=True)
+    assert np.isfinite(metrics["loss"])
+    grids = list((tmp_path / "run" / "samples").glob("*.png"))
+    assert grids, "no sample grid"
+    assert (np.asarray(Image.open(grids[0])).std() > 0)
+
+
+@pytest.mark.slow
+def test_exact_tiles_cache_the_same_latents(tmp_path, tiny_sigma):
+    folder, _ = tiny_sigma
+    src = _folder(tmp_path / "photos", 3, size=(64, 64))
+    for name, extra in (("whole", []), ("tiled", ["--tile", "64"])):
+        assert jdit(["cache", str(src), str(tmp_path / name), "--pretrained", str(folder),
+                     "--size", "128", "--dtype", "float32", "--no-progress", *extra]) == 0
+    whole, tiled = FeatureCache(tmp_path / "whole"), FeatureCache(tmp_path / "tiled")
+    assert tiled.metadata["autoencoder"] == whole.metadata["autoencoder"]
+    for a, b in zip(whole, tiled, strict=True):
+        np.testing.assert_allclose(b["latent"], a["latent"], atol=2e-5, rtol=1e-5)

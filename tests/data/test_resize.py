@@ -1,32 +1,52 @@
 """The bucket resize and centre crop against the official pipelines' torchvision transforms."""
 
-import importlib
-import sys
-import types
-
 import numpy as np
 import pytest
 
 Image = pytest.importorskip("PIL.Image")
 
 
-def _torchvision_transforms():
-    """torchvision's transforms. Its PyPI wheel ships operators built against CUDA torch, which
-    cannot load beside the CPU torch of the test extra: registering their fake kernels fails at
-    import. The transforms used here are pure Python over Pillow and need none of them, so that
-    one registration module is stubbed when the import fails."""
-    try:
-        return importlib.import_module("torchvision.transforms")
-    except ImportError:
-        pytest.skip("torchvision is not installed")
-    except RuntimeError:
-        for name in [m for m in sys.modules if m.startswith("torchvision")]:
-            del sys.modules[name]
-        sys.modules["torchvision._meta_registrations"] = types.ModuleType("stub")
-        return importlib.import_module("torchvision.transforms")
+class T:
+    """torchvision.transforms' Resize and CenterCrop on PIL images, as torchvision 0.28 does
+    them (``Image.resize((w, h), filter)``; crop offsets ``int(round((size - crop) / 2))``, a
+    short side zero-padded first). torchvision itself cannot be in the test extra: its PyPI
+    wheel carries CUDA-built operators that fail to load beside the CPU torch, and transformers
+    then fails to import. This reference was checked equal to torchvision 0.28.0 on the cases
+    below (2026-12-06, issue 18's notes)."""
 
+    class InterpolationMode:
+        BICUBIC, LANCZOS = Image.Resampling.BICUBIC, Image.Resampling.LANCZOS
 
-T = _torchvision_transforms()
+    class Resize:
+        def __init__(self, size, interpolation):
+            self.size, self.interpolation = size, interpolation
+
+        def __call__(self, im):
+            return im.resize((self.size[1], self.size[0]), self.interpolation)
+
+    class CenterCrop:
+        def __init__(self, size):
+            self.size = size
+
+        def __call__(self, im):
+            th, tw = self.size
+            w, h = im.size
+            if tw > w or th > h:
+                padded = Image.new(im.mode, (max(w, tw), max(h, th)))
+                padded.paste(im, ((max(tw - w, 0)) // 2, (max(th - h, 0)) // 2))
+                im, (w, h) = padded, padded.size
+            top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+            return im.crop((left, top, left + tw, top + th))
+
+    class Compose:
+        def __init__(self, steps):
+            self.steps = steps
+
+        def __call__(self, im):
+            for step in self.steps:
+                im = step(im)
+            return im
+
 
 from jdit.data.buckets import closest_bucket  # noqa: E402 (after the importorskips)
 from jdit.data.loader import resize_center_crop, to_unit_range  # noqa: E402
@@ -64,6 +84,7 @@ def test_resize_center_crop_equals_the_official_transform(resample):
 
 
 def test_scaling_matches_to_tensor_and_normalize():
+    """ToTensor (x / 255) then Normalize(0.5, 0.5) ((v - 0.5) / 0.5), in float32 as torch does."""
     x = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
-    theirs = T.Compose([T.ToTensor(), T.Normalize([.5], [.5])])(Image.fromarray(x)).numpy()
-    np.testing.assert_allclose(to_unit_range(x).transpose(2, 0, 1), theirs, atol=1e-6)
+    theirs = (x.astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+    np.testing.assert_allclose(to_unit_range(x), theirs, atol=1e-6)

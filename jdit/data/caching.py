@@ -349,29 +349,30 @@ def _encode_part(source: Any, part: Path, ids: list[str], mine: list[int],
 
         def encode(examples: list[dict[str, Any]]) -> None:
             n = len(examples)
-            pixels = np.stack([e["pixels"] for e in examples])
-            if n < batch_size:  # one compiled shape per bucket: pad the last batch
-                pixels = np.concatenate([pixels, np.zeros((batch_size - n, *pixels.shape[1:]),
-                                                          pixels.dtype)])
-            latents = image.encode(pixels)[:n]
-            if kind == "text":
-                captions = [e["caption"] for e in examples]
-                features, mask = text.encode(captions + [""] * (batch_size - n))
-                features, mask = features[:n], mask[:n]
-            for j, e in enumerate(examples):
-                fields: dict[str, Any] = {"latent": latents[j].astype(stored),
-                                          "original_size": e["original_size"],
-                                          "aspect_ratio": e["aspect_ratio"]}
-                if kind == "text":
-                    fields.update(text=features[j].astype(stored), text_mask=mask[j],
-                                  caption=e["caption"])
-                else:
-                    fields["label"] = e["label"]
-                if not np.isfinite(fields["latent"]).all():
-                    skip(e["id"], "non_finite", "the encoder gave non-finite values")
-                    continue
-                writer.add(e["id"], **fields)
-                summary.written += 1
+            if kind == "text":  # first: a caption the encoder refuses drops its example
+                features, mask, examples = _encode_text(text, examples, batch_size, skip)
+            if examples:
+                m = len(examples)
+                pixels = np.stack([e["pixels"] for e in examples])
+                if m < batch_size:  # one compiled shape per bucket: pad the last batch
+                    pixels = np.concatenate(
+                        [pixels, np.zeros((batch_size - m, *pixels.shape[1:]), pixels.dtype)])
+                latents = image.encode(pixels)[:m]
+                for j, e in enumerate(examples):
+                    fields: dict[str, Any] = {"latent": latents[j].astype(stored),
+                                              "original_size": e["original_size"],
+                                              "aspect_ratio": e["aspect_ratio"]}
+                    if kind == "text":
+                        fields.update(text=features[j].astype(stored), text_mask=mask[j],
+                                      caption=e["caption"])
+                    else:
+                        fields["label"] = e["label"]
+                    if not all(np.isfinite(fields[k]).all() for k in ("latent", "text")
+                               if k in fields):  # float16 overflow, a broken encoder
+                        skip(e["id"], "non_finite", "the encoders gave non-finite values")
+                        continue
+                    writer.add(e["id"], **fields)
+                    summary.written += 1
             if bar is not None:
                 bar.update(n)
 
@@ -390,6 +391,31 @@ def _encode_part(source: Any, part: Path, ids: list[str], mine: list[int],
     if bar is not None:
         bar.close()
     return summary
+
+
+def _encode_text(text: Any, examples: list[dict[str, Any]], batch_size: int,
+                 skip: Callable[[str, str, str], None]
+                 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Text features of a batch; a caption the encoder refuses (a word-level encoder's unknown
+    word, ...) is skipped alone rather than failing the batch."""
+    captions = [e["caption"] for e in examples]
+    pad = [""] * (batch_size - len(captions))
+    try:
+        features, mask = text.encode(captions + pad)
+        return features[:len(captions)], mask[:len(captions)], examples
+    except ValueError:
+        kept = []
+        for e in examples:
+            try:
+                text.encode([e["caption"]])
+                kept.append(e)
+            except ValueError as err:
+                skip(e["id"], "caption_not_encodable", str(err)[:300])
+        if not kept:
+            return np.zeros(0), np.zeros(0), []
+        features, mask = text.encode([e["caption"] for e in kept] +
+                                     [""] * (batch_size - len(kept)))
+        return features[:len(kept)], mask[:len(kept)], kept
 
 
 def _wait_for(directory: Path, parts: list[str], timeout: float | None,

@@ -289,3 +289,37 @@ def test_exact_tiles_cache_the_same_latents(tmp_path, tiny_sigma):
     assert tiled.metadata["autoencoder"] == whole.metadata["autoencoder"]
     for a, b in zip(whole, tiled, strict=True):
         np.testing.assert_allclose(b["latent"], a["latent"], atol=2e-5, rtol=1e-5)
+
+
+def test_tfds_text_and_class_datasets_cache(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from tests.data.test_sources import JditToyCaptions
+
+    JditToyCaptions(data_dir=str(tmp_path / "tfds"), file_format="array_record"
+                    ).download_and_prepare()
+    (version,) = (tmp_path / "tfds").glob("jdit_toy_captions/*/dataset_info.json")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("caption number 0 1 2 3 4\n")  # 5 and 6 are not words of it
+    out = tmp_path / "captions"
+    assert jdit(["cache", f"tfds:{version.parent}/train", str(out), "--caption-feature",
+                 "caption", "--vae", "identity", "--text-encoder", f"words:{vocab}",
+                 "--size", "8", "--max-upscale", "2", "--batch-size", "3", "--no-progress"]) == 0
+    cache = FeatureCache(out)
+    assert sorted(ex["caption"] for ex in cache) == [f"caption number {i}" for i in range(5)]
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(r["reason"] for r in skipped) == ["caption_not_encodable"] * 2
+    assert all("'5'" in r["message"] or "'6'" in r["message"] for r in skipped)
+    ex = cache[0]
+    k = int(ex["caption"].rsplit(" ", 1)[1])
+    np.testing.assert_allclose(ex["latent"], np.full((8, 8, 3), 10 * k / 127.5 - 1), atol=1e-6)
+
+    with tfds.testing.mock_data(num_examples=6):
+        assert jdit(["cache", "tfds:mnist/train", str(tmp_path / "labels"), "--labels",
+                     "--vae", "identity", "--size", "32", "--no-progress"]) == 0
+    labels = FeatureCache(tmp_path / "labels")
+    assert len(labels) == 6 and labels.metadata["kind"] == "class"
+    assert labels[0]["latent"].shape == (32, 32, 3) and labels[0]["label"].dtype == np.int32
+    from jdit.train.tasks import FeatureCacheTask
+
+    task = FeatureCacheTask({"name": "feature_cache", "path": str(tmp_path / "labels")}, 2, 0)
+    assert task.kind == "class" and task.batch(0)["labels"].shape == (2,)

@@ -36,44 +36,66 @@ def _valid_entry(info: object) -> bool:
         ints(info.get("shape")) and ints(info.get("data_offsets"), 2)
 
 
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file (read-only views of a memory map)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            raise ValueError(f"{path}: not a safetensors file (too short)")
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    n = int.from_bytes(buf[:8], "little")
-    if n > size - 8:
-        raise ValueError(f"{path}: corrupt safetensors header length {n}")
-    try:
-        header = json.loads(bytes(buf[8 : 8 + n]))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: corrupt safetensors header (a JSON object mapping tensor names "
-                         f"to entries was expected, got a {type(header).__name__})")
-    data_start, data_len = 8 + n, size - 8 - n
-    out: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+class SafetensorsFile:
+    """One ``.safetensors`` file, memory-mapped, its header parsed once; ``file[name]`` checks
+    that tensor's entry and returns a read-only view. Opening costs the header's JSON only, so a
+    reader that needs a few tensors of a file of thousands (a feature-cache shard) pays for those.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path = Path(path)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise ValueError(f"{path}: not a safetensors file (too short)")
+            self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        n = int.from_bytes(self._buf[:8], "little")
+        if n > size - 8:
+            raise ValueError(f"{path}: corrupt safetensors header length {n}")
+        try:
+            header = json.loads(bytes(self._buf[8 : 8 + n]))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: corrupt safetensors header (a JSON object mapping tensor "
+                             f"names to entries was expected, got a {type(header).__name__})")
+        header.pop("__metadata__", None)
+        self._header: dict[str, object] = header
+        self._data_start, self._data_len = 8 + n, size - 8 - n
+
+    def names(self) -> list[str]:
+        return list(self._header)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._header
+
+    def get(self, name: str) -> np.ndarray | None:
+        return self[name] if name in self._header else None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        info = self._header[name]
         if not _valid_entry(info):
-            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry (expected "
-                             "dtype, shape: [non-negative ints], data_offsets: [begin, end]); got "
-                             f"{str(info)[:200]}")
+            raise ValueError(f"{self.path}: tensor {name!r} has a malformed header entry "
+                             "(expected dtype, shape: [non-negative ints], data_offsets: "
+                             f"[begin, end]); got {str(info)[:200]}")
+        assert isinstance(info, dict)
         dtype = DTYPES.get(info["dtype"])
         if dtype is None:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype "
+                             f"{info.get('dtype')!r}")
         shape = tuple(info["shape"])
         begin, end = info["data_offsets"]
-        if not 0 <= begin <= end <= data_len or end - begin != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name!r} has inconsistent data offsets")
-        out[name] = np.frombuffer(
-            buf, dtype=dtype, count=math.prod(shape), offset=data_start + begin
-        ).reshape(shape)
-    return out
+        if not 0 <= begin <= end <= self._data_len or \
+                end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{self.path}: tensor {name!r} has inconsistent data offsets")
+        return np.frombuffer(self._buf, dtype=dtype, count=math.prod(shape),
+                             offset=self._data_start + begin).reshape(shape)
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of one ``.safetensors`` file (read-only views of a memory map)."""
+    file = SafetensorsFile(path)
+    return {name: file[name] for name in file.names()}
 
 
 def read_safetensors_folder(folder: str | Path, stem: str) -> dict[str, np.ndarray]:

@@ -85,7 +85,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from jdit.parallel.distributed import initialize
 
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
-    from jdit.data import cache_command
+    from jdit import cache_command
 
     return cache_command.main(args)
 
@@ -245,6 +245,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "tiling": ("tiling", "VAE decode: untiled, blended and exact tiles"),
     "kernels": ("kernels", "Pallas kernels vs XLA attention, TPU compiles"),
     "compile": ("compile_time", "compile time of a full-size model, scan vs not"),
+    "cache": ("cache", "jdit cache images/s against its encoders alone"),
 }
 
 
@@ -278,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     _multi_host(train)
     train.set_defaults(func=cmd_train, takes_extra=True)
 
-    from jdit.data import cache_command
+    from jdit import cache_command
 
     cache = sub.add_parser("cache", help="encode a dataset (image folder, JSONL, tar shards, "
                                          "TFDS) once into a feature cache for jdit train")

@@ -253,7 +253,7 @@ def build_cache(source: Any, directory: str | Path, image: Any, text: Any | None
 
     ``source``: ``len`` and ``__getitem__`` giving ``{"image": uint8 (H, W, 3), "caption": str}``
     (or ``"label"``: class-labelled data, then ``text`` is None), and ideally a cheap
-    ``example_id(i)``. ``image`` / ``text``: :mod:`jdit.data.encoders`. ``dtype``: how latents
+    ``example_id(i)``. ``image`` / ``text``: :mod:`jdit.pipelines.encoders`. ``dtype``: how latents
     and text features are stored (identity pixels stay float32). ``metadata``: extra facts to
     record (e.g. the source). Every process of a multi-host run calls this with its
     ``process_index``; process 0 merges the parts once all are complete.

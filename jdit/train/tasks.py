@@ -265,7 +265,7 @@ class FeatureCacheTask:
         return {"context": text.astype(np.float32), "context_mask": mask.astype(np.int32)}
 
     def _text_encoder(self) -> Any:
-        from jdit.data.encoders import WordTextEncoder
+        from jdit.pipelines.encoders import WordTextEncoder
 
         identity = self.meta.get("text_encoder") or {}
         if identity.get("kind") == "words":
@@ -302,7 +302,7 @@ class FeatureCacheTask:
         if ae["kind"] == "identity":
             return np.clip(samples, -1.0, 1.0)
         if self._decoder is None:
-            from jdit.data.encoders import VaeEncoder
+            from jdit.pipelines.encoders import VaeEncoder
 
             self._decoder = VaeEncoder.from_pretrained(ae["source"])
             if self._decoder.identity["config_sha256"] != ae.get("config_sha256"):

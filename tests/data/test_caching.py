@@ -16,7 +16,7 @@ Image = pytest.importorskip("PIL.Image")
 from jdit.cli import main as jdit  # noqa: E402 (after the importorskip)
 from jdit.data.cache import FeatureCache  # noqa: E402
 from jdit.data.caching import Geometry, build_cache  # noqa: E402
-from jdit.data.encoders import image_encoder, text_encoder  # noqa: E402
+from jdit.pipelines.encoders import image_encoder, text_encoder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle in the center", "a blue square in the top left",

@@ -102,7 +102,7 @@ def is_cache_folder(path: Path) -> bool:
 
 
 def _encoders(args: argparse.Namespace) -> tuple[Any, Any]:
-    from jdit.data.encoders import image_encoder, text_encoder
+    from jdit.pipelines.encoders import image_encoder, text_encoder
 
     vae = args.vae or args.pretrained
     if vae is None:

@@ -323,3 +323,58 @@ def test_tfds_text_and_class_datasets_cache(tmp_path):
 
     task = FeatureCacheTask({"name": "feature_cache", "path": str(tmp_path / "labels")}, 2, 0)
     assert task.kind == "class" and task.batch(0)["labels"].shape == (2,)
+
+
+def test_every_kind_of_bad_input_is_converted_or_skipped_and_counted(tmp_path):
+    rng = np.random.default_rng(3)
+    src = tmp_path / "mixed"
+    src.mkdir()
+
+    def save(name, image, caption="a red circle in the center", **kw):
+        image.save(src / name, **kw)
+        if caption is not None:
+            (src / name).with_suffix(".txt").write_bytes(
+                caption if isinstance(caption, bytes) else caption.encode())
+
+    rgb = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    save("grey.png", Image.fromarray(rgb[..., 0]))
+    save("rgba.png", Image.fromarray(np.dstack([rgb, rgb[..., :1]])))
+    save("palette.png", Image.fromarray(rgb).convert("P"))
+    save("sixteen.png", Image.fromarray(rgb[..., 0].astype(np.uint16) * 257))
+    save("cmyk.jpg", Image.fromarray(rgb).convert("CMYK"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: stored 40 x 56, shown 56 x 40
+    save("rotated.jpg", Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)),
+         exif=exif)
+    save("no_caption.png", Image.fromarray(rgb), caption=None)
+    save("latin1.png", Image.fromarray(rgb), caption="caf\xe9".encode("latin-1"))
+    save("tiny.png", Image.fromarray(rgb[:8, :8]))
+    save("strip.png", Image.fromarray(rng.integers(0, 256, (8, 200, 3), dtype=np.uint8)))
+    data = Image.fromarray(rgb)
+    data.save(src / "cut.png")
+    (src / "cut.png").write_bytes((src / "cut.png").read_bytes()[:300])  # truncated
+    (src / "cut.txt").write_text("a red circle in the center")
+    out = tmp_path / "cache"
+    assert jdit(_cache_args(src, out, "--size", "32", "--max-upscale", "2")) == 0
+    cache = FeatureCache(out)
+    written = set(cache.ids)
+    assert written == {"grey.png", "rgba.png", "palette.png", "sixteen.png", "cmyk.jpg",
+                       "rotated.jpg"}
+    assert list(cache.get("rotated.jpg")["original_size"]) == [56, 40]  # EXIF applied
+    reasons = {json.loads(line)["id"]: json.loads(line)["reason"]
+               for line in (out / "skipped.jsonl").read_text().splitlines()}
+    assert reasons == {"no_caption.png": "missing_caption", "latin1.png": "caption_not_utf8",
+                       "tiny.png": "too_small", "strip.png": "extreme_aspect_ratio",
+                       "cut.png": "unreadable_image"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["examples"] == 6 and summary["skipped"] == 5
+
+    manifest = tmp_path / "dups.jsonl"
+    manifest.write_text("".join(json.dumps({"image": f"mixed/{n}", "caption": "a red circle",
+                                            "id": "same" if n != "grey.png" else "other"}) + "\n"
+                                for n in ("grey.png", "rgba.png", "palette.png")))
+    assert jdit(_cache_args(manifest, tmp_path / "dups", "--size", "32")) == 0
+    dups = FeatureCache(tmp_path / "dups")
+    assert sorted(dups.ids) == ["other", "same"]
+    assert [json.loads(line)["reason"] for line in
+            (tmp_path / "dups" / "skipped.jsonl").read_text().splitlines()] == ["duplicate_id"]

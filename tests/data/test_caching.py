@@ -378,3 +378,39 @@ def test_every_kind_of_bad_input_is_converted_or_skipped_and_counted(tmp_path):
     assert sorted(dups.ids) == ["other", "same"]
     assert [json.loads(line)["reason"] for line in
             (tmp_path / "dups" / "skipped.jsonl").read_text().splitlines()] == ["duplicate_id"]
+
+
+@pytest.mark.slow
+def test_a_sana_cache_equals_diffusers_dcae_and_encode_prompt(tmp_path):
+    """SANA's text side: Gemma-2 with the complex human instruction, as SanaPipeline encodes a
+    prompt; its DC-AE latents."""
+    pytest.importorskip("diffusers")
+    import inspect
+
+    import torch
+
+    from jdit.data.loader import resize_center_crop, to_unit_range
+    from jdit.testing import tiny_pipelines
+
+    pipe = tiny_pipelines.sana(tmp_path / "sana")
+    src = _folder(tmp_path / "photos", 2, size=(64, 64))
+    out = tmp_path / "cache"
+    assert jdit(["cache", str(src), str(out), "--pretrained", str(tmp_path / "sana"),
+                 "--size", "64", "--dtype", "float32", "--no-progress"]) == 0
+    cache = FeatureCache(out)
+    assert cache.metadata["text_encoder"]["kind"] == "gemma2"
+    assert cache.metadata["text_encoder"]["instruction_sha256"] is not None
+    instruction = inspect.signature(pipe.__call__).parameters["complex_human_instruction"].default
+    with torch.no_grad():
+        for name in ("000.png", "001.png"):
+            ex = cache.get(name)
+            embeds, mask = pipe.encode_prompt(ex["caption"], do_classifier_free_guidance=False,
+                                              max_sequence_length=300,
+                                              complex_human_instruction=instruction)[:2]
+            np.testing.assert_array_equal(ex["text_mask"], mask[0].numpy())
+            np.testing.assert_allclose(ex["text"], embeds[0].numpy(), atol=2e-4, rtol=1e-4)
+            image = np.asarray(Image.open(src / name).convert("RGB"))
+            pixels = to_unit_range(resize_center_crop(image, 64, 64))
+            latent = pipe.vae.encode(torch.from_numpy(pixels).permute(2, 0, 1)[None]).latent
+            np.testing.assert_allclose(ex["latent"], latent[0].permute(1, 2, 0).numpy(),
+                                       atol=2e-4, rtol=1e-4)

@@ -190,16 +190,24 @@ def test_two_processes_write_parts_that_merge_into_the_one_process_cache(tmp_pat
     assert _content(merged) == _content(FeatureCache(one))
 
 
-def test_jsonl_and_tfds_sources_cache_like_a_folder(tmp_path):
+def test_jsonl_and_tar_sources_cache_like_a_folder(tmp_path):
     src = _folder(tmp_path / "photos", 5)
     manifest = tmp_path / "data.jsonl"
     manifest.write_text("".join(json.dumps({"image": f"photos/{i:03d}.png",
                                             "caption": PROMPTS[i % 3]}) + "\n" for i in range(5)))
     assert jdit(_cache_args(manifest, tmp_path / "a", "--size", "32")) == 0
     assert jdit(_cache_args(src, tmp_path / "b", "--size", "32")) == 0
-    a, b = FeatureCache(tmp_path / "a"), FeatureCache(tmp_path / "b")
-    assert [ex["latent"].tobytes() for ex in a] == [ex["latent"].tobytes() for ex in b]
-    assert [ex["caption"] for ex in a] == [ex["caption"] for ex in b]
+    import tarfile
+
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:  # WebDataset: key.png + key.txt
+        for f in sorted(src.iterdir()):
+            tar.add(f, arcname=f.name)
+    assert jdit(_cache_args(tmp_path / "shard-000.tar", tmp_path / "c", "--size", "32")) == 0
+    a, b, c = (FeatureCache(tmp_path / k) for k in "abc")
+    assert c.ids == [f"shard-000.tar/{i:03d}" for i in range(5)]
+    for other in (b, c):
+        assert [ex["latent"].tobytes() for ex in a] == [ex["latent"].tobytes() for ex in other]
+        assert [ex["caption"] for ex in a] == [ex["caption"] for ex in other]
 
 
 @pytest.fixture(scope="module")

@@ -115,3 +115,15 @@ def test_pipeline_benchmark_runs_and_the_images_agree():
     result = pipeline.run(repeats=1, num_steps=2, width=16, log=lambda s: None)
     assert result["max_abs_image_difference"] <= 1e-3 and result["speedup"] > 0
     assert set(result["components_s"]["jdit"]) == {"t5", "step", "vae_decode"}
+
+
+@pytest.mark.slow
+def test_cache_benchmark_compares_the_cache_with_its_encoders():
+    from jdit.benchmarks import cache
+
+    result = cache.run(images=3, table=256, batch_size=1, widths=(8, 8, 8), t5_width=32,
+                       max_length=8, repeats=1, log=lambda s: None)
+    assert result["buckets"] == 3 and result["images"] == 3
+    assert result["encoders_images_per_s"] > 0 and result["cache_images_per_s"] > 0
+    assert result["cache_over_encoders"] == pytest.approx(
+        result["cache_images_per_s"] / result["encoders_images_per_s"], rel=0.01)

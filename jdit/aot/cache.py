@@ -23,8 +23,20 @@ The program has no loop (T5's blocks and the VAE's levels are unrolled), so XLA'
 of the one compiled program counts everything: its roofline (:func:`jdit.aot.roofline.analyse`,
 ``max(compute, HBM, ICI)`` per chip) is the time of one global batch. ``parts=True`` also
 compiles the VAE encoder and T5 alone at the same batch and shardings: the reference the whole
-program's figure is read against (their rooflines add up to at least the whole one's, which
-may overlap T5's weight gathers with the VAE's convolutions).
+program's figure is read against. One program lets T5's weight gathers (ICI) overlap the VAE's
+convolutions, which the sum of the parts' rooflines does not; its HBM traffic is not quite the
+sum of theirs either (other fusions and buffer placement: +4 % for ``sdxl_t5xxl_1024`` at one
+image per chip), so ``whole_over_parts`` may land on either side of 1.
+
+Once the batch is large enough, the TPU compiler turns T5's FSDP weight gathers into collective
+matmuls (windowed einsums: a ``while`` loop around the ring), whose bodies XLA's cost analysis
+counts once: the costs of such a program come from a recompile without them
+(:func:`program_costs`; ``costs_from`` says so), its memory from the program as compiled.
+
+Caveats of the figures: XLA's cost analysis counts bytes of the TPU compiler's async-collective
+continuation fusions, which hand the gathered weights from piece to piece (T5's HBM bytes are
+inflated by that, about 1.5x on a two-layer T5-XXL probe); the float32 VAE's convolutions are
+counted at the bfloat16 peak (the MXU's default precision for float32 operands).
 
 :func:`report` is what the command line calls; :func:`compile_report` compiles one batch,
 :func:`find_max_batch` searches the largest per-chip batch that fits in HBM, and
@@ -36,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -60,6 +73,10 @@ CACHE_VARIANTS: dict[str, dict[str, Any]] = {
 DEFAULT_VARIANT = "sdxl_t5xxl_1024"
 DEFAULT_MESH = {"data": 1, "fsdp": -1, "tensor": 1}
 ENCODER_PARAMS = ("enc_", "quant_conv")  # what AutoencoderKL.encode reads (no decoder)
+# XLA flags of the costs-only recompile of a program that loops (see program_costs)
+NO_WINDOWED_EINSUM = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                      "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+_WHILE = re.compile(r"\swhile\(")
 
 
 def _modules(variant: str) -> tuple[Any, Any, dict[str, Any]]:
@@ -89,11 +106,16 @@ def _spec(sharding: Any) -> list[Any]:
 
 
 def compile_report(topology: str, per_device_batch: int = 1, variant: str = DEFAULT_VARIANT, *,
-                   parts: bool = False, mesh: Mapping[str, int] | None = None) -> dict[str, Any]:
+                   parts: bool = False, costs: bool = True,
+                   mesh: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Compile the caching program for ``topology`` at ``per_device_batch`` images per batch
     shard and report memory per chip, costs, roofline and images/s (``parts``: also the VAE
-    encoder and T5 compiled alone). A program the compiler finds too large for HBM is a report
-    with ``fits=False``, not an error."""
+    encoder and T5 compiled alone; ``costs=False``: memory only, one compile). A program the
+    compiler finds too large for HBM is a report with ``fits=False``, not an error.
+
+    Memory is that of the program as compiled. Costs are too, unless it holds ``while`` loops
+    (XLA's cost analysis counts a loop body once): then they come from a recompile without
+    the TPU compiler's windowed einsums (``costs_from`` says which)."""
     from jdit.parallel.partition import Partitioner
 
     if per_device_batch < 1:
@@ -147,8 +169,9 @@ def compile_report(topology: str, per_device_batch: int = 1, variant: str = DEFA
     }
     t0 = time.perf_counter()
     with part.activate():
+        lowered = jax.jit(encode).lower(p_vae, p_t5, images, ids, mask)
         try:
-            compiled = jax.jit(encode).lower(p_vae, p_t5, images, ids, mask).compile()
+            compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
@@ -157,48 +180,75 @@ def compile_report(topology: str, per_device_batch: int = 1, variant: str = DEFA
                        compile_seconds=round(time.perf_counter() - t0, 1))
             return out
         out["compile_seconds"] = round(time.perf_counter() - t0, 1)
-        figures = analyse(compiled, device)
-        part_compiled = {} if not parts else {
-            "vae": jax.jit(encode_images).lower(p_vae, images).compile(),
-            "t5": jax.jit(encode_text).lower(p_t5, ids, mask).compile(),
+        memory = analyse(compiled, device)
+        out.update({k: memory[k] for k in ("chip", "hbm_per_device_bytes", "hbm_capacity_bytes",
+                                           "fits", "memory")})
+        ins, _ = compiled.input_shardings
+        outs = compiled.output_shardings
+        out["shardings"] = {
+            "images": _spec(ins[2]), "ids": _spec(ins[3]), "mask": _spec(ins[4]),
+            "latent_mean": _spec(outs[0]), "text_features": _spec(outs[1]),
+            "images_per_device": list(ins[2].shard_shape(images.shape)),
+            "latent_mean_per_device": list(
+                outs[0].shard_shape(tuple(out["outputs"]["latent_mean"]))),
+            "text_features_per_device": list(
+                outs[1].shard_shape(tuple(out["outputs"]["text_features"]))),
         }
-    ins, _ = compiled.input_shardings
-    outs = compiled.output_shardings
-    out["shardings"] = {
-        "images": _spec(ins[2]), "ids": _spec(ins[3]), "mask": _spec(ins[4]),
-        "latent_mean": _spec(outs[0]), "text_features": _spec(outs[1]),
-        "images_per_device": list(ins[2].shard_shape(images.shape)),
-        "latent_mean_per_device": list(outs[0].shard_shape(tuple(out["outputs"]["latent_mean"]))),
-        "text_features_per_device": list(
-            outs[1].shard_shape(tuple(out["outputs"]["text_features"]))),
-    }
-    seconds = figures["roofline_step_seconds"]
-    out.update({k: figures[k] for k in ("chip", "hbm_per_device_bytes", "hbm_capacity_bytes",
-                                        "fits", "memory")})
-    out.update(
-        flops_per_batch=figures["flops_per_step"], bytes_per_batch=figures["bytes_per_step"],
-        collective_bytes_per_batch=figures["collective_bytes_per_step"],
-        roofline_seconds=figures["roofline_seconds"], roofline_total_seconds=seconds,
-        bound_by=figures["roofline_bound_by"], mfu_bound=figures["roofline_mfu_bound"],
-        images_per_second=b / seconds if seconds else 0.0,
-        images_per_second_per_chip=b / seconds / chips if seconds else 0.0,
-    )
-    if part_compiled:
-        out["parts"] = {}
-        for name, c in part_compiled.items():
-            f = analyse(c, device)
-            s = f["roofline_step_seconds"]
-            out["parts"][name] = {
-                "hbm_per_device_bytes": f["hbm_per_device_bytes"],
-                "flops_per_batch": f["flops_per_step"], "bytes_per_batch": f["bytes_per_step"],
-                "collective_bytes_per_batch": f["collective_bytes_per_step"],
-                "roofline_seconds": f["roofline_seconds"], "roofline_total_seconds": s,
-                "bound_by": f["roofline_bound_by"],
-                "images_per_second_per_chip": b / s / chips if s else 0.0}
+        if not costs:
+            return out
+        out.update(program_costs(lowered, compiled, device, b, chips))
+        if parts:
+            out["parts"] = {
+                "vae": program_costs(jax.jit(encode_images).lower(p_vae, images), None, device, b,
+                              chips),
+                "t5": program_costs(jax.jit(encode_text).lower(p_t5, ids, mask), None, device, b,
+                             chips)}
+    if parts:
         both = sum(p["roofline_total_seconds"] for p in out["parts"].values())
         out["parts_total_seconds"] = both
-        out["whole_over_parts"] = seconds / both if both else 0.0
+        out["whole_over_parts"] = out["roofline_total_seconds"] / both if both else 0.0
     return out
+
+
+def while_loops(compiled: Any) -> int:
+    """``while`` loops in a compiled program (XLA's cost analysis counts their bodies once)."""
+    return len(_WHILE.findall(compiled.as_text()))
+
+
+def program_costs(lowered: Any, compiled: Any | None, device: Any, batch: int,
+           chips: float) -> dict[str, Any]:
+    """Costs and roofline of a program; if the compiled program loops (the TPU compiler turns
+    FSDP weight gathers into collective matmuls, a loop over the ring, once the batch is large
+    enough), from a recompile without those loops instead: the same products, the same weights
+    over the ICI, every step counted."""
+    compiled = lowered.compile() if compiled is None else compiled
+    figures, loops = analyse(compiled, device), while_loops(compiled)
+    costs_from = "as compiled"
+    if loops:
+        try:
+            loop_free = lowered.compile(compiler_options=NO_WINDOWED_EINSUM)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            costs_from = "as compiled: loop bodies counted once (an undercount)"
+        else:
+            if not while_loops(loop_free):
+                figures = {**analyse(loop_free, device), "hbm_per_device_bytes":
+                           figures["hbm_per_device_bytes"]}
+                costs_from = "recompiled without windowed einsums (loop-free)"
+            else:
+                costs_from = "as compiled: loop bodies counted once (an undercount)"
+    seconds = figures["roofline_step_seconds"]
+    return {
+        "while_loops": loops, "costs_from": costs_from,
+        "hbm_per_device_bytes": figures["hbm_per_device_bytes"],
+        "flops_per_batch": figures["flops_per_step"], "bytes_per_batch": figures["bytes_per_step"],
+        "collective_bytes_per_batch": figures["collective_bytes_per_step"],
+        "roofline_seconds": figures["roofline_seconds"], "roofline_total_seconds": seconds,
+        "bound_by": figures["roofline_bound_by"], "mfu_bound": figures["roofline_mfu_bound"],
+        "images_per_second": batch / seconds if seconds else 0.0,
+        "images_per_second_per_chip": batch / seconds / chips if seconds else 0.0,
+    }
 
 
 def largest_fitting(measure: Callable[[int], Mapping[str, Any]], *, start: int = 1,
@@ -253,15 +303,15 @@ def largest_fitting(measure: Callable[[int], Mapping[str, Any]], *, start: int =
 def find_max_batch(topology: str, variant: str = DEFAULT_VARIANT, *, start: int = 1,
                    limit: int = 256, parts: bool = True, mesh: Mapping[str, int] | None = None,
                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The largest per-device batch whose caching program fits in HBM: its report (with the
-    parts, if asked: compiled once, at the answer), ``max_per_device_batch`` and ``search``
-    (every batch compiled: fits or not, GiB per chip). Raises ValueError if batch 1 does not
-    fit."""
+    """The largest per-device batch whose caching program fits in HBM: its report (costs and,
+    if asked, the parts: compiled once more, at the answer; the search compiles for memory
+    only), ``max_per_device_batch`` and ``search`` (every batch compiled: fits or not, bytes
+    per chip). Raises ValueError if batch 1 does not fit."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     results: dict[int, dict[str, Any]] = {}
 
     def measure(n: int) -> dict[str, Any]:
-        r = results[n] = compile_report(topology, n, variant, mesh=mesh)
+        r = results[n] = compile_report(topology, n, variant, costs=False, mesh=mesh)
         need = r.get("hbm_per_device_bytes")
         log(f"  per-device batch {n}: {'?' if need is None else f'{need / GiB:.2f}'} GiB "
             f"({'fits' if r['fits'] else 'does not fit'}; compiled in "
@@ -276,8 +326,7 @@ def find_max_batch(topology: str, variant: str = DEFAULT_VARIANT, *, start: int 
         raise ValueError(f"the {variant} caching program does not fit on {topology} even at one "
                          "image per device" + ("" if need is None else f": {need / GiB:.1f} "
                                                 f"GiB per chip needed"))
-    final = compile_report(topology, best, variant, parts=True, mesh=mesh) if parts \
-        else results[best]
+    final = compile_report(topology, best, variant, parts=parts, mesh=mesh)  # now the costs
     return {**final, "max_per_device_batch": best, "search": search}
 
 
@@ -311,10 +360,13 @@ def format_report(r: Mapping[str, Any]) -> str:
                  f"{t['hbm'] * 1e3:.1f}, ICI {t['ici'] * 1e3:.1f} ms) = "
                  f"{r['images_per_second_per_chip']:.2f} images/s per chip, "
                  f"{r['images_per_second']:.1f} images/s in all")
+    if r["costs_from"] != "as compiled":
+        lines.append(f"  costs: {r['costs_from']} ({r['while_loops']} loops as compiled)")
     for name, p in r.get("parts", {}).items():
         lines.append(f"  {name} alone: {p['roofline_total_seconds'] * 1e3:.1f} ms "
                      f"({p['bound_by']}-bound) = {p['images_per_second_per_chip']:.2f} "
-                     f"images/s per chip")
+                     f"images/s per chip" + ("" if p["costs_from"] == "as compiled" else
+                                             f"; costs {p['costs_from']}"))
     if "whole_over_parts" in r:
         lines.append(f"  whole program / (VAE + T5 alone): {r['whole_over_parts']:.2f}")
     lines.append(f"  T5 weights {r['parameter_bytes_per_device']['t5'] / GiB:.2f} GiB per chip; "

@@ -5,6 +5,9 @@
 - :mod:`jdit.aot.train_step`: a config's train step (``jdit aot --config``), what a model-only
   config is assumed to train with, the largest per-device batch that fits.
 - :mod:`jdit.aot.pipeline`: T5 → guided sampler → VAE as one program (``jdit aot --pipeline``).
+- :mod:`jdit.aot.cache`: the feature-caching program of ``jdit cache`` (VAE encoder + T5) as
+  one program: memory per chip, roofline images/s per chip, the largest batch that fits
+  (``jdit aot --cache``, planned; ``python -m jdit.aot.cache`` until the CLI has it).
 
 A tool on top of ``jdit.train`` and ``jdit.parallel``: only the CLI and the benchmarks import it.
 """

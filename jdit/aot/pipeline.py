@@ -8,7 +8,8 @@ by its logical names with the FSDP rule table (so T5-XXL is spread over the chip
 copied to each), the batch over the mesh's data axes. Memory comes from compiling the whole
 program (encode → 20 guided steps → decode) as one; costs from compiling its three parts
 apart (XLA counts a loop body once): ``encode + steps × step + decode``. Images/s is the
-global batch over that roofline time.
+global batch over that roofline time. :data:`T5_XXL` and :data:`SDXL_VAE` are also the sizes of
+the caching program of :mod:`jdit.aot.cache`.
 """
 
 from __future__ import annotations

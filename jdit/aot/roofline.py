@@ -68,18 +68,27 @@ _COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-
                          r"collective-permute)(-start)?\(")
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
 _BITS = {"pred": 8, "bf16": 16}
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
 
 
 def collective_bytes(hlo_text: str) -> int:
     """Bytes produced by cross-device collectives in a compiled module (an estimate: results
     only, loop bodies once). Combined collectives return tuples: every element counts; async
     ``*-start`` ops return (operands, results), of which the results count (all-reduce-start
-    returns just its results)."""
+    returns just its results). A collective that the TPU compiler splits into async pieces (a
+    start, continuation fusions, a done: each holds a copy of the op) counts once, by its
+    ``channel_id``."""
     total = 0
+    channels: set[str] = set()
     for line in hlo_text.splitlines():
         m = _COLLECTIVE.search(line)
         if not m:
             continue
+        channel = _CHANNEL.search(line)
+        if channel:
+            if channel.group(1) in channels:
+                continue
+            channels.add(channel.group(1))
         shapes = _SHAPE.findall(m.group(1))
         if m.group(3) and m.group(2) != "all-reduce":
             shapes = shapes[len(shapes) // 2:]

@@ -127,6 +127,16 @@ def test_collective_bytes_reads_compiled_hlo():
                                          + 16 * 4 + 64 * 2)
 
 
+def test_collective_bytes_counts_an_async_collective_once():
+    """libtpu splits an async all-gather into a start, continuation fusions and a done, each a
+    computation holding a copy of the op with the same channel_id: it moves its bytes once."""
+    piece = ("  %all-gather.{n} = bf16[4096,10240]{{1,0:T(8,128)(2,1)}} all-gather(%p.{n}), "
+             "channel_id={channel}, replica_groups=[1,8]<=[8], dimensions={{0}}")
+    hlo = "\n".join([piece.format(n=n, channel=17) for n in range(6)]
+                    + [piece.format(n=9, channel=19)])
+    assert aot.collective_bytes(hlo) == 2 * 4096 * 10240 * 2
+
+
 def test_clear_errors_for_unknown_topologies_and_configs():
     with pytest.raises(RuntimeError, match="cannot describe TPU topology 'v9z:1x1'"):
         aot.topology_devices("v9z:1x1")

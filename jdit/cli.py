@@ -192,11 +192,16 @@ def cmd_aot(args: argparse.Namespace, extra: list[str]) -> int:
     import os
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # before libtpu is loaded
-    if (args.config is None) == (args.pipeline is None):
-        raise SystemExit("jdit aot: pass exactly one of --config (a train step) and --pipeline "
-                         "(a whole text-to-image pipeline, e.g. pixart_sigma_1024)")
+    if sum(x is not None for x in (args.config, args.pipeline, args.cache)) != 1:
+        raise SystemExit("jdit aot: pass exactly one of --config (a train step), --pipeline "
+                         "(a whole text-to-image pipeline, e.g. pixart_sigma_1024) and --cache "
+                         "(the jdit cache program, e.g. sdxl_t5xxl_1024)")
     if args.pipeline:
         return _aot_pipeline(args)
+    if args.cache:
+        from jdit.aot import cache
+
+        return cache.run(args)
     from jdit.aot import train_step
 
     config, assumed = train_step.load(args.config, _config_overrides(extra))
@@ -335,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     aot.add_argument("--config", default=None, help="a model or training config file")
     aot.add_argument("--pipeline", default=None, choices=("pixart_sigma_1024", "tiny"),
                      help="instead: T5-XXL + PixArt-Σ + SDXL VAE, 20 CFG steps, as one program")
+    aot.add_argument("--cache", default=None, metavar="VARIANT",
+                     help="instead: the jdit cache program, e.g. sdxl_t5xxl_1024 (SDXL VAE "
+                          "encoder at 1024 px + T5-XXL at 300 tokens); see jdit/aot/cache.py")
     aot.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5p:4x4x4, v6e:4x4")
     aot.add_argument("--batch", type=positive_int, default=None,
                      help="per-device batch (default: train.batch_size over the batch shards)")

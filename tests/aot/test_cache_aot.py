@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import pytest
@@ -168,3 +169,14 @@ def test_the_command_line_arguments():
     args = standalone.parse_args(["tiny", "--topology", "v5e:2x2", "--max-batch"])
     assert (args.cache, args.topology, args.batch, args.max_batch) == ("tiny", "v5e:2x2", None,
                                                                         True)
+
+
+@pytest.mark.slow
+def test_jdit_aot_cache_command(capsys):
+    from jdit.cli import main
+
+    assert main(["aot", "--cache", "tiny", "--topology", "v5e:2x2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["variant"] == "tiny" and report["fits"]
+    with pytest.raises(SystemExit, match="exactly one of"):
+        main(["aot", "--cache", "tiny", "--pipeline", "tiny", "--topology", "v5e:2x2"])

@@ -266,6 +266,17 @@ run tpu aot_pipeline_pixart_sigma_1024_v5e8_maxbatch aot --pipeline pixart_sigma
 run tpu aot_pipeline_pixart_sigma_1024_v5e8_batch1 aot --pipeline pixart_sigma_1024 \
   --topology v5e:2x4 --batch 1
 
+# ## `jdit cache` throughput against its encoders (issue 18)
+section "jdit cache throughput against its encoders (issue 18)"
+run cpu bench_cache bench cache
+
+# ## Feature caching on v5e-8 (issue 18): the search, then the batch-1 reference
+section "Feature caching on v5e-8: jdit aot --cache (issue 18)"
+run tpu aot_cache_sdxl_t5xxl_1024_v5e8_maxbatch aot --cache sdxl_t5xxl_1024 --topology v5e:2x4 \
+  --max-batch --batch 2
+run tpu aot_cache_sdxl_t5xxl_1024_v5e8_batch1 aot --cache sdxl_t5xxl_1024 --topology v5e:2x4 \
+  --batch 1
+
 if [[ $SELECTED -eq 0 ]]; then
   echo "$0: no command matches --only '$ONLY'" >&2
   exit 2

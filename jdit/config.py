@@ -73,9 +73,11 @@ DATA: dict[str, dict[str, Any]] = {
     "digits": dict(name="digits", size=32),
     # Pre-computed VAE latents + text features (jdit.data.cache). ``latent_scale``: SD VAE
     # 0.18215, SDXL 0.13025; ``null_caption``: the encoded empty prompt (default
-    # ``<path>/null_caption.safetensors``); ``micro_condition``: PixArt-α 1024's size inputs.
+    # ``<path>/null_caption.safetensors``); ``micro_condition``: PixArt-α 1024's size inputs;
+    # ``shuffle``: False reads each bucket in the cache's order (a cache written pre-shuffled,
+    # or an export replayed exactly as a run saw it).
     "feature_cache": dict(name="feature_cache", path=REQUIRED, latent_scale=1.0, null_caption="",
-                          micro_condition=False, vae_factor=8),
+                          micro_condition=False, vae_factor=8, shuffle=True),
 }
 TRAINING_SECTIONS = ("model", "data", "diffusion", "optim", "train", "sample", "parallel",
                      "distill")

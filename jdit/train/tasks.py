@@ -151,7 +151,9 @@ class FeatureCacheTask:
     ``data`` config (:data:`jdit.config.DATA`): ``path`` (the cache directory), ``latent_scale``,
     ``null_caption`` (a ``.safetensors`` file with ``text`` and ``text_mask``: the encoded empty
     prompt for condition dropout), ``micro_condition`` (PixArt-α 1024: pass each batch's original
-    image size and bucket ratio), ``vae_factor``. A cache ``jdit cache`` wrote records its
+    image size and bucket ratio), ``vae_factor``, ``shuffle`` (default True: examples and batches
+    shuffled per epoch from the seed; False: each bucket read in the cache's order, batches in
+    bucket order). A cache ``jdit cache`` wrote records its
     encoders: a ``latent_scale`` or ``vae_factor`` other than its autoencoder's, or a model whose
     input channels or caption width differ from its features, is refused. Such a cache also
     gives sample grids during training (its preview captions, decoded with its VAE) and, for the
@@ -188,7 +190,8 @@ class FeatureCacheTask:
         self.null_path = cfg["null_caption"] or f"{cfg['path']}/null_caption.safetensors"
         self.batch_size = batch_size
         self.sampler = BucketBatchSampler(self.cache.sizes("latent"), batch_size, table=None,
-                                          seed=seed, shard_index=0, shard_count=1)
+                                          seed=seed, shuffle=bool(cfg["shuffle"]),
+                                          shard_index=0, shard_count=1)
         self.channels = self.cache.shape(0, "latent")[-1]
         sizes, counts = np.unique(self.cache.sizes("latent"), axis=0, return_counts=True)
         self.sample_hw = tuple(int(v) for v in sizes[np.argmax(counts)])  # the commonest bucket

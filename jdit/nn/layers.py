@@ -8,8 +8,10 @@ by :func:`constrain` with the names of ``jdit.parallel.rules.ACTIVATION_AXES``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -51,8 +53,27 @@ def scaled_randn(scale: float) -> Initializer:
     return init
 
 
+# LoRA dropout while tracing a training step (jdit.lora.training sets it): the rate applied to
+# the input of every adapter, with the "lora_dropout" RNG stream.
+_LORA_DROPOUT: contextvars.ContextVar[float] = contextvars.ContextVar("lora_dropout", default=0.0)
+
+
+@contextlib.contextmanager
+def lora_dropout(rate: float) -> Iterator[None]:
+    """Trace adapters with dropout ``rate`` on their input (``rngs={"lora_dropout": key}``)."""
+    token = _LORA_DROPOUT.set(float(rate))
+    try:
+        yield
+    finally:
+        _LORA_DROPOUT.reset(token)
+
+
 class Dense(nn.Module):
     """``y = x · kernel + bias`` contracting the last ``len(in_axes)`` input dims.
+
+    A low-rank adapter beside the kernel (``lora_a`` (*input dims, r), ``lora_b`` (r, *features)
+    in the same parameter scope, put there by :func:`jdit.lora.apply`) adds ``(x · A) · B``
+    without forming ``A · B``: the model files need no change for LoRA.
 
     ``features`` is the output shape (an int or a tuple, e.g. ``(3, heads, head_dim)`` for a fused
     QKV projection); the kernel has shape ``input_dims + features`` and the logical names
@@ -101,7 +122,21 @@ class Dense(nn.Module):
                 self.param_dtype,
             )
             y = y + bias.astype(self.dtype)
+        if self.has_variable("params", "lora_a"):
+            y = y + self._adapter(x, n_in)
         return y
+
+    def _adapter(self, x: Array, n_in: int) -> Array:
+        a = self.get_variable("params", "lora_a").astype(self.dtype)
+        b = self.get_variable("params", "lora_b").astype(self.dtype)
+        rate = _LORA_DROPOUT.get()
+        if rate > 0.0:
+            keep = jax.random.bernoulli(self.make_rng("lora_dropout"), 1.0 - rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        h = jax.lax.dot_general(x, a, (contract, ((), ())), precision=self.precision)
+        return jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())),
+                                   precision=self.precision)
 
 
 def layer_norm(x: Array, eps: float) -> Array:

@@ -75,7 +75,7 @@ def run_blocks(
         scanned = nn.scan(
             cls,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "lora_dropout": True},
             in_axes=(nn.broadcast,) * len(args),
             length=last - first + 1,
             metadata_params={nn.PARTITION_NAME: "layers"},

@@ -74,6 +74,12 @@ PIPELINE_CLASSES: dict[str, dict[str, Any]] = {
 }
 
 
+def _check_scale(scale: Any) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, int | float | np.number) or \
+            not np.isfinite(scale):
+        raise ValueError(f"a LoRA scale must be a finite number, got {scale!r}")
+
+
 def _texts(prompts: str | Sequence[str]) -> list[str]:
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts or not all(isinstance(t, str) for t in texts):
@@ -101,6 +107,10 @@ class TextToImage:
 
     def __post_init__(self) -> None:
         self._compiled: dict[Any, Any] = {}
+        self._loras: dict[str, Any] = {}  # adapter name -> jdit adapter tree
+        self._active: dict[str, float] = {}  # the adapters applied (unmerged) and their weights
+        self._enabled = True
+        self._unfused: Any = None  # the transformer's weights before fuse_lora
         if self.mesh is not None:
             replicated = NamedSharding(self.mesh, PartitionSpec())
             for name in ("transformer_params", "text_encoder_params", "vae_params"):
@@ -145,6 +155,108 @@ class TextToImage:
         return cls(transformer, t_params, encoder, e_params, tokenizer, vae, v_params,
                    from_diffusers_config(sched), spec["max_sequence_length"], spec["bins"], mesh,
                    spec["instruction"])
+
+    # -- LoRA (diffusers' method names and meanings) ----------------------------------------
+
+    def load_lora_weights(self, path: str | Path, adapter_name: str | None = None,
+                          scale: float = 1.0) -> str:
+        """Load a diffusers / PEFT LoRA file or folder, or a LoRA ``jdit convert --lora`` wrote,
+        for the transformer (:func:`jdit.lora.read`) and make it the active adapter at
+        ``scale``; returns its name (``default_<n>`` unless given). Applied unmerged: no weight
+        is changed, :meth:`set_adapters` re-weights without recompiling."""
+        from jdit import lora
+
+        _check_scale(scale)
+        name = adapter_name if adapter_name is not None else f"default_{len(self._loras)}"
+        if name in self._loras:
+            raise ValueError(f"an adapter named {name!r} is already loaded; pick another "
+                             "adapter_name or delete_adapters it first")
+        adapters, _ = lora.read(path, self.transformer, adapter_name=None)
+        if self.mesh is not None:
+            adapters = jax.device_put(adapters, NamedSharding(self.mesh, PartitionSpec()))
+        self._loras[name] = adapters
+        self._active = {name: float(scale)}
+        return name
+
+    def set_adapters(self, adapter_names: str | Sequence[str],
+                     adapter_weights: float | Sequence[float] | None = None) -> None:
+        """Use these loaded adapters together, with these weights (default 1.0 each)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if adapter_weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(adapter_weights, int | float):
+            weights = [float(adapter_weights)] * len(names)
+        else:
+            weights = [float(w) for w in adapter_weights]
+        if len(weights) != len(names):
+            raise ValueError(f"{len(weights)} adapter weights for {len(names)} adapters")
+        unknown = [n for n in names if n not in self._loras]
+        if unknown:
+            raise ValueError(f"no adapters named {unknown}; loaded: {sorted(self._loras)}")
+        for w in weights:
+            _check_scale(w)
+        self._active = dict(zip(names, weights, strict=True))
+
+    def get_active_adapters(self) -> list[str]:
+        return list(self._active) if self._enabled else []
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        return {"transformer": list(self._loras)}
+
+    def disable_lora(self) -> None:
+        """Run the base transformer (the adapters stay loaded; :meth:`enable_lora` restores)."""
+        self._enabled = False
+
+    def enable_lora(self) -> None:
+        self._enabled = True
+
+    def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for n in names:
+            if n not in self._loras:
+                raise ValueError(f"no adapter named {n!r}; loaded: {sorted(self._loras)}")
+            del self._loras[n]
+            self._active.pop(n, None)
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: Sequence[str] | None = None
+                  ) -> None:
+        """Merge the active adapters (or ``adapter_names``), each at its weight times
+        ``lora_scale``, into the transformer's weights: no adapter cost per step afterwards.
+        :meth:`unfuse_lora` restores the weights from before."""
+        from jdit import lora
+
+        _check_scale(lora_scale)
+        names = list(self._active) if adapter_names is None else list(adapter_names)
+        unknown = [n for n in names if n not in self._loras]
+        if unknown or not names:
+            raise ValueError(f"nothing to fuse: adapters {unknown or names} "
+                             f"(loaded: {sorted(self._loras)})")
+        if self._unfused is None:
+            self._unfused = self.transformer_params
+        weights = [self._active.get(n, 1.0) * float(lora_scale) for n in names]
+        self.transformer_params = jax.jit(lora.merge)(
+            self.transformer_params, [self._loras[n] for n in names], weights)
+        for n in names:
+            self._active.pop(n, None)
+
+    def unfuse_lora(self) -> None:
+        """The transformer's weights as before :meth:`fuse_lora`."""
+        if self._unfused is not None:
+            self.transformer_params, self._unfused = self._unfused, None
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter (fused ones included): the base pipeline again."""
+        self.unfuse_lora()
+        self._loras, self._active = {}, {}
+
+    def _transformer_params(self) -> Any:
+        from jdit import lora
+
+        if not self._enabled or not self._active:
+            return self.transformer_params
+        names = list(self._active)
+        return lora.apply(self.transformer_params, [self._loras[n] for n in names],
+                          [jnp.float32(self._active[n]) for n in names])
 
     # -- pieces ----------------------------------------------------------------------------
 
@@ -295,7 +407,8 @@ class TextToImage:
         guided = guidance_scale > 1.0
         tiling = None if vae_tiling is None else (vae_tiling, int(vae_tile))
         run = self._program(chosen, int(num_steps), guided, spec, output_type != "latent", tiling)
-        params = {"transformer": self.transformer_params, "text_encoder": self.text_encoder_params,
+        params = {"transformer": self._transformer_params(),
+                  "text_encoder": self.text_encoder_params,
                   "vae": self.vae_params}
         batch = [self._batch_sharded(a) for a in (ids, mask, neg_ids, neg_mask, noise)]
         out = run(params, *batch, jnp.float32(guidance_scale),

@@ -59,7 +59,10 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise ValueError(f"{path}: corrupt safetensors header (a JSON object mapping tensor "
                              f"names to entries was expected, got a {type(header).__name__})")
-        header.pop("__metadata__", None)
+        meta = header.pop("__metadata__", None)
+        # the file's string-to-string metadata (e.g. a LoRA's alpha); anything else is ignored
+        self.metadata: dict[str, str] = {str(k): v for k, v in meta.items() if isinstance(v, str)
+                                         } if isinstance(meta, dict) else {}
         self._header: dict[str, object] = header
         self._data_start, self._data_len = 8 + n, size - 8 - n
 

@@ -40,6 +40,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import jdit
     from jdit.weights.jdit_folder import check_destination
 
+    if args.lora:
+        return _convert_lora(args)
     overrides = _overrides(args.set)
     check_destination(args.dst, args.overwrite)  # before minutes of reading the source
     print(f"reading {args.src} ...", file=sys.stderr)
@@ -50,6 +52,39 @@ def cmd_convert(args: argparse.Namespace) -> int:
     count = sum(int(p.size) for p in jax.tree.leaves(params))
     print(json.dumps({"dst": str(args.dst), "parameters": count, "model": arch}, indent=2))
     return 0
+
+
+def _convert_lora(args: argparse.Namespace) -> int:
+    """A LoRA run's EMA adapters as a diffusers (or PEFT) LoRA file."""
+    from pathlib import Path
+
+    from jdit import lora
+    from jdit.train.loop import load_adapters
+
+    dst = Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise SystemExit(f"jdit convert: {dst} exists (pass --overwrite to replace it)")
+    run, adapters, step = load_adapters(args.src)
+    written = lora.save(dst, adapters, run.lora, module=run.module, format=args.format)
+    print(json.dumps({"dst": str(written), "step": step, "format": args.format,
+                      "parameters": lora.num_params(adapters), **run.lora.to_dict()}, indent=2))
+    return 0
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:SCALE`` (the ``--lora`` flag of ``jdit sample``)."""
+    import math
+
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            scale = float(tail)
+        except ValueError:
+            return text, 1.0
+        if not math.isfinite(scale):
+            raise SystemExit(f"jdit sample: --lora {text}: the scale must be a finite number")
+        return path, scale
+    return text, 1.0
 
 
 def _config_overrides(extra: list[str]) -> list[str]:
@@ -113,7 +148,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     kwargs = {k: v for k, v in dict(guidance_scale=args.guidance_scale, solver=args.solver,
                                     num_steps=args.steps).items() if v is not None}
     sample_prompts(args.workdir, args.prompt, args.out, num_per_prompt=args.num, seed=args.seed,
-                   **kwargs)
+                   loras=[_lora_arg(x) for x in args.lora], **kwargs)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
@@ -136,6 +171,11 @@ def _sample_pretrained(args: argparse.Namespace) -> int:
         images = pipe(labels, seed=args.seed, output_type="pil", **kwargs)
     else:
         pipe = TextToImage.from_pretrained(folder)
+        loras = [_lora_arg(x) for x in args.lora]
+        names = [pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
+                 for i, (path, _) in enumerate(loras)]
+        if names:
+            pipe.set_adapters(names, [scale for _, scale in loras])
         images = pipe(args.prompt, seed=args.seed, height=args.height, width=args.width,
                       negative_prompt=args.negative_prompt, num_images_per_prompt=args.num,
                       output_type="pil", **kwargs)
@@ -317,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--guidance-scale", type=float, default=None)
     smp.add_argument("--solver", default=None)
     smp.add_argument("--steps", type=positive_int, default=None)
+    smp.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                     help="a LoRA (diffusers / PEFT file or folder, or a jdit LoRA run) applied "
+                          "at SCALE (default 1); repeatable")
     smp.set_defaults(func=cmd_sample)
 
     ev = sub.add_parser("eval", help="evaluate a trained workdir; prints JSON")
@@ -332,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--state-dict-key", default=None,
                          help="entry of a .pth holding the weights (default: auto)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    convert.add_argument("--lora", action="store_true",
+                         help="SRC is a LoRA run directory: write its adapters to DST (a "
+                              ".safetensors file diffusers' load_lora_weights reads)")
+    convert.add_argument("--format", default="diffusers", choices=("diffusers", "peft"),
+                         help="--lora: diffusers' file (default) or a PEFT adapter folder")
     convert.set_defaults(func=cmd_convert)
 
     aot = sub.add_parser(

@@ -61,6 +61,10 @@ SECTIONS: dict[str, dict[str, Any]] = {
     # channels). No teacher: no distillation.
     "distill": dict(teacher="", inherit=False, load_attention=False, output_weight=0.5,
                     variance_weight=0.05),
+    # LoRA (jdit.lora): ``rank`` 0 trains every weight; above 0 only low-rank adapters on the
+    # Dense kernels ``targets`` select (names of jdit.lora.TARGETS or path regexes) are trained,
+    # over the frozen base of ``train.init_from``; ``alpha`` None means ``rank`` (scale 1).
+    "lora": dict(rank=0, alpha=None, targets=["attention", "cross_attention"], dropout=0.0),
     # Facts of a published architecture's pipeline (architecture configs; jdit aot reads them).
     "pipeline": dict(resolution=REQUIRED, vae_factor=8, latent_scale=REQUIRED,
                      caption_length=None, flow_shift=None),
@@ -80,7 +84,7 @@ DATA: dict[str, dict[str, Any]] = {
                           micro_condition=False, vae_factor=8, shuffle=True),
 }
 TRAINING_SECTIONS = ("model", "data", "diffusion", "optim", "train", "sample", "parallel",
-                     "distill")
+                     "distill", "lora")
 
 
 def _model_defaults(values: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -170,7 +174,7 @@ _POSITIVE_INT = ("train.steps", "train.batch_size", "train.log_every", "train.ac
                  "train.keep_checkpoints", "sample.steps", "model.hidden_size", "model.depth",
                  "model.num_heads", "model.patch_size", "model.input_size", "data.size",
                  "data.text_dim", "data.max_length", "pipeline.resolution", "pipeline.vae_factor")
-_NON_NEGATIVE_INT = ("train.sample_every", "train.checkpoint_every", "train.seed",
+_NON_NEGATIVE_INT = ("lora.rank", "train.sample_every", "train.checkpoint_every", "train.seed",
                      "optim.warmup_steps")
 _POSITIVE = ("optim.lr", "model.mlp_ratio")
 _NON_NEGATIVE = ("optim.weight_decay", "optim.grad_clip", "sample.guidance_scale",

@@ -279,9 +279,18 @@ def _to_adapter(parts: list[tuple[Slot, np.ndarray, np.ndarray, float]], n_slots
                        b.T.reshape((r,) + slot.out_shape).astype(np.float32), alpha, n_in)
     # fused: ranks concatenated; each projection's block of B holds its rows, zero elsewhere.
     # One scale for all: theirs when they share one, else each folded into its block.
-    total = sum(a.shape[0] for _, a, _, _ in parts)
     ratios = {alpha / a.shape[0] for _, a, _, alpha in parts}
     shared = ratios.pop() if len(ratios) == 1 else None
+    first = parts[0][1]
+    if shared is not None and all(np.array_equal(a, first) for _, a, _, _ in parts):
+        # one A for every projection (as jdit writes a fused kernel's adapter): kept as one
+        r = first.shape[0]
+        b_one = np.zeros((r, n_slots) + slot.out_shape, np.float32)
+        for s, _, b, _ in parts:
+            b_one[:, s.index] = b.T.reshape((r,) + s.out_shape)
+        return Adapter(first.T.reshape(slot.in_shape + (r,)).astype(np.float32), b_one,
+                       float(shared * r), n_in)
+    total = sum(a.shape[0] for _, a, _, _ in parts)
     a_cat = np.concatenate([a for _, a, _, _ in parts], axis=0).T.reshape(slot.in_shape + (total,))
     b_cat = np.zeros((total, n_slots) + slot.out_shape, np.float32)
     start = 0
@@ -414,8 +423,19 @@ def write(path: str | Path, adapters: Mapping[str, Any], module: nn.Module, *,
 
 def load(path: str | Path, module: nn.Module | None = None, *, adapter_name: str | None = None
          ) -> tuple[dict[str, Any], LoraConfig]:
-    """Adapters and their config from a diffusers / PEFT LoRA (for ``module``, required: the
-    names and shapes to map to) — :func:`read`."""
+    """Adapters and their config: a jdit LoRA run directory (its EMA adapters, in its model's
+    layout), or a diffusers / PEFT LoRA for ``module`` (required there: the names and shapes to
+    map to; :func:`read`)."""
+    from jdit.train.loop import is_run_directory, load_adapters
+
+    if is_run_directory(path):
+        run, adapters, _ = load_adapters(path)
+        if module is not None and module.scan_layers != run.module.scan_layers:
+            from jdit.lora.core import stack, unstack
+
+            per_layer = run.module.per_layer()
+            adapters = (stack if module.scan_layers else unstack)(adapters, per_layer)
+        return adapters, run.lora
     if module is None:
         raise ValueError(f"{path}: pass module= (the jdit model the LoRA is for): diffusers "
                          "names map to jdit kernels through the model's shapes")

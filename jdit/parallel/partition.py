@@ -82,8 +82,13 @@ class Partitioner:
     def optimizer_shardings(self, module: nn.Module, tx: optax.GradientTransformation) -> Any:
         """Shardings of ``tx``'s state for ``module``'s parameters: moments like their
         parameter; factored statistics of other shapes, counters and steps replicated."""
-        params = self.param_shardings(module)
-        abstract = abstract_params(module)
+        return self.optimizer_shardings_for(abstract_params(module), self.param_shardings(module),
+                                            tx)
+
+    def optimizer_shardings_for(self, abstract: Any, params: Any,
+                                tx: optax.GradientTransformation) -> Any:
+        """:meth:`optimizer_shardings` for any parameter tree (e.g. LoRA adapters): its shapes
+        ``abstract`` and its shardings ``params``."""
         opt_abstract = jax.eval_shape(tx.init, abstract)
 
         def like_param(leaf: Any, param: Any, sharding: NamedSharding) -> NamedSharding:

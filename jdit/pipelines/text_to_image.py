@@ -171,7 +171,7 @@ class TextToImage:
         if name in self._loras:
             raise ValueError(f"an adapter named {name!r} is already loaded; pick another "
                              "adapter_name or delete_adapters it first")
-        adapters, _ = lora.read(path, self.transformer, adapter_name=None)
+        adapters, _ = lora.load(path, self.transformer)
         if self.mesh is not None:
             adapters = jax.device_put(adapters, NamedSharding(self.mesh, PartitionSpec()))
         self._loras[name] = adapters

@@ -25,9 +25,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jdit.config import check_values, complete, required
+from jdit import lora
+from jdit.config import check_values, complete, required, section
 from jdit.files import DirectoryLock, atomic_write, check_replaceable, read_json_object
 from jdit.models import build
+from jdit.nn.init import abstract_params
 from jdit.parallel import Partitioner
 from jdit.parallel.distributed import is_primary
 from jdit.pipelines.arguments import check_generation
@@ -37,6 +39,20 @@ from jdit.train.optim import learning_rate, make_optimizer
 from jdit.train.step import TrainState, init_state, make_train_step
 from jdit.train.tasks import make_task
 from jdit.train.writers import MetricsWriter, save_grid
+
+
+def lora_config(config: Mapping[str, Any]) -> lora.LoraConfig | None:
+    """The ``lora`` section as a :class:`jdit.lora.LoraConfig`, or None when ``rank`` is 0.
+    A LoRA run needs its base: ``train.init_from``."""
+    c = section("lora", config.get("lora"))
+    if int(c["rank"]) == 0:
+        return None
+    if not config["train"].get("init_from"):
+        raise ValueError("lora.rank > 0 trains adapters over a frozen base model: set "
+                         "train.init_from (a jdit run directory or a checkpoint "
+                         "jdit.models.from_pretrained reads)")
+    return lora.LoraConfig(rank=int(c["rank"]), alpha=c["alpha"], targets=tuple(c["targets"]),
+                           dropout=float(c["dropout"]))
 
 
 def is_run_directory(path: str | Path) -> bool:
@@ -167,17 +183,35 @@ class TrainSetup:
         self.lr = learning_rate(c["optim"], steps)
         self.tx = make_optimizer(c["optim"], steps)
         self.partitioner = Partitioner.from_config(c["parallel"], devices)
+        self.lora = lora_config(c)
 
     def init_state(self) -> TrainState:
-        return init_state(self.module, self.tx, int(self.config["train"]["seed"]))
+        seed = int(self.config["train"]["seed"])
+        if self.lora is None:
+            return init_state(self.module, self.tx, seed)
+        init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
+        adapters = lora.init(abstract_params(self.module), self.lora, init_rng, module=self.module)
+        return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=adapters,
+                          opt_state=self.tx.init(adapters),
+                          ema_params=jax.tree.map(jax.numpy.copy, adapters), rng=rng)
 
     def state_shardings(self) -> TrainState:
-        """Parameters and EMA by their logical names; optimizer moments like their parameter."""
+        """Parameters and EMA by their logical names; optimizer moments like their parameter.
+        With LoRA the parameters are the adapters, named after the kernels they adapt."""
         part = self.partitioner
-        params = part.param_shardings(self.module)
-        return TrainState(step=part.replicated, params=params,
-                          opt_state=part.optimizer_shardings(self.module, self.tx),
+        if self.lora is None:
+            params = part.param_shardings(self.module)
+            opt = part.optimizer_shardings(self.module, self.tx)
+        else:
+            abstract = jax.eval_shape(self.init_state).params
+            params = lora.shardings(abstract, self.module, part)
+            opt = part.optimizer_shardings_for(abstract, params, self.tx)
+        return TrainState(step=part.replicated, params=params, opt_state=opt,
                           ema_params=params, rng=part.replicated)
+
+    def base_shardings(self) -> Any:
+        """The frozen base of a LoRA run: sharded as the model's parameters are."""
+        return self.partitioner.param_shardings(self.module)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and target shardings of the train state (restoring, AOT compiles)."""
@@ -195,7 +229,8 @@ class TrainSetup:
         ``self.partitioner.activate()``."""
         shardings = self.state_shardings()
         step = make_train_step(self.module, self.tx, self.lr, self.config, null, teacher)
-        return jax.jit(step, in_shardings=(shardings, batch_shardings),
+        frozen = () if self.lora is None else (self.base_shardings(),)  # (state, batch, base)
+        return jax.jit(step, in_shardings=(shardings, batch_shardings, *frozen),
                        out_shardings=(shardings, self.partitioner.replicated), donate_argnums=0)
 
 
@@ -212,6 +247,25 @@ class Run(TrainSetup):
             self.task.check_model(self.module)
         self.generate = make_generator(self.module, self.task, c, self.partitioner)
         self._teacher: tuple[Any, Any] | None = None
+        self._base: Any = None
+
+    @property
+    def base(self) -> Any:
+        """A LoRA run's frozen base (``train.init_from``), in its shardings; None otherwise."""
+        if self.lora is not None and self._base is None:
+            params = pretrained_params(self, str(self.config["train"]["init_from"]))
+            self._base = jax.device_put(params, self.base_shardings())
+        return self._base
+
+    @property
+    def step_args(self) -> tuple[Any, ...]:
+        """What ``train_step`` takes after the state and the batch: the base of a LoRA run."""
+        return () if self.lora is None else (self.base,)
+
+    def full_params(self, params: Any) -> Any:
+        """The model's parameters for ``params`` of the train state (a LoRA run's adapters go
+        beside the frozen base, unmerged)."""
+        return params if self.lora is None else lora.apply(self.base, params)
 
     @property
     def teacher(self) -> tuple[Any, Any] | None:
@@ -294,7 +348,7 @@ def _train_loop(run: Run, workdir: Path, primary: bool, stop_after: int | None,
         start = int(meta["data_index"])
     else:
         state = run.sharded_init()
-        if tc["init_from"]:
+        if tc["init_from"] and run.lora is None:  # (a LoRA run's base stays apart: run.base)
             state = jax.device_put(init_from(state, run, str(tc["init_from"])),
                                    run.state_shardings())
         elif c["distill"]["inherit"] and run.teacher is not None:
@@ -325,7 +379,7 @@ def _train_loop(run: Run, workdir: Path, primary: bool, stop_after: int | None,
     try:
         for step, batch in zip(range(start, steps), batches, strict=True):
             with part.activate():
-                state, metrics = train_step(state, batch)
+                state, metrics = train_step(state, batch, *run.step_args)
             done = step + 1
             bar.update(1)
             skipped = skipped + ~metrics["finite"]
@@ -343,7 +397,8 @@ def _train_loop(run: Run, workdir: Path, primary: bool, stop_after: int | None,
                     writer.write(done, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
             if sample_every and (done % sample_every == 0 or done == steps):
-                images = run.generate(state.ema_params, preview_cond, seed=0)  # every host
+                images = run.generate(run.full_params(state.ema_params), preview_cond,
+                                      seed=0)  # every host
                 if primary:
                     save_grid(workdir / "samples" / f"step_{done:07d}.png", images,
                               columns=8, scale=2)
@@ -379,6 +434,15 @@ def init_from(state: TrainState, run: Run, path: str) -> TrainState:
     """Start from another run's weights (the previous stage of a recipe): ``path`` is a jdit
     workdir (its EMA parameters) or anything :func:`jdit.models.from_pretrained` reads. The
     optimizer state, step and RNG start fresh. Every parameter must match in name and shape."""
+    params = pretrained_params(run, path)
+    return state.replace(params=params, ema_params=jax.tree.map(jax.numpy.copy, params),
+                         opt_state=run.tx.init(params))
+
+
+def pretrained_params(run: TrainSetup, path: str) -> Any:
+    """The model parameters at ``path`` (a jdit workdir's EMA parameters, or anything
+    :func:`jdit.models.from_pretrained` reads) for ``run``'s model, in its dtypes; every
+    parameter must match in name and shape."""
     from jdit.models import from_pretrained
     from jdit.weights.state_dict import check_tree
 
@@ -389,10 +453,9 @@ def init_from(state: TrainState, run: Run, path: str) -> TrainState:
         _, params = from_pretrained(path, scan_layers=m.scan_layers, input_size=m.input_size,
                                     **({"pe_interpolation": m.pe_interpolation}
                                        if hasattr(m, "pe_interpolation") else {}))
-    check_tree(params, state.params, path)
-    params = jax.tree.map(lambda p, like: jax.numpy.asarray(p, like.dtype), params, state.params)
-    return state.replace(params=params, ema_params=jax.tree.map(jax.numpy.copy, params),
-                         opt_state=run.tx.init(params))
+    like = abstract_params(run.module)
+    check_tree(params, like, path)
+    return jax.tree.map(lambda p, a: jax.numpy.asarray(p, a.dtype), params, like)
 
 
 def inherit_teacher(state: TrainState, run: Run, workdir: Path | None) -> TrainState:
@@ -416,9 +479,8 @@ def inherit_teacher(state: TrainState, run: Run, workdir: Path | None) -> TrainS
                          opt_state=run.tx.init(params))
 
 
-def load_trained(workdir: str | Path, use_ema: bool = True) -> tuple[Run, Any, int]:
-    """``(run, params, step)`` from a run directory's config and latest checkpoint."""
-    workdir = Path(workdir)
+def _restore(workdir: Path) -> tuple[Run, TrainState, int]:
+    """The run of a directory's config and the train state of its latest checkpoint."""
     cfg_path = workdir / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{workdir} has no config.json: is it a jdit train workdir?")
@@ -435,8 +497,25 @@ def load_trained(workdir: str | Path, use_ema: bool = True) -> tuple[Run, Any, i
         state, meta = ckpt.restore(run.abstract_state())
     finally:
         ckpt.close()
+    return run, state, int(meta["step"])
+
+
+def load_trained(workdir: str | Path, use_ema: bool = True) -> tuple[Run, Any, int]:
+    """``(run, params, step)`` from a run directory's config and latest checkpoint (a LoRA
+    run's adapters merged into its base: the fine-tuned model, sampled at full speed)."""
+    run, state, step = _restore(Path(workdir))
     params = state.ema_params if use_ema else state.params
-    return run, params, int(meta["step"])
+    if run.lora is not None:
+        params = jax.jit(lora.merge)(run.base, params)
+    return run, params, step
+
+
+def load_adapters(workdir: str | Path, use_ema: bool = True) -> tuple[Run, Any, int]:
+    """``(run, adapters, step)`` of a LoRA run directory (its EMA adapters by default)."""
+    run, state, step = _restore(Path(workdir))
+    if run.lora is None:
+        raise ValueError(f"{workdir}: not a LoRA run (its config has lora.rank = 0)")
+    return run, state.ema_params if use_ema else state.params, step
 
 
 def evaluate(workdir: str | Path, **kwargs: Any) -> dict[str, Any]:
@@ -446,14 +525,19 @@ def evaluate(workdir: str | Path, **kwargs: Any) -> dict[str, Any]:
 
 
 def sample_prompts(workdir: str | Path, conditions: list[str], out: str | Path,
-                   num_per_prompt: int = 4, seed: int = 0, **kwargs: Any) -> np.ndarray:
-    """Generate ``num_per_prompt`` images per prompt (or class id) and save them as one grid."""
+                   num_per_prompt: int = 4, seed: int = 0,
+                   loras: list[tuple[str, float]] | tuple[()] = (), **kwargs: Any) -> np.ndarray:
+    """Generate ``num_per_prompt`` images per prompt (or class id) and save them as one grid;
+    ``loras``: (path, scale) of LoRAs merged into the run's model first."""
     check_generation(num_steps=kwargs.get("num_steps", 1), seed=seed,
                      guidance_scale=kwargs.get("guidance_scale", 1.0),
                      num_images_per_prompt=num_per_prompt)
     if not conditions:
         raise ValueError("no prompts (or class ids) to sample")
     run, params, _ = load_trained(workdir)
+    if loras:
+        trees = [lora.load(path, run.module)[0] for path, _ in loras]
+        params = jax.jit(lora.merge)(params, trees, [float(s) for _, s in loras])
     repeated = [p for p in conditions for _ in range(num_per_prompt)]
     if run.task.kind == "text":
         cond = run.task.encode(repeated)

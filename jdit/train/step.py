@@ -103,7 +103,8 @@ def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: 
         target = teacher[0].apply({"params": teacher[1]}, x_t, t, **cond)
         return losses + _distill_losses(out, target, x0.shape[-1], distill)
 
-    def loss_fn(params: Any, batch: Batch, rng: Array) -> Array:
+    def loss_fn(params: Any, batch: Batch, rng: Array, rngs: dict[str, Array] | None = None
+                ) -> Array:
         x0 = batch["images"].astype(jnp.float32)
         b = x0.shape[0]
         rng_t, rng_n, rng_d = jax.random.split(rng, 3)
@@ -117,12 +118,13 @@ def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: 
             sigma = schedule.shift_sigma(sigma)
             x_t = schedule.add_noise(x0, noise, sigma)
             t = sigma * schedule.num_train_timesteps
-            out = module.apply({"params": params}, x_t, t, **cond)
+            out = module.apply({"params": params}, x_t, t, rngs=rngs, **cond)
             losses = taught(flow_loss(out, x0, noise, sigma, weighting), out, x_t, t, x0, cond)
         else:
             t = sample_ddpm_timesteps(rng_t, b, schedule.num_train_timesteps)
             x_t = schedule.add_noise(x0, noise, t)
-            out = module.apply({"params": params}, x_t, t.astype(jnp.float32), **cond)
+            out = module.apply({"params": params}, x_t, t.astype(jnp.float32), rngs=rngs,
+                               **cond)
             if out.shape[-1] == 2 * x0.shape[-1]:
                 losses = learned_sigma_loss(out, x0, noise, t, schedule)
             else:
@@ -135,11 +137,29 @@ def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: 
     return loss_fn
 
 
+def lora_loss(loss_fn: Callable[..., Array], dropout: float) -> Callable[..., Array]:
+    """``loss_fn`` of the adapters: ``(adapters, batch, rng, base)`` with the adapters beside
+    the frozen ``base`` (unmerged: no full-size delta), LoRA dropout on their inputs."""
+    from jdit import lora
+    from jdit.nn.layers import lora_dropout
+
+    def loss(adapters: Any, batch: Batch, rng: Array, base: Any) -> Array:
+        params = lora.apply(jax.lax.stop_gradient(base), adapters)
+        if dropout <= 0.0:
+            return loss_fn(params, batch, rng)
+        with lora_dropout(dropout):  # its own key: the other draws stay those of a plain run
+            return loss_fn(params, batch, rng, rngs={"lora_dropout": jax.random.fold_in(rng, 7)})
+
+    return loss
+
+
 def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, cfg: Mapping[str, Any],
                     null: tuple[Array, Array] | None = None, teacher: Teacher | None = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
-    """``cfg`` is the whole config (``diffusion``, ``train`` and ``distill`` sections are read).
+                    ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+    """``cfg`` is the whole config (``diffusion``, ``train``, ``distill`` and ``lora`` sections
+    are read). With ``lora.rank > 0`` the state's parameters are LoRA adapters and the step is
+    ``train_step(state, batch, base)``: the frozen base gets no gradient or optimizer state.
 
     ``train.accumulate`` splits the batch into that many micro-batches whose gradients are
     averaged (one optimizer step); ``train.ema_decay`` with ``train.ema_warmup`` uses
@@ -150,22 +170,26 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
     train = section("train", cfg["train"])
     loss_fn = make_loss_fn(module, cfg["diffusion"], float(train["cond_dropout"]), null, teacher,
                            cfg.get("distill"))
+    lora_cfg = section("lora", cfg.get("lora"))
+    if int(lora_cfg["rank"]) > 0:
+        loss_fn = lora_loss(loss_fn, float(lora_cfg["dropout"]))
     grad_fn = jax.value_and_grad(loss_fn)
     accumulate = int(train["accumulate"])
     decay = float(train["ema_decay"])
     ema_warmup = bool(train["ema_warmup"])
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+    def train_step(state: TrainState, batch: Batch, *base: Any
+                   ) -> tuple[TrainState, dict[str, Array]]:
         rng, step_rng = jax.random.split(state.rng)
         if accumulate == 1:
-            loss, grads = grad_fn(state.params, batch, step_rng)
+            loss, grads = grad_fn(state.params, batch, step_rng, *base)
         else:
             micro = jax.tree.map(
                 lambda a: a.reshape((accumulate, a.shape[0] // accumulate) + a.shape[1:]), batch)
             keys = jax.random.split(step_rng, accumulate)
 
             def one(carry: tuple[Array, Any], xs: tuple[Batch, Array]) -> tuple[tuple[Array, Any], None]:
-                loss, grads = grad_fn(state.params, *xs)
+                loss, grads = grad_fn(state.params, *xs, *base)
                 return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)

@@ -72,7 +72,10 @@ SECTIONS: dict[str, dict[str, Any]] = {
 # The ``data`` section, by ``data.name`` (jdit.train.tasks).
 DATA: dict[str, dict[str, Any]] = {
     # Embedded captioned shapes; a word-level text encoder of ``text_dim`` channels.
-    "shapes": dict(name="shapes", size=32, pair_fraction=0.5, text_dim=64, max_length=16),
+    # ``concepts="new"``: a ``new_fraction`` of the examples show a colour or shape the base
+    # vocabulary lacks (purple, diamond; jdit.data.shapes), evaluated as ``adherence_new``.
+    "shapes": dict(name="shapes", size=32, pair_fraction=0.5, text_dim=64, max_length=16,
+                   concepts="base", new_fraction=0.5),
     # Embedded handwritten digits, class-conditional.
     "digits": dict(name="digits", size=32),
     # Pre-computed VAE latents + text features (jdit.data.cache). ``latent_scale``: SD VAE
@@ -179,7 +182,7 @@ _NON_NEGATIVE_INT = ("lora.rank", "train.sample_every", "train.checkpoint_every"
 _POSITIVE = ("optim.lr", "model.mlp_ratio")
 _NON_NEGATIVE = ("optim.weight_decay", "optim.grad_clip", "sample.guidance_scale",
                  "diffusion.flow_shift", "train.ema_decay")
-_CHOICES = {"train.nonfinite": ("stop", "skip")}
+_CHOICES = {"train.nonfinite": ("stop", "skip"), "data.concepts": ("base", "new")}
 _UINT64 = 2 ** 64
 
 

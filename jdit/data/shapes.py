@@ -39,6 +39,13 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (255, 255, 255),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Concepts the base vocabulary leaves out, for fine-tuning on what a model never saw (the LoRA
+# recipe, configs/shapes_lora.py): data with ``concepts="new"`` and the evaluator's
+# ``extended=True`` know them. Purple lies as far from blue and magenta as orange from red.
+NEW_COLORS: dict[str, tuple[int, int, int]] = {"purple": (128, 0, 255)}
+NEW_SHAPES: tuple[str, ...] = ("diamond",)
+ALL_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, **NEW_COLORS}
+ALL_SHAPES: tuple[str, ...] = SHAPES + NEW_SHAPES
 POSITIONS: tuple[str, ...] = (
     "top left", "top center", "top right",
     "center left", "center", "center right",
@@ -49,10 +56,12 @@ EXTENT = 0.8
 SPLIT_SEED = "jdit-shapes-v1"
 
 _COLOR_NAMES = tuple(COLORS)
+_ALL_COLOR_NAMES = tuple(ALL_COLORS)
 _POS_INDEX = {p: i for i, p in enumerate(POSITIONS)}
 
 Kind = Literal["single", "pair"]
 Split = Literal["train", "heldout"]
+Concepts = Literal["base", "new"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +81,10 @@ class Obj:
 
 
 def _check(obj: Obj) -> None:
-    if obj.color not in COLORS:
-        raise ValueError(f"unknown colour {obj.color!r}; expected one of {_COLOR_NAMES}")
-    if obj.shape not in SHAPES:
-        raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
+    if obj.color not in ALL_COLORS:
+        raise ValueError(f"unknown colour {obj.color!r}; expected one of {_ALL_COLOR_NAMES}")
+    if obj.shape not in ALL_SHAPES:
+        raise ValueError(f"unknown shape {obj.shape!r}; expected one of {ALL_SHAPES}")
     if obj.position not in _POS_INDEX:
         raise ValueError(f"unknown position {obj.position!r}; expected one of {POSITIONS}")
 
@@ -107,7 +116,7 @@ def caption(objs: Sequence[Obj]) -> str:
 
 
 _PHRASE_RE = re.compile(
-    r"an? (" + "|".join(_COLOR_NAMES) + r") (" + "|".join(SHAPES) + r") in the ("
+    r"an? (" + "|".join(_ALL_COLOR_NAMES) + r") (" + "|".join(ALL_SHAPES) + r") in the ("
     + "|".join(sorted(POSITIONS, key=len, reverse=True)) + r")"
 )
 _CAPTION_RE = re.compile(rf"{_PHRASE_RE.pattern}(?: and {_PHRASE_RE.pattern})*")
@@ -171,11 +180,13 @@ def render(
             mask = x * x + y * y <= half * half
         elif o.shape == "square":
             mask = (np.abs(x) <= half) & (np.abs(y) <= half)
+        elif o.shape == "diamond":  # a square standing on a corner, as wide as the others
+            mask = np.abs(x) + np.abs(y) <= half
         else:  # upward triangle: apex at the top, base at the bottom, base == height
             mask = (y <= half) & (np.abs(x) <= (y + half) / 2.0)
         y0, x0 = int(ys[0]), int(xs[0])
         window = img[y0 : y0 + len(ys), x0 : x0 + len(xs)]
-        window[mask] = COLORS[o.color]
+        window[mask] = ALL_COLORS[o.color]
     return img
 
 
@@ -188,34 +199,50 @@ def to_float(images: np.ndarray) -> np.ndarray:
 
 
 @functools.cache
-def vocabulary() -> list[str]:
+def vocabulary(extended: bool = False) -> list[str]:
     """Every word of every caption (colours, shapes, positions, "a"/"an", "and"), sorted: the
-    vocabulary of the word-level text encoder trained on this data."""
+    vocabulary of the word-level text encoder trained on this data. ``extended`` appends the
+    new concepts' words (``NEW_SHAPES``, then ``NEW_COLORS``) after them, so every base word
+    keeps its place (and its vector in :class:`jdit.text.words.WordEncoder`)."""
     from jdit.text.words import tokenize
 
     texts = [caption(p) for kind in ("single", "pair") for p in _all_prompts(kind)]
-    return sorted({w for t in texts for w in tokenize(t)})
+    base = sorted({w for t in texts for w in tokenize(t)})
+    return base + list(NEW_SHAPES) + list(NEW_COLORS) if extended else base
 
 
-def _all_prompts(kind: Kind) -> tuple[tuple[Obj, ...], ...]:
-    triples = [Obj(c, s, p) for p in POSITIONS for c in _COLOR_NAMES for s in SHAPES]
-    if kind == "single":
-        return tuple((t,) for t in triples)
-    if kind == "pair":
-        return tuple(
-            (a, b) for a, b in itertools.combinations(triples, 2) if a.position != b.position
-        )
-    raise ValueError(f"kind must be 'single' or 'pair', got {kind!r}")
+def _is_new(objs: tuple[Obj, ...]) -> bool:
+    return any(o.color in NEW_COLORS or o.shape in NEW_SHAPES for o in objs)
 
 
 @functools.cache
-def _permuted(kind: Kind) -> tuple[tuple[Obj, ...], ...]:
+def _all_prompts(kind: Kind, concepts: Concepts = "base") -> tuple[tuple[Obj, ...], ...]:
+    """``base``: the prompts of the base vocabulary; ``new``: prompts of the extended
+    vocabulary with at least one new colour or shape."""
+    if concepts not in ("base", "new"):
+        raise ValueError(f"concepts must be 'base' or 'new', got {concepts!r}")
+    colors, shapes_ = (_COLOR_NAMES, SHAPES) if concepts == "base" else (_ALL_COLOR_NAMES,
+                                                                         ALL_SHAPES)
+    triples = [Obj(c, s, p) for p in POSITIONS for c in colors for s in shapes_]
+    if kind == "single":
+        out = tuple((t,) for t in triples)
+    elif kind == "pair":
+        out = tuple(
+            (a, b) for a, b in itertools.combinations(triples, 2) if a.position != b.position
+        )
+    else:
+        raise ValueError(f"kind must be 'single' or 'pair', got {kind!r}")
+    return out if concepts == "base" else tuple(p for p in out if _is_new(p))
+
+
+@functools.cache
+def _permuted(kind: Kind, concepts: Concepts = "base") -> tuple[tuple[Obj, ...], ...]:
     """The prompt space of ``kind`` in a fixed pseudo-random order: sorted by a seeded SHA-256."""
 
     def key(objs: tuple[Obj, ...]) -> bytes:
         return hashlib.sha256(f"{SPLIT_SEED}|{caption(objs)}".encode()).digest()
 
-    return tuple(sorted(_all_prompts(kind), key=key))
+    return tuple(sorted(_all_prompts(kind, concepts), key=key))
 
 
 def prompts(
@@ -223,8 +250,10 @@ def prompts(
     split: Split,
     holdout_single: float = 0.25,
     holdout_pair: float = 0.1,
+    concepts: Concepts = "base",
 ) -> list[tuple[Obj, ...]]:
-    """The ``split`` of the ``kind`` prompt space (216 singles, 20,736 pairs).
+    """The ``split`` of the ``kind`` prompt space (216 singles, 20,736 pairs; with
+    ``concepts="new"``, those with a new colour or shape: 108 singles, 25,920 pairs).
 
     The first ``round(fraction * n)`` prompts of a fixed seeded permutation are held out
     (54 singles and 2,074 pairs with the defaults); the rest are for training.
@@ -234,7 +263,7 @@ def prompts(
         raise ValueError(f"kind must be 'single' or 'pair', got {kind!r}")
     if not 0.0 <= frac <= 1.0:
         raise ValueError(f"held-out fraction must lie in [0, 1], got {frac}")
-    space = _permuted(kind)
+    space = _permuted(kind, concepts)
     n_hold = round(frac * len(space))
     if split == "heldout":
         return list(space[:n_hold])
@@ -255,6 +284,8 @@ def _sample(
     jitter: bool,
     holdout_single: float,
     holdout_pair: float,
+    concepts: Concepts = "base",
+    new_fraction: float = 0.5,
 ) -> dict[str, Any]:
     if num < 0:
         raise ValueError(f"num must be >= 0, got {num}")
@@ -268,6 +299,18 @@ def _sample(
     pick_s = rng.integers(0, max(len(singles), 1), size=num)
     pick_p = rng.integers(0, max(len(pairs), 1), size=num)
     objects = [pairs[j] if p else singles[i] for p, i, j in zip(is_pair, pick_s, pick_p, strict=False)]
+    if concepts == "new":  # drawn after the base choices: base batches stay as they were
+        if not 0.0 <= new_fraction <= 1.0:
+            raise ValueError(f"new_fraction must lie in [0, 1], got {new_fraction}")
+        new_s = prompts("single", split, holdout_single, holdout_pair, "new")
+        new_p = prompts("pair", split, holdout_single, holdout_pair, "new")
+        is_new = rng.random(num) < new_fraction
+        pick_ns = rng.integers(0, len(new_s), size=num)
+        pick_np = rng.integers(0, len(new_p), size=num)
+        objects = [(new_p[j] if p else new_s[i]) if n else o for o, n, p, i, j in
+                   zip(objects, is_new, is_pair, pick_ns, pick_np, strict=True)]
+    elif concepts != "base":
+        raise ValueError(f"concepts must be 'base' or 'new', got {concepts!r}")
     images = np.empty((num, size, size, 3), np.float32)
     for n, objs in enumerate(objects):
         images[n] = to_float(render(objs, size, rng if jitter else None))
@@ -304,16 +347,21 @@ def batch(
     jitter: bool = True,
     holdout_single: float = 0.25,
     holdout_pair: float = 0.1,
+    concepts: Concepts = "base",
+    new_fraction: float = 0.5,
 ) -> dict[str, Any]:
     """Batch ``index`` of :func:`iterate`: a function of ``(seed, index)`` only.
 
-    Same keys as :func:`make_examples`, with ``batch_size`` examples.
+    Same keys as :func:`make_examples`, with ``batch_size`` examples. ``concepts="new"``
+    replaces a ``new_fraction`` of them by prompts with a new colour or shape (same
+    ``split``, same share of pairs); the rest are the base batch's examples.
     """
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     return _sample(
-        rng, batch_size, split, size, pair_fraction, jitter, holdout_single, holdout_pair
+        rng, batch_size, split, size, pair_fraction, jitter, holdout_single, holdout_pair,
+        concepts, new_fraction,
     )
 
 

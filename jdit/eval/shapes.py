@@ -14,7 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from jdit.data.shapes import COLORS, POSITIONS, SHAPES, Obj, canonical, parse_caption
+from jdit.data.shapes import (
+    ALL_COLORS,
+    ALL_SHAPES,
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    Obj,
+    canonical,
+    parse_caption,
+)
 
 UNKNOWN = "unknown"
 """Colour or shape :func:`detect` reports for an object that matches no palette colour or shape."""
@@ -22,6 +31,9 @@ UNKNOWN = "unknown"
 _MIN_SIZE_DIVISOR = 24
 _COLOR_NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _COLOR_NAMES], np.float32) / 255.0
+# extended=True: the new concepts of jdit.data.shapes too (purple, diamond)
+_ALL_COLOR_NAMES = tuple(ALL_COLORS)
+_ALL_PALETTE = np.array([ALL_COLORS[c] for c in _ALL_COLOR_NAMES], np.float32) / 255.0
 _POS_INDEX = {p: i for i, p in enumerate(POSITIONS)}
 
 
@@ -105,6 +117,7 @@ def _measure(
     min_peak: float,
     min_size: int | None,
     smooth: float,
+    palette: np.ndarray = _PALETTE,
 ) -> dict[str, np.ndarray]:
     """Segment a batch into objects and measure each (see :func:`detect` for the steps).
 
@@ -141,7 +154,7 @@ def _measure(
     # 2. Colour class per foreground pixel: nearest palette colour at full brightness.
     rgb = x[fg]
     chroma = rgb / np.maximum(rgb.max(-1, keepdims=True), 1e-6)
-    d2 = ((chroma[:, None, :] - _PALETTE) ** 2).sum(-1)
+    d2 = ((chroma[:, None, :] - palette) ** 2).sum(-1)
     cls = np.zeros(fg.shape, np.int16)
     cls[fg] = np.argmin(d2, -1)
     off = np.zeros(fg.shape, np.float32)
@@ -221,8 +234,9 @@ _FEATURES = (
 )
 
 
-def _classify(f: dict[str, np.ndarray]) -> np.ndarray:
-    """Shape index per object (``len(SHAPES)`` for unknown) from :func:`_measure`'s output.
+def _classify(f: dict[str, np.ndarray], extended: bool = False) -> np.ndarray:
+    """Shape index per object (into ``SHAPES``, or ``ALL_SHAPES`` when ``extended``; its
+    length for unknown) from :func:`_measure`'s output.
 
     Two scores, each 0 for an ideal circle and 1 for the ideal other shape:
 
@@ -232,7 +246,9 @@ def _classify(f: dict[str, np.ndarray]) -> np.ndarray:
       and the fill ratio of the bounding box (square 1, circle pi/4).
 
     Objects that are elongated, lopsided, top-heavy, sparse, or smaller than 0.35 or larger
-    than 1.25 cells are unknown.
+    than 1.25 cells are unknown. ``extended`` adds the diamond (a square on its corner): the
+    square score mirrored, fourth moment along the axes minus along the diagonals (diamond
+    0.6) and a half-filled bounding box; without it a diamond is unknown (never a circle).
     """
     fill = f["fill"]
     tri_score = (-f["skew_y"] / 0.57 + (1.0 - f["top_bottom"]) / (2.0 / 3.0)) / 2.0
@@ -245,12 +261,18 @@ def _classify(f: dict[str, np.ndarray]) -> np.ndarray:
             & (np.abs(f["skew_x"]) < 0.5) & (tri_score > -0.5) & (fill > 0.35)
             & (f["extent"] > 0.35) & (f["extent"] < 1.25)
         )
-    out = np.full(fill.shape, len(SHAPES), np.int64)
+    names = ALL_SHAPES if extended else SHAPES
+    out = np.full(fill.shape, len(names), np.int64)
     tri = plausible & (tri_score >= 0.4) & (fill < 0.9)
     sym = plausible & (tri_score < 0.4)
-    out[tri] = SHAPES.index("triangle")
-    out[sym & (sq_score >= 0.45)] = SHAPES.index("square")
-    out[sym & (sq_score < 0.45) & (fill > 0.55)] = SHAPES.index("circle")
+    out[tri] = names.index("triangle")
+    out[sym & (sq_score >= 0.45)] = names.index("square")
+    dia_score = ((f["kurt_axis"] - f["kurt_diag"]) / 0.6 + (np.pi / 4 - fill)
+                 / (np.pi / 4 - 0.5)) / 2.0
+    round_ = sym & (sq_score < 0.45)
+    out[round_ & (fill > 0.55) & (dia_score < 0.5)] = names.index("circle")
+    if extended:  # (without: a diamond is no circle, it is unknown)
+        out[round_ & (dia_score >= 0.5)] = names.index("diamond")
     return out
 
 
@@ -262,13 +284,17 @@ def detect_batch(
     min_size: int | None = None,
     smooth: float = 0.04,
     max_hue_off: float = 0.4,
+    extended: bool = False,
 ) -> list[list[Obj]]:
     """:func:`detect` for a batch (N, H, W, 3), vectorised over the batch."""
-    f = _measure(images, threshold, floor, min_peak, min_size, smooth)
-    shape = _classify(f)
-    color = np.where(f["hue_off"] <= max_hue_off, f["color"], len(_COLOR_NAMES))
+    names = _ALL_COLOR_NAMES if extended else _COLOR_NAMES
+    f = _measure(images, threshold, floor, min_peak, min_size, smooth,
+                 _ALL_PALETTE if extended else _PALETTE)
+    shape = _classify(f, extended)
+    color = np.where(f["hue_off"] <= max_hue_off, f["color"], len(names))
     out: list[list[Obj]] = [[] for _ in range(len(images))]
-    shapes, colors = SHAPES + (UNKNOWN,), _COLOR_NAMES + (UNKNOWN,)
+    shapes = (ALL_SHAPES if extended else SHAPES) + (UNKNOWN,)
+    colors = names + (UNKNOWN,)
     for i, c, s, p in zip(f["image"], color, shape, f["position"], strict=False):
         out[i].append(Obj(colors[c], shapes[s], POSITIONS[p]))
     for objs in out:
@@ -284,8 +310,10 @@ def detect(
     min_size: int | None = None,
     smooth: float = 0.04,
     max_hue_off: float = 0.4,
+    extended: bool = False,
 ) -> list[Obj]:
     """Objects in one image (H, W, 3), in grid order; :func:`detect_batch` for many.
+    ``extended``: also the new concepts (purple, diamond) of :mod:`jdit.data.shapes`.
 
     Input convention: ``uint8`` is read as [0, 255], any floating dtype as [-1, 1] (the model's
     output range; values outside are clipped). Brightness is the largest channel, in [0, 1].
@@ -311,7 +339,7 @@ def detect(
     if image.ndim != 3:
         raise ValueError(f"expected one image (H, W, 3), got shape {image.shape}")
     return detect_batch(
-        image[None], threshold, floor, min_peak, min_size, smooth, max_hue_off
+        image[None], threshold, floor, min_peak, min_size, smooth, max_hue_off, extended
     )[0]
 
 

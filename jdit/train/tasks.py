@@ -50,11 +50,13 @@ class ShapesTask:
         cfg = section("data", cfg)
         self.size = int(cfg["size"])
         self.pair_fraction = float(cfg["pair_fraction"])
+        self.concepts, self.new_fraction = str(cfg["concepts"]), float(cfg["new_fraction"])
         self.batch_size, self.seed = batch_size, seed
         # Every word of the vocabulary (colours, shapes, positions, "a"/"an", "and"); words are
-        # not held out, only their combinations.
-        self.encoder = WordEncoder.from_texts(shapes.vocabulary(), dim=int(cfg["text_dim"]),
-                                              max_length=int(cfg["max_length"]))
+        # not held out, only their combinations. The new concepts' words come after the base
+        # words, which keep their vectors: a base model reads base prompts as it learned them.
+        self.encoder = WordEncoder(tuple(shapes.vocabulary(extended=self.concepts == "new")),
+                                   dim=int(cfg["text_dim"]), max_length=int(cfg["max_length"]))
         self.channels = 3
 
     def encode(self, captions: list[str]) -> dict[str, np.ndarray]:
@@ -64,7 +66,8 @@ class ShapesTask:
     def batch(self, index: int, rows: Rows = None) -> dict[str, np.ndarray]:
         # Rendering a whole 32-pixel batch costs little; each host keeps its rows.
         b = self.shapes.batch(self.seed, index, self.batch_size, size=self.size,
-                              pair_fraction=self.pair_fraction)
+                              pair_fraction=self.pair_fraction, concepts=self.concepts,
+                              new_fraction=self.new_fraction)
         part = _rows(rows, self.batch_size)
         return {"images": b["images"][part], **self.encode(list(b["captions"][part]))}
 
@@ -72,35 +75,47 @@ class ShapesTask:
         return self.encode([""])
 
     def preview(self) -> tuple[list[str], dict[str, np.ndarray]]:
-        prompts = ([self.shapes.caption(p) for p in self.shapes.prompts("single", "heldout")[:8]]
-                   + [self.shapes.caption(p) for p in self.shapes.prompts("pair", "heldout")[:8]])
+        kinds = ["base"] if self.concepts == "base" else ["base", "new"]
+        n = 8 // len(kinds)
+        prompts = [self.shapes.caption(p) for c in kinds for kind in ("single", "pair")
+                   for p in self.shapes.prompts(kind, "heldout", concepts=c)[:n]]
         return prompts, self.encode(prompts)
 
     def evaluate(self, generate: Generate, batch_size: int = 64, num_pairs: int = 200,
                  single_repeats: int = 4) -> dict[str, float]:
-        return shapes_adherence(generate, self.encode, batch_size, num_pairs, single_repeats)
+        out = shapes_adherence(generate, self.encode, batch_size, num_pairs, single_repeats)
+        if self.concepts == "new":
+            out.update(shapes_adherence(generate, self.encode, batch_size, num_pairs,
+                                        single_repeats, concepts="new"))
+        return out
 
 
 def shapes_adherence(generate: Generate, encode: Callable[[list[str]], dict[str, np.ndarray]],
-                     batch_size: int = 64, num_pairs: int = 200, single_repeats: int = 4
-                     ) -> dict[str, float]:
+                     batch_size: int = 64, num_pairs: int = 200, single_repeats: int = 4,
+                     concepts: str = "base") -> dict[str, float]:
     """Prompt adherence read by :mod:`jdit.eval.shapes`. adherence_single: every held-out single
     prompt ``single_repeats`` times, seeds differing (54 prompts, 216 images at the defaults: the
     whole single-object space has 8 x 3 x 9 = 216 prompts, a quarter held out); adherence_pair:
-    ``num_pairs`` distinct held-out pair prompts, one image each."""
+    ``num_pairs`` distinct held-out pair prompts, one image each.
+
+    ``concepts="new"``: the same over the held-out prompts with a new colour or shape (27
+    singles, 108 images; pairs as above), read by the extended evaluator, reported as
+    ``adherence_new`` (singles) and ``adherence_new_pair``."""
     from jdit.data import shapes
     from jdit.eval import shapes as evaluator
 
-    singles = shapes.prompts("single", "heldout") * single_repeats
-    pairs = shapes.prompts("pair", "heldout")[:num_pairs]
+    singles = shapes.prompts("single", "heldout", concepts=concepts) * single_repeats
+    pairs = shapes.prompts("pair", "heldout", concepts=concepts)[:num_pairs]
+    names = {"base": ("adherence_single", "adherence_pair"),
+             "new": ("adherence_new", "adherence_new_pair")}[concepts]
     out: dict[str, float] = {}
-    for name, objs in (("adherence_single", singles), ("adherence_pair", pairs)):
+    for name, kind, objs in ((names[0], "single", singles), (names[1], "pair", pairs)):
         cond = encode([shapes.caption(o) for o in objs])
         images = generate_in_chunks(generate, cond, batch_size)
-        kind = name.split("_")[1]
-        out[name] = float(evaluator.adherence(images, list(objs)))
-        out[f"num_{kind}_prompts"] = len(set(objs))
-        out[f"num_{kind}_images"] = len(objs)
+        out[name] = float(evaluator.adherence(images, list(objs), extended=concepts == "new"))
+        tag = kind if concepts == "base" else f"new_{kind}"
+        out[f"num_{tag}_prompts"] = len(set(objs))
+        out[f"num_{tag}_images"] = len(objs)
     return out
 
 

@@ -65,7 +65,7 @@ def test_caption_round_trip_all_prompts():
         "A red circle in the top left",
         "a orange circle in the top left",
         "an red circle in the top left",
-        "a purple circle in the top left",
+        "a pink circle in the top left",
         "a red hexagon in the top left",
         "a red circle in the middle",
         "a red circle in the top left and",

@@ -240,3 +240,33 @@ def test_render_keeps_objects_in_their_cells_and_apart(size):
         ys, xs = np.nonzero(fg)
         cells = set(((ys + 0.5) // (size / 3) * 3 + (xs + 0.5) // (size / 3)).astype(int))
         assert cells == {a, b}
+
+
+def test_new_concepts_are_drawn_read_back_and_unknown_to_the_base_reader():
+    from jdit.eval import shapes as evaluator
+    from jdit.text.words import WordEncoder
+
+    base = shapes.batch(0, 5, 256, pair_fraction=0.5)
+    new = shapes.batch(0, 5, 256, pair_fraction=0.5, concepts="new", new_fraction=0.5)
+    is_new = [any(o.color in shapes.NEW_COLORS or o.shape in shapes.NEW_SHAPES for o in objs)
+              for objs in new["objects"]]
+    assert 0.35 < np.mean(is_new) < 0.65
+    # the other examples are the base batch's prompts
+    assert [c for c, n in zip(new["captions"], is_new, strict=True) if not n] == \
+        [c for c, n in zip(base["captions"], is_new, strict=True) if not n]
+    assert evaluator.adherence(new["images"], new["objects"], extended=True) == 1.0
+    # the base reader knows neither purple nor diamonds: such objects are unknown, never right
+    base_read = evaluator.scores(new["images"], new["objects"])
+    assert not base_read[np.asarray(is_new)].any()
+    img = shapes.render([shapes.Obj("red", "diamond", "center")], 32)
+    assert evaluator.detect(img) == [shapes.Obj("red", "unknown", "center")]
+    # held-out new prompts never appear in training batches
+    held = {shapes.caption(p) for p in shapes.prompts("single", "heldout", concepts="new")}
+    assert len(held) == 27 and not held & set(new["captions"])
+    # the new words come after the base vocabulary: every base word keeps its vector
+    words = shapes.vocabulary()
+    extended = shapes.vocabulary(extended=True)
+    assert extended[:len(words)] == words and extended[len(words):] == ["diamond", "purple"]
+    a, b = WordEncoder(tuple(words)), WordEncoder(tuple(extended))
+    prompt = ["a red circle in the top left and a blue square in the center"]
+    np.testing.assert_array_equal(a.encode(prompt)[0], b.encode(prompt)[0])

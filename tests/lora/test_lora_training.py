@@ -107,3 +107,13 @@ def test_convert_and_sample_with_the_lora(base, tmp_path, capsys):
     c = np.asarray(Image.open(tmp_path / "c.png"), np.int16)
     d = np.asarray(Image.open(tmp_path / "d.png"), np.int16)
     assert np.abs(c - d).max() <= 1 and np.abs(a - d).max() > 1
+
+
+def test_a_lora_run_on_new_concepts_reports_adherence_new(base, tmp_path):
+    from jdit.train.loop import evaluate
+
+    train(_config(base, "train.steps=2", "data.concepts=new"), tmp_path / "new", quiet=True)
+    result = evaluate(tmp_path / "new", num_pairs=4, single_repeats=1)
+    for key in ("adherence_single", "adherence_pair", "adherence_new", "adherence_new_pair"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["num_new_single_prompts"] == 27 and result["num_new_pair_images"] == 4

@@ -130,10 +130,12 @@ def report(config: Mapping[str, Any], topology: str, per_device_batch: int | Non
     abstract_state = setup.abstract_state()
     step = setup.jit_train_step(null, batch_shardings={k: v.sharding
                                                        for k, v in abstract_batch.items()})
+    # a LoRA step also takes the frozen base (sharded like the model's parameters)
+    frozen = () if setup.lora is None else (part.abstract_params(module),)
     t0 = time.perf_counter()
     try:
         with part.activate():
-            compiled = step.lower(abstract_state, abstract_batch).compile()
+            compiled = step.lower(abstract_state, abstract_batch, *frozen).compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -149,15 +151,20 @@ def report(config: Mapping[str, Any], topology: str, per_device_batch: int | Non
         "mesh": {k: int(v) for k, v in part.mesh.shape.items()}, "rules": c["parallel"]["rules"],
         "per_device_batch": per_device_batch, "global_batch": global_batch,
         "tokens_per_example": _tokens(module),
-        "parameters": int(sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_state.params))),
+        "parameters": int(sum(math.prod(a.shape) for a in jax.tree.leaves(
+            frozen[0] if frozen else abstract_state.params))),
         "dtype": str(c["model"]["dtype"]), "remat_policy": c["model"]["remat_policy"],
         "scan_layers": bool(c["model"]["scan_layers"]), "optimizer": c["optim"]["name"],
         **analyse(compiled, devices[0]), "compile_seconds": round(compile_seconds, 1),
     }
+    if setup.lora is not None:  # what trains: the adapters, their moments and EMA
+        out["lora"] = {**setup.lora.to_dict(), "trainable_parameters": int(sum(
+            math.prod(a.shape) for a in jax.tree.leaves(abstract_state.params)))}
     if assumed:
         out["assumed"] = assumed
     if sampler:
-        out["sampler"] = sampler_report(module, part, c, abstract_state.params, batch)
+        out["sampler"] = sampler_report(module, part, c, frozen[0] if frozen else
+                                        abstract_state.params, batch)
     return out
 
 

@@ -43,14 +43,10 @@ from jdit.train.writers import MetricsWriter, save_grid
 
 def lora_config(config: Mapping[str, Any]) -> lora.LoraConfig | None:
     """The ``lora`` section as a :class:`jdit.lora.LoraConfig`, or None when ``rank`` is 0.
-    A LoRA run needs its base: ``train.init_from``."""
+    (A LoRA run needs its base, ``train.init_from``: :class:`Run` checks.)"""
     c = section("lora", config.get("lora"))
     if int(c["rank"]) == 0:
         return None
-    if not config["train"].get("init_from"):
-        raise ValueError("lora.rank > 0 trains adapters over a frozen base model: set "
-                         "train.init_from (a jdit run directory or a checkpoint "
-                         "jdit.models.from_pretrained reads)")
     return lora.LoraConfig(rank=int(c["rank"]), alpha=c["alpha"], targets=tuple(c["targets"]),
                            dropout=float(c["dropout"]))
 
@@ -241,6 +237,10 @@ class Run(TrainSetup):
         super().__init__(config, devices)
         c = self.config
         required(c)
+        if self.lora is not None and not c["train"]["init_from"]:
+            raise ValueError("lora.rank > 0 trains adapters over a frozen base model: set "
+                             "train.init_from (a jdit run directory or a checkpoint "
+                             "jdit.models.from_pretrained reads)")
         self.batch_size = int(c["train"]["batch_size"])
         self.task = make_task(c["data"], self.batch_size, int(c["train"]["seed"]))
         if hasattr(self.task, "check_model"):  # a feature cache made for another model

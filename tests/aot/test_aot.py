@@ -186,3 +186,18 @@ def test_command_line_overrides_win_over_what_aot_assumes():
     assert sana["diffusion"]["objective"] == "flow" and sana["diffusion"]["flow_shift"] == 6.0
     with pytest.raises(ValueError, match="unknown config key 'train.stepz'"):
         aot.load(path, ["train.stepz=3"])
+
+
+@pytest.mark.slow
+def test_a_lora_train_step_compiles_with_the_base_frozen():
+    """LoRA for a pod: only the adapters, their moments and EMA are state; the base is an
+    input. Less memory per chip and fewer FLOPs (no weight gradients of the base)."""
+    args = ("--config", str(ROOT / "configs" / "pixart_sigma_xl2_256.py"), "--topology",
+            "v5e:2x2", "--batch", "2", "--caption-length", "32", *SMALL)
+    code, full = jdit_aot(*args)
+    code_lora, r = jdit_aot(*args, "--config.lora.rank=8")
+    assert code == code_lora == 0 and r["fits"]
+    assert r["lora"]["rank"] == 8 and r["parameters"] == full["parameters"]
+    assert 0 < r["lora"]["trainable_parameters"] < r["parameters"] / 20
+    assert r["hbm_per_device_bytes"] < full["hbm_per_device_bytes"]
+    assert r["flops_per_step"] < full["flops_per_step"]

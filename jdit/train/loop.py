@@ -263,9 +263,9 @@ class Run(TrainSetup):
         return () if self.lora is None else (self.base,)
 
     def full_params(self, params: Any) -> Any:
-        """The model's parameters for ``params`` of the train state (a LoRA run's adapters go
-        beside the frozen base, unmerged)."""
-        return params if self.lora is None else lora.apply(self.base, params)
+        """The model's parameters for ``params`` of the train state (a LoRA run's adapters
+        merged into its frozen base: the tree, and shardings, of the model's parameters)."""
+        return params if self.lora is None else jax.jit(lora.merge)(self.base, params)
 
     @property
     def teacher(self) -> tuple[Any, Any] | None:

@@ -112,7 +112,9 @@ def test_convert_and_sample_with_the_lora(base, tmp_path, capsys):
 def test_a_lora_run_on_new_concepts_reports_adherence_new(base, tmp_path):
     from jdit.train.loop import evaluate
 
-    train(_config(base, "train.steps=2", "data.concepts=new"), tmp_path / "new", quiet=True)
+    train(_config(base, "train.steps=2", "data.concepts=new", "train.sample_every=2",
+                  "sample.steps=2"), tmp_path / "new", quiet=True)
+    assert (tmp_path / "new" / "samples" / "step_0000002.png").is_file()  # a grid, adapted
     result = evaluate(tmp_path / "new", num_pairs=4, single_repeats=1)
     for key in ("adherence_single", "adherence_pair", "adherence_new", "adherence_new_pair"):
         assert 0.0 <= result[key] <= 1.0

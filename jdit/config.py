@@ -49,10 +49,14 @@ SECTIONS: dict[str, dict[str, Any]] = {
     # ``per_device_batch`` is what ``jdit aot`` compiles for (None: batch_size / batch shards).
     # ``nonfinite``: what a step with a NaN / inf loss, gradient or result does: "stop" the run
     # (exit non-zero, checkpoints intact) or "skip" it (counted as ``skipped_steps``).
+    # ``prior_*``: DreamBooth's prior preservation (jdit.train.prior): ``prior_images`` samples
+    # of the base for ``prior_prompts``, ``prior_batch`` rows of each batch (0: a quarter),
+    # their mean loss weighted ``prior_weight``.
     "train": dict(steps=REQUIRED, batch_size=REQUIRED, seed=0, cond_dropout=0.1, accumulate=1,
                   ema_decay=0.9999, ema_warmup=True, init_from="", log_every=50, sample_every=0,
                   checkpoint_every=500, keep_checkpoints=3, async_checkpoints=True,
-                  per_device_batch=None, nonfinite="stop"),
+                  per_device_batch=None, nonfinite="stop", prior_prompts=[], prior_images=0,
+                  prior_batch=0, prior_weight=1.0),
     # Sample grids and ``jdit sample`` / ``jdit eval`` of a trained run (jdit.train.generate).
     "sample": dict(solver="dpm++2m", steps=20, guidance_scale=4.5),
     # LiT distillation (jdit.models.lit): a frozen teacher workdir; ``inherit`` starts the student
@@ -177,10 +181,10 @@ _POSITIVE_INT = ("train.steps", "train.batch_size", "train.log_every", "train.ac
                  "train.keep_checkpoints", "sample.steps", "model.hidden_size", "model.depth",
                  "model.num_heads", "model.patch_size", "model.input_size", "data.size",
                  "data.text_dim", "data.max_length", "pipeline.resolution", "pipeline.vae_factor")
-_NON_NEGATIVE_INT = ("lora.rank", "train.sample_every", "train.checkpoint_every", "train.seed",
+_NON_NEGATIVE_INT = ("lora.rank", "train.prior_images", "train.prior_batch", "train.sample_every", "train.checkpoint_every", "train.seed",
                      "optim.warmup_steps")
 _POSITIVE = ("optim.lr", "model.mlp_ratio")
-_NON_NEGATIVE = ("optim.weight_decay", "optim.grad_clip", "sample.guidance_scale",
+_NON_NEGATIVE = ("train.prior_weight", "optim.weight_decay", "optim.grad_clip", "sample.guidance_scale",
                  "diffusion.flow_shift", "train.ema_decay")
 _CHOICES = {"train.nonfinite": ("stop", "skip"), "data.concepts": ("base", "new")}
 _UINT64 = 2 ** 64

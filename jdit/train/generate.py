@@ -17,9 +17,10 @@ from jdit.sampling import ClassifierFreeGuidance, sample
 
 def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
                    partitioner: Any = None) -> Callable[..., np.ndarray]:
-    """``generate(params, conditions, seed, guidance_scale=None, solver=None, num_steps=None)``
-    returns images in [-1, 1], NHWC (decoded by the task's ``to_images`` when it samples
-    latents). Defaults come from the ``sample`` config section.
+    """``generate(params, conditions, seed, guidance_scale=None, solver=None, num_steps=None,
+    raw=False)`` returns images in [-1, 1], NHWC (decoded by the task's ``to_images`` when it
+    samples latents; ``raw``: the samples in the model's own space). Defaults come from the
+    ``sample`` config section.
 
     With a :class:`~jdit.parallel.Partitioner` the noise is split over the mesh's batch axes
     (when they divide the number of images) and the sampler runs under its mesh and rules; the
@@ -68,7 +69,8 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
 
     def generate(params: Any, conditions: Mapping[str, np.ndarray], seed: int,
                  guidance_scale: float | None = None, solver: str | None = None,
-                 num_steps: int | None = None) -> np.ndarray:
+                 num_steps: int | None = None, raw: bool = False) -> np.ndarray:
+        finish = (lambda x: x) if raw else to_images
         if task.kind == "text":
             b = len(conditions["context"])
             args: tuple[Any, ...] = (
@@ -87,13 +89,13 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
                    prediction=prediction, key=jax.random.fold_in(key, 1))
         if partitioner is None:
             out = sample(guided, noise, args=(jnp.float32(scale), params) + args, **run)
-            return to_images(np.asarray(out))
+            return finish(np.asarray(out))
         # Host values (numpy) are the same on every process: each places its own shards.
         split = b % partitioner.batch_shards == 0
         sampler = _sharded_sampler(split, len(args), **run)
         noise = np.asarray(noise)
         with partitioner.activate():
             out = sampler(jnp.float32(scale), params, noise, *(np.asarray(a) for a in args))
-        return to_images(np.asarray(out.addressable_data(0)))
+        return finish(np.asarray(out.addressable_data(0)))
 
     return generate

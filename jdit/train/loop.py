@@ -354,6 +354,8 @@ def _train_loop(run: Run, workdir: Path, primary: bool, stop_after: int | None,
         elif c["distill"]["inherit"] and run.teacher is not None:
             state = jax.device_put(inherit_teacher(state, run, workdir if primary else None),
                                    run.state_shardings())
+    if int(tc["prior_images"]) > 0:  # DreamBooth's prior preservation (jdit.train.prior)
+        task = run.task = _with_prior(run, workdir if primary else None)
     null = task.null() if task.kind == "text" else None
     train_step = run.jit_train_step(None if null is None else (null["context"],
                                                                null["context_mask"]))
@@ -422,6 +424,21 @@ def _train_loop(run: Run, workdir: Path, primary: bool, stop_after: int | None,
     if stop.signum is not None:
         raise RunStopped(done, stop.signum)
     return last
+
+
+def _with_prior(run: Run, workdir: Path | None) -> Any:
+    """``run.task`` with prior examples of the base in every batch (:mod:`jdit.train.prior`)."""
+    from jdit.train import prior
+
+    tc = run.config["train"]
+    if not tc["init_from"]:
+        raise ValueError("train.prior_images > 0 samples the base model: set train.init_from")
+    base = run.base if run.lora is not None else jax.device_put(
+        pretrained_params(run, str(tc["init_from"])), run.base_shardings())
+    examples = prior.load_or_generate(run, base, workdir)
+    rows = int(tc["prior_batch"]) or max(1, run.batch_size // 4)
+    return prior.PriorTask(run.task, examples, rows, float(tc["prior_weight"]), run.batch_size,
+                           int(tc["seed"]))
 
 
 def _reached_step(workdir: Path) -> int | None:

@@ -132,6 +132,8 @@ def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: 
                                         prediction=diffusion["prediction"], weighting=weighting,
                                         snr_gamma=float(diffusion["snr_gamma"]))
             losses = taught(losses, out, x_t, t.astype(jnp.float32), x0, cond)
+        if "loss_weight" in batch:  # prior preservation: per-row weights whose mean is the loss
+            losses = losses * batch["loss_weight"]
         return jnp.mean(losses)
 
     return loss_fn

@@ -119,3 +119,29 @@ def test_a_lora_run_on_new_concepts_reports_adherence_new(base, tmp_path):
     for key in ("adherence_single", "adherence_pair", "adherence_new", "adherence_new_pair"):
         assert 0.0 <= result[key] <= 1.0
     assert result["num_new_single_prompts"] == 27 and result["num_new_pair_images"] == 4
+
+
+def test_prior_preservation_mixes_samples_of_the_base_into_every_batch(base, tmp_path):
+    from jdit.train.loop import Run
+    from jdit.train.prior import PriorTask
+
+    prompts = "['a red circle in the center', 'a blue square in the top left']"
+    config = _config(base, "train.steps=2", f"train.prior_prompts={prompts}",
+                     "train.prior_images=6", "train.prior_batch=2", "train.prior_weight=0.5",
+                     "sample.steps=2")
+    train(config, tmp_path / "prior", quiet=True)
+    with np.load(tmp_path / "prior" / "prior.npz") as f:
+        prior = {k: f[k] for k in f.files}
+    assert prior["images"].shape == (6, 32, 32, 3) and prior["context"].shape[0] == 6
+    run = Run(config)
+    task = PriorTask(run.task, prior, rows=2, weight=0.5, batch_size=8, seed=0)
+    whole = task.batch(3)
+    # DreamBooth's loss: mean(instance) + 0.5 mean(prior), as the mean of weighted rows
+    np.testing.assert_allclose(whole["loss_weight"], [8 / 6] * 6 + [0.5 * 8 / 2] * 2)
+    rows = {tuple(np.asarray(x).ravel()[:8]) for x in prior["images"]}
+    assert tuple(whole["images"][7].ravel()[:8]) in rows  # a prior row is a base sample
+    assert tuple(whole["images"][0].ravel()[:8]) not in rows
+    # hosts reading their own rows see the same global batch
+    halves = [task.batch(3, rows=(0, 4)), task.batch(3, rows=(4, 8))]
+    for key, value in whole.items():
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), value)

@@ -423,22 +423,15 @@ def write(path: str | Path, adapters: Mapping[str, Any], module: nn.Module, *,
 
 def load(path: str | Path, module: nn.Module | None = None, *, adapter_name: str | None = None
          ) -> tuple[dict[str, Any], LoraConfig]:
-    """Adapters and their config: a jdit LoRA run directory (its EMA adapters, in its model's
-    layout), or a diffusers / PEFT LoRA for ``module`` (required there: the names and shapes to
-    map to; :func:`read`)."""
-    from jdit.train.loop import is_run_directory, load_adapters
-
-    if is_run_directory(path):
-        run, adapters, _ = load_adapters(path)
-        if module is not None and module.scan_layers != run.module.scan_layers:
-            from jdit.lora.core import stack, unstack
-
-            per_layer = run.module.per_layer()
-            adapters = (stack if module.scan_layers else unstack)(adapters, per_layer)
-        return adapters, run.lora
+    """Adapters and their config from a diffusers / PEFT LoRA file or folder for ``module``
+    (required: the names and shapes to map to; :func:`read`). A jdit LoRA run directory is
+    read by ``jdit.train.loop.load_adapters`` (or exported with ``jdit convert --lora``)."""
     if module is None:
         raise ValueError(f"{path}: pass module= (the jdit model the LoRA is for): diffusers "
                          "names map to jdit kernels through the model's shapes")
+    if (Path(path) / "config.json").is_file() and (Path(path) / "checkpoints").is_dir():
+        raise ValueError(f"{path} is a jdit run directory: read it with jdit.train.loop."
+                         "load_adapters, or export it with jdit convert --lora")
     return read(path, module, adapter_name=adapter_name)
 
 

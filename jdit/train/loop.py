@@ -553,7 +553,8 @@ def sample_prompts(workdir: str | Path, conditions: list[str], out: str | Path,
         raise ValueError("no prompts (or class ids) to sample")
     run, params, _ = load_trained(workdir)
     if loras:
-        trees = [lora.load(path, run.module)[0] for path, _ in loras]
+        trees = [load_adapters(path)[1] if is_run_directory(path) else
+                 lora.load(path, run.module)[0] for path, _ in loras]
         params = jax.jit(lora.merge)(params, trees, [float(s) for _, s in loras])
     repeated = [p for p in conditions for _ in range(num_per_prompt)]
     if run.task.kind == "text":

@@ -78,6 +78,14 @@ def test_a_folder_becomes_a_cache_that_jdit_train_reads(tmp_path):
     assert (tmp_path / "run" / "samples").is_dir() and any((tmp_path / "run" / "samples").glob("*.png"))
     prompts = (tmp_path / "run" / "samples" / "prompts.txt").read_text().splitlines()
     assert prompts == PROMPTS  # the cache's preview captions
+    # a LoRA over that run reads the same cache (adapters only in its checkpoints)
+    lora_config = load_config(str(ROOT / "configs" / "shapes_tiny.py") + ":cache", [
+        f"data.path={out}", "model.input_size=32", "model.hidden_size=32", "model.depth=1",
+        "model.num_heads=2", "train.batch_size=2", "train.steps=2", "train.sample_every=2",
+        "train.checkpoint_every=0", "sample.steps=2", f"train.init_from={tmp_path / 'run'}",
+        "lora.rank=2"])
+    assert np.isfinite(train(lora_config, tmp_path / "lora", quiet=True)["loss"])
+    assert any((tmp_path / "lora" / "samples").glob("*.png"))
 
 
 def test_training_refuses_a_cache_made_for_another_model(tmp_path):

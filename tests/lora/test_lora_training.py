@@ -79,6 +79,7 @@ def test_lora_needs_a_base_and_dropout_trains(base, tmp_path):
     assert all(np.isfinite(_losses(tmp_path / "drop")))
 
 
+@pytest.mark.slow  # end to end: train, export / evaluate / sample
 def test_convert_and_sample_with_the_lora(base, tmp_path, capsys):
     # a large step and no averaging, so that six steps move the samples
     train(_config(base, "train.ema_decay=0.0", "optim.warmup_steps=0", "optim.lr=0.05"),
@@ -109,6 +110,7 @@ def test_convert_and_sample_with_the_lora(base, tmp_path, capsys):
     assert np.abs(c - d).max() <= 1 and np.abs(a - d).max() > 1
 
 
+@pytest.mark.slow  # end to end: train, export / evaluate / sample
 def test_a_lora_run_on_new_concepts_reports_adherence_new(base, tmp_path):
     from jdit.train.loop import evaluate
 
@@ -121,6 +123,7 @@ def test_a_lora_run_on_new_concepts_reports_adherence_new(base, tmp_path):
     assert result["num_new_single_prompts"] == 27 and result["num_new_pair_images"] == 4
 
 
+@pytest.mark.slow  # end to end: train, export / evaluate / sample
 def test_prior_preservation_mixes_samples_of_the_base_into_every_batch(base, tmp_path):
     from jdit.train.loop import Run
     from jdit.train.prior import PriorTask

@@ -147,7 +147,60 @@ def check_pallas() -> None:
                           "shard_map": "shard_map" in text or "manual" in text}), flush=True)
 
 
+def check_lora() -> None:
+    """A LoRA run: the adapters shard by the rules of the kernels they adapt (A like the
+    kernel's input axes, B like its output axes), the base by the model's; losses and adapters
+    equal one device's."""
+    from jdit import lora
+    from jdit.models import build, save_pretrained
+    from jdit.nn.init import init_params
+
+    tmp = tempfile.mkdtemp()
+    module = build(CONFIG.to_dict()["model"])
+    save_pretrained(module, perturbed(init_params(module, jax.random.key(0)), jax.random.key(1)),
+                    f"{tmp}/base")
+
+    def lora_run(mesh: dict, rules: str, devices=None) -> Run:
+        c = CONFIG.to_dict()
+        c["parallel"] = {"mesh": mesh, "rules": rules}
+        c["train"]["init_from"] = f"{tmp}/base"
+        c["lora"] = {"rank": 4, "targets": ["attention", "cross_attention", "mlp"]}
+        return Run(c, devices=devices)
+
+    def steps(run: Run, n: int = 3):
+        null = run.task.null()
+        state = run.sharded_init()
+        step = run.jit_train_step((null["context"], null["context_mask"]))
+        losses = []
+        for i in range(n):
+            with run.partitioner.activate():
+                state, metrics = step(state, run.batch(i), *run.step_args)
+            losses.append(float(metrics["loss"]))
+        return state, losses
+
+    ref_state, ref_losses = steps(lora_run({"data": 1}, "dp", jax.devices()[:1]))
+    ref = jax.device_get(ref_state)
+    for mesh, rules in [({"data": 1, "fsdp": 8, "tensor": 1}, "fsdp"),
+                        ({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp")]:
+        run = lora_run(mesh, rules)
+        state, losses = steps(run)
+        qkv = lora.adapter_items(state.params)["block_0/attn/qkv"]
+        out = lora.adapter_items(state.params)["block_0/attn/out"]
+
+        def spec(x):
+            return [None if s is None else s if isinstance(s, str) else list(s)
+                    for s in x.sharding.spec]
+
+        print(json.dumps({
+            "check": "lora", "mesh": mesh, "rules": rules,
+            "loss_rel": float(np.max(np.abs(np.subtract(losses, ref_losses)) / np.abs(ref_losses))),
+            "adapters_rel": norm_rel_err(state.params, ref.params),
+            "kernel_spec": spec(run.base["block_0"]["attn"]["qkv"]["kernel"]),
+            "qkv_a_spec": spec(qkv.a), "qkv_b_spec": spec(qkv.b), "out_a_spec": spec(out.a),
+            "trained_leaves": len(jax.tree.leaves(state.params))}), flush=True)
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
     {"training": check_training, "sampling": check_sampling, "checkpoints": check_checkpoints,
-     "pallas": check_pallas}[sys.argv[1]]()
+     "pallas": check_pallas, "lora": check_lora}[sys.argv[1]]()

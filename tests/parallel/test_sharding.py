@@ -66,3 +66,16 @@ def test_pallas_attention_inside_shard_map_matches_xla_on_one_device():
     for r in results:
         assert r["shard_map"], r
         assert r["loss_rel"] <= 1e-5 and r["grads_rel"] <= 1e-5, r
+
+
+@pytest.mark.slow
+def test_lora_adapters_shard_like_their_kernels_and_match_one_device():
+    fsdp, fsdp_tp = run_checks("lora")
+    for r in (fsdp, fsdp_tp):
+        assert r["loss_rel"] <= 1e-5 and r["adapters_rel"] <= 1e-5, r
+    # A takes the kernel's input axes (embed -> fsdp), B its output axes (heads -> tensor)
+    assert fsdp["kernel_spec"][0] == fsdp["qkv_a_spec"][0] == "fsdp"
+    assert fsdp_tp["kernel_spec"] == ["fsdp", None, "tensor", None]
+    assert fsdp_tp["qkv_a_spec"] == ["fsdp", None]
+    assert fsdp_tp["qkv_b_spec"] == [None, None, "tensor", None]
+    assert fsdp_tp["out_a_spec"] == ["tensor", None, None]

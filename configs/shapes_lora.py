@@ -6,9 +6,9 @@
     jdit eval --workdir runs/shapes_lora     # adherence_new, and the base's own figures
     jdit convert --lora runs/shapes_lora shapes_lora.safetensors
 
-Half of each batch shows purple or diamonds (``data.concepts="new"``: prompts of the
+Three quarters of each batch show purple or diamonds (``data.concepts="new"``: prompts of the
 extended vocabulary, a quarter of the single-object ones held out for ``adherence_new``), the
-other half the base data, so the adapters learn the new words without forgetting the old ones.
+rest the base data, so the adapters learn the new words without forgetting the old ones.
 Low-rank adapters on the attention, cross-attention and MLP kernels of the four blocks; the
 base stays frozen. Runs and the rank / target ablation: BENCHMARKS.md.
 """
@@ -23,13 +23,13 @@ from jdit.config import load_config
 def get_config() -> ml_collections.ConfigDict:
     config = load_config(Path(__file__).with_name("shapes_tiny.py"))  # model, data, objective
     config.data.concepts = "new"
-    config.data.new_fraction = 0.5
+    config.data.new_fraction = 0.75
     config.lora = dict(rank=4, alpha=4.0, targets=["attention", "cross_attention", "mlp"],
                        dropout=0.0)
-    config.optim.lr = 3e-3
+    config.optim.lr = 1e-2
     config.optim.warmup_steps = 50
-    config.train.steps = 600
-    config.train.sample_every = 600
+    config.train.steps = 900
+    config.train.sample_every = 900
     config.train.checkpoint_every = 300
     config.train.init_from = ""  # the base run: --config.train.init_from=runs/shapes
     return config

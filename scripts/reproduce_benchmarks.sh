@@ -277,6 +277,17 @@ run tpu aot_cache_sdxl_t5xxl_1024_v5e8_maxbatch aot --cache sdxl_t5xxl_1024 --to
 run tpu aot_cache_sdxl_t5xxl_1024_v5e8_batch1 aot --cache sdxl_t5xxl_1024 --topology v5e:2x4 \
   --batch 1
 
+# ## LoRA against full fine-tuning on v5e (issue 19): the largest per-chip batch of each
+section "LoRA against full fine-tuning on v5e (issue 19)"
+run tpu aot_lora_sigma_1024_v5e8 aot --config configs/pixart_sigma_xl2_1024.py --topology v5e:2x4 \
+  --max-batch --scan-layers on --batch 4 --config.lora.rank=16
+run tpu aot_full_sigma_1024_v5e8 aot --config configs/pixart_sigma_xl2_1024.py --topology v5e:2x4 \
+  --max-batch --scan-layers on --batch 2
+run tpu aot_lora_sana_1600m_v5e4 aot --config configs/sana_1600m_1024.py --topology v5e:2x2 \
+  --max-batch --scan-layers on --batch 4 --config.lora.rank=16
+run tpu aot_full_sana_1600m_v5e4 aot --config configs/sana_1600m_1024.py --topology v5e:2x2 \
+  --max-batch --scan-layers on --batch 2
+
 if [[ $SELECTED -eq 0 ]]; then
   echo "$0: no command matches --only '$ONLY'" >&2
   exit 2

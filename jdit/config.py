@@ -68,7 +68,10 @@ SECTIONS: dict[str, dict[str, Any]] = {
     # LoRA (jdit.lora): ``rank`` 0 trains every weight; above 0 only low-rank adapters on the
     # Dense kernels ``targets`` select (names of jdit.lora.TARGETS or path regexes) are trained,
     # over the frozen base of ``train.init_from``; ``alpha`` None means ``rank`` (scale 1).
-    "lora": dict(rank=0, alpha=None, targets=["attention", "cross_attention"], dropout=0.0),
+    # ``merged``: train through W + s·A·B formed once per step (small models on a CPU) instead
+    # of the unmerged per-token products.
+    "lora": dict(rank=0, alpha=None, targets=["attention", "cross_attention"], dropout=0.0,
+                 merged=False),
     # Facts of a published architecture's pipeline (architecture configs; jdit aot reads them).
     "pipeline": dict(resolution=REQUIRED, vae_factor=8, latent_scale=REQUIRED,
                      caption_length=None, flow_shift=None),

@@ -69,6 +69,10 @@ def test_a_lora_run_trains_only_adapters_and_resumes_exactly(base, tmp_path):
     train(_config(base), tmp_path / "resumed", quiet=True)
     np.testing.assert_allclose(_losses(tmp_path / "resumed"), _losses(tmp_path / "whole"),
                                rtol=1e-6)
+    # merged inside the step (lora.merged): the same training to float rounding
+    train(_config(base, "lora.merged=True"), tmp_path / "merged", quiet=True)
+    np.testing.assert_allclose(_losses(tmp_path / "merged"), _losses(tmp_path / "whole"),
+                               rtol=1e-4)
 
 
 def test_lora_needs_a_base_and_dropout_trains(base, tmp_path):

@@ -72,6 +72,10 @@ SECTIONS: dict[str, dict[str, Any]] = {
     # of the unmerged per-token products.
     "lora": dict(rank=0, alpha=None, targets=["attention", "cross_attention"], dropout=0.0,
                  merged=False),
+    # Spatial control (jdit.control). ``easycontrol``: the ``lora`` section's adapters are a
+    # condition LoRA, acting only in the condition branch (targets: "attention"); the data
+    # gives each image its condition (shapes: ``data.condition``); ``scale`` is its weight.
+    "control": dict(method="none", scale=1.0),
     # Facts of a published architecture's pipeline (architecture configs; jdit aot reads them).
     "pipeline": dict(resolution=REQUIRED, vae_factor=8, latent_scale=REQUIRED,
                      caption_length=None, flow_shift=None),
@@ -81,8 +85,9 @@ DATA: dict[str, dict[str, Any]] = {
     # Embedded captioned shapes; a word-level text encoder of ``text_dim`` channels.
     # ``concepts="new"``: a ``new_fraction`` of the examples show a colour or shape the base
     # vocabulary lacks (purple, diamond; jdit.data.shapes), evaluated as ``adherence_new``.
+    # ``condition``: "silhouette" or "outline" gives every image its control condition.
     "shapes": dict(name="shapes", size=32, pair_fraction=0.5, text_dim=64, max_length=16,
-                   concepts="base", new_fraction=0.5),
+                   concepts="base", new_fraction=0.5, condition=None),
     # Embedded handwritten digits, class-conditional.
     "digits": dict(name="digits", size=32),
     # Pre-computed VAE latents + text features (jdit.data.cache). ``latent_scale``: SD VAE
@@ -94,7 +99,7 @@ DATA: dict[str, dict[str, Any]] = {
                           micro_condition=False, vae_factor=8, shuffle=True),
 }
 TRAINING_SECTIONS = ("model", "data", "diffusion", "optim", "train", "sample", "parallel",
-                     "distill", "lora")
+                     "distill", "lora", "control")
 
 
 def _model_defaults(values: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -189,7 +194,8 @@ _NON_NEGATIVE_INT = ("lora.rank", "train.prior_images", "train.prior_batch", "tr
 _POSITIVE = ("optim.lr", "model.mlp_ratio")
 _NON_NEGATIVE = ("train.prior_weight", "optim.weight_decay", "optim.grad_clip", "sample.guidance_scale",
                  "diffusion.flow_shift", "train.ema_decay")
-_CHOICES = {"train.nonfinite": ("stop", "skip"), "data.concepts": ("base", "new")}
+_CHOICES = {"train.nonfinite": ("stop", "skip"), "data.concepts": ("base", "new"),
+            "control.method": ("none", "easycontrol")}
 _UINT64 = 2 ** 64
 
 

@@ -92,7 +92,7 @@ def test_completion_is_idempotent_and_a_run_written_before_a_default_resumes(tmp
     config = complete(load_config(SHAPES))
     assert complete(config) == config
     assert set(config) == {"model", "data", "diffusion", "optim", "train", "sample", "parallel",
-                           "distill", "lora"}
+                           "distill", "lora", "control"}
     # config.json of an older run: the file's sections as written, no defaults filled in
     older = load_config(SHAPES, fill_defaults=False).to_dict()
     (tmp_path / "config.json").write_text(json.dumps(older))

@@ -139,8 +139,15 @@ def parse_caption(text: str) -> tuple[Obj, ...]:
 # ----------------------------------------------------------------------------- rendering
 
 
+STYLES: tuple[str, ...] = ("color", "silhouette", "outline")
+"""What :func:`render` draws: the image (``color``), or a control condition of it: every
+object's mask in white (``silhouette``), or the mask's one-pixel inner border in white
+(``outline``). Conditions carry shape and position, not colour."""
+
+
 def render(
-    objs: Sequence[Obj], size: int = 32, rng: np.random.Generator | None = None
+    objs: Sequence[Obj], size: int = 32, rng: np.random.Generator | None = None,
+    style: str = "color",
 ) -> np.ndarray:
     """Draw ``objs`` as a ``uint8`` (size, size, 3) image with hard edges on black.
 
@@ -149,10 +156,22 @@ def render(
     when its centre lies inside the shape. Objects always stay inside their cell; towards an
     occupied neighbouring cell the jitter is capped so that the object keeps more than half a
     pixel from the border, hence neighbouring objects are always separated by black pixels (for
-    a diagonal neighbour, along x).
+    a diagonal neighbour, along x). ``style``: one of :data:`STYLES`.
     """
+    return render_styles(objs, size, rng, (style,))[0]
+
+
+def render_styles(
+    objs: Sequence[Obj], size: int = 32, rng: np.random.Generator | None = None,
+    styles: Sequence[str] = ("color",),
+) -> list[np.ndarray]:
+    """:func:`render` in several ``styles`` with the same jitter (an image and its control
+    conditions); draws from ``rng`` as one :func:`render` call does."""
     if int(size) != size or size < 24:
         raise ValueError(f"size must be an integer >= 24, got {size!r}")
+    bad = [st for st in styles if st not in STYLES]
+    if bad or not styles:
+        raise ValueError(f"styles must be among {STYLES}, got {list(styles)}")
     size = int(size)
     objs = canonical(objs)
     cell = size / 3.0
@@ -161,7 +180,7 @@ def render(
     cap = cell / 2.0 - half - 0.51  # largest shift that keeps half a pixel from the border
     cells = {divmod(_POS_INDEX[o.position], 3) for o in objs}
     centres = np.arange(size, dtype=np.float64) + 0.5
-    img = np.zeros((size, size, 3), np.uint8)
+    out = [np.zeros((size, size, 3), np.uint8) for _ in styles]
     for o in objs:
         row, col = divmod(_POS_INDEX[o.position], 3)
         dy, dx = rng.uniform(-jit, jit, size=2) if rng is not None else (0.0, 0.0)
@@ -185,9 +204,17 @@ def render(
         else:  # upward triangle: apex at the top, base at the bottom, base == height
             mask = (y <= half) & (np.abs(x) <= (y + half) / 2.0)
         y0, x0 = int(ys[0]), int(xs[0])
-        window = img[y0 : y0 + len(ys), x0 : x0 + len(xs)]
-        window[mask] = ALL_COLORS[o.color]
-    return img
+        for img, st in zip(out, styles, strict=True):
+            window = img[y0 : y0 + len(ys), x0 : x0 + len(xs)]
+            if st == "color":
+                window[mask] = ALL_COLORS[o.color]
+            elif st == "silhouette":
+                window[mask] = 255
+            else:  # the mask's pixels with a 4-neighbour outside it
+                inner = np.pad(mask, 1)
+                inner = inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+                window[mask & ~inner] = 255
+    return out
 
 
 def to_float(images: np.ndarray) -> np.ndarray:
@@ -286,6 +313,7 @@ def _sample(
     holdout_pair: float,
     concepts: Concepts = "base",
     new_fraction: float = 0.5,
+    condition: str | None = None,
 ) -> dict[str, Any]:
     if num < 0:
         raise ValueError(f"num must be >= 0, got {num}")
@@ -311,10 +339,17 @@ def _sample(
                    zip(objects, is_new, is_pair, pick_ns, pick_np, strict=True)]
     elif concepts != "base":
         raise ValueError(f"concepts must be 'base' or 'new', got {concepts!r}")
-    images = np.empty((num, size, size, 3), np.float32)
+    if condition is not None and condition not in STYLES[1:]:
+        raise ValueError(f"condition must be None or one of {STYLES[1:]}, got {condition!r}")
+    styles = ("color",) if condition is None else ("color", condition)
+    images = np.empty((len(styles), num, size, size, 3), np.float32)
     for n, objs in enumerate(objects):
-        images[n] = to_float(render(objs, size, rng if jitter else None))
-    return {"images": images, "captions": [caption(o) for o in objects], "objects": objects}
+        for k, img in enumerate(render_styles(objs, size, rng if jitter else None, styles)):
+            images[k, n] = to_float(img)
+    out = {"images": images[0], "captions": [caption(o) for o in objects], "objects": objects}
+    if condition is not None:
+        out["conditions"] = images[1]
+    return out
 
 
 def make_examples(
@@ -349,19 +384,22 @@ def batch(
     holdout_pair: float = 0.1,
     concepts: Concepts = "base",
     new_fraction: float = 0.5,
+    condition: str | None = None,
 ) -> dict[str, Any]:
     """Batch ``index`` of :func:`iterate`: a function of ``(seed, index)`` only.
 
     Same keys as :func:`make_examples`, with ``batch_size`` examples. ``concepts="new"``
     replaces a ``new_fraction`` of them by prompts with a new colour or shape (same
-    ``split``, same share of pairs); the rest are the base batch's examples.
+    ``split``, same share of pairs); the rest are the base batch's examples. ``condition``
+    (``"silhouette"`` or ``"outline"``) adds ``conditions``: each image's control condition,
+    float32 in [-1, 1], drawn with the image's jitter (the images are those without it).
     """
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     return _sample(
         rng, batch_size, split, size, pair_fraction, jitter, holdout_single, holdout_pair,
-        concepts, new_fraction,
+        concepts, new_fraction, condition,
     )
 
 

@@ -347,8 +347,13 @@ def _key(o: Obj) -> tuple[int, str, str]:
     return _POS_INDEX.get(o.position, -1), o.color, o.shape
 
 
-def _matches(found: Sequence[Obj], expected: Sequence[Obj] | str) -> bool:
+def _matches(found: Sequence[Obj], expected: Sequence[Obj] | str,
+             ignore_color: bool = False) -> bool:
     exp = parse_caption(expected) if isinstance(expected, str) else canonical(expected)
+    if ignore_color:  # control accuracy: shape and position only
+        def layout(objs: Sequence[Obj]) -> list[tuple[int, str]]:
+            return sorted((_POS_INDEX.get(o.position, -1), o.shape) for o in objs)
+        return layout(found) == layout(exp)
     return sorted(found, key=_key) == sorted(exp, key=_key)
 
 
@@ -362,9 +367,12 @@ def score(image: np.ndarray, expected: Sequence[Obj] | str, **kwargs: Any) -> bo
 
 
 def scores(
-    images: np.ndarray, objects_list: Sequence[Sequence[Obj] | str], **kwargs: Any
+    images: np.ndarray, objects_list: Sequence[Sequence[Obj] | str],
+    ignore_color: bool = False, **kwargs: Any
 ) -> np.ndarray:
-    """:func:`score` for a batch (N, H, W, 3): bool (N,). Detection runs in chunks of 512."""
+    """:func:`score` for a batch (N, H, W, 3): bool (N,). Detection runs in chunks of 512.
+    ``ignore_color``: every object's shape and position right, whatever its colour (a control
+    condition's accuracy)."""
     images = np.asarray(images)
     if images.ndim != 4 or len(images) != len(objects_list):
         raise ValueError(
@@ -374,7 +382,8 @@ def scores(
     out = np.zeros(len(images), bool)
     for s in range(0, len(images), 512):
         found = detect_batch(images[s : s + 512], **kwargs)
-        out[s : s + 512] = [_matches(f, e) for f, e in zip(found, objects_list[s : s + 512], strict=False)]
+        out[s : s + 512] = [_matches(f, e, ignore_color)
+                            for f, e in zip(found, objects_list[s : s + 512], strict=True)]
     return out
 
 

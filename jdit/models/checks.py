@@ -55,3 +55,19 @@ def check_context(
         )
     if mask is not None:
         check_vector(name, "context_mask", mask, (batch, shape[1]))
+
+
+
+def check_control(name: str, control: Any, depth: int, batch: int,
+                  tails: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+    """Control conditions' per-block tensors: a pair, each (depth, batch, ...) ending in its
+    ``tails`` entry (softmax attention: keys and values (L_c, heads, head_dim), any L_c; linear
+    attention: the state (heads, D, D) and key sum (heads, D))."""
+    if not (isinstance(control, tuple | list) and len(control) == 2):
+        raise ValueError(f"{name}: control must be a pair of per-block arrays (from "
+                         f"encode_condition), got {type(control).__name__}")
+    for part, tail in zip(control, tails, strict=True):
+        shape = tuple(getattr(part, "shape", ()))
+        if shape[:2] != (depth, batch) or shape[len(shape) - len(tail):] != tail:
+            raise ValueError(f"{name}: control arrays must have shape ({depth}, {batch}, ..., "
+                             f"{', '.join(map(str, tail))}), got {shape}")

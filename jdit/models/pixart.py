@@ -13,7 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jdit.models.checks import check_config, check_context, check_latents, check_vector
+from jdit.models.checks import (
+    check_config,
+    check_context,
+    check_control,
+    check_latents,
+    check_vector,
+)
 from jdit.nn.attention import KV_COMPRESS_MODES, CrossAttention, SelfAttention
 from jdit.nn.embeddings import PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
 from jdit.nn.layers import (
@@ -34,7 +40,12 @@ from jdit.nn.stack import run_blocks
 
 
 class PixArtBlock(nn.Module):
-    """Self-attention, cross-attention (no norm, no gate: a PixArt quirk) and MLP."""
+    """Self-attention, cross-attention (no norm, no gate: a PixArt quirk) and MLP.
+
+    ``branch="condition"`` runs a control condition's tokens (EasyControl, :mod:`jdit.control`):
+    self-attention among themselves only, no cross-attention, and the block returns their keys
+    and values. The image branch's self-attention also sees ``control``, the conditions' (k, v).
+    """
 
     hidden_size: int
     num_heads: int
@@ -47,14 +58,16 @@ class PixArtBlock(nn.Module):
     linear_heads: int | None = None
     linear_v_conv: int = 0
     attention_impl: str = "xla"
+    branch: str = "image"  # | "condition"
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     precision: jax.lax.Precision | None = None
 
     @nn.compact
     def __call__(
-        self, x: Array, context: Array, context_mask: Array | None, t0: Array
-    ) -> tuple[Array, None]:
+        self, x: Array, context: Array | None, context_mask: Array | None, t0: Array,
+        control: tuple[Array, Array] | None = None,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
         d, dt = self.hidden_size, self.dtype
         common = dict(dtype=dt, param_dtype=self.param_dtype, precision=self.precision)
         x = constrain(x, TOKEN_NAMES)
@@ -72,8 +85,15 @@ class PixArtBlock(nn.Module):
                 self.num_heads, d // self.num_heads, qk_norm=self.qk_norm,
                 kv_compress=self.kv_compress, kv_compress_ratio=self.kv_compress_ratio,
                 grid_hw=self.grid_hw, attention_impl=self.attention_impl, name="attn", **common,
-            )(h)
+            )(h, extra_kv=control, return_kv=self.branch == "condition")
+        kv = None
+        if self.branch == "condition":
+            h, kv = h
         x = x + gate_msa * h.astype(jnp.float32)
+        if self.branch == "condition":  # conditions never see the text
+            h = modulate(layer_norm(x, 1e-6), shift_mlp, scale_mlp).astype(dt)
+            h = Mlp(int(d * self.mlp_ratio), d, hidden_names=MLP_NAMES, name="mlp", **common)(h)
+            return constrain(x + gate_mlp * h.astype(jnp.float32), TOKEN_NAMES), kv
         h = CrossAttention(
             self.num_heads, d // self.num_heads, out_init=zeros,
             attention_impl=self.attention_impl, name="cross_attn", **common,
@@ -174,21 +194,44 @@ class PixArt(nn.Module):
                     f">= 1, got layers {bad} and ratio {self.kv_compress_ratio}"
                 )
 
+    def encode_condition(self, latents: Array, resolution: Array | None = None,
+                         aspect_ratio: Array | None = None) -> tuple[Array, Array]:
+        """A control condition's keys and values in every block (EasyControl's condition branch,
+        :mod:`jdit.control`): ``(k, v)``, each (depth, B, L_c, heads, head_dim).
+
+        ``latents`` (B, h, w, in_channels) go through the same patch embedding; their sin-cos
+        positions span the same [0, base) square as any target's (PixArt normalises positions
+        to ``base_size``), which is EasyControl's position-aware interpolation: a condition of any
+        size or aspect ratio lands on the target grid it depicts. The adaLN modulation uses
+        timestep 0, there is no cross-attention, and the tokens attend only to each other, so the
+        result is the same at every denoising step. Run with the condition's LoRA applied to the
+        parameters. Keys and values are those before PixArt-Σ's KV compression.
+        """
+        t = jnp.zeros((latents.shape[0],), jnp.float32)
+        return self(latents, t, None, None, resolution, aspect_ratio, _branch="condition")
+
     @nn.compact
     def __call__(
         self,
         x: Array,
         t: Array,
-        context: Array,
+        context: Array | None,
         context_mask: Array | None = None,
         resolution: Array | None = None,
         aspect_ratio: Array | None = None,
+        control: tuple[Array, Array] | None = None,
+        _branch: str = "image",
     ) -> Array:
+        """``control``: conditions' keys and values ((depth, B, L_c, heads, head_dim) each, from
+        :meth:`encode_condition`, several concatenated along L_c) that the image tokens'
+        self-attention sees beside their own; None is the plain model, bit for bit."""
         self.check_config()
+        condition = _branch == "condition"
         grid = check_latents("PixArt", x, self.in_channels, self.patch_size)
         b = x.shape[0]
         check_vector("PixArt", "t", t, (b,))
-        check_context("PixArt", context, context_mask, b, self.caption_channels)
+        if not condition:
+            check_context("PixArt", context, context_mask, b, self.caption_channels)
         if self.micro_condition:
             if resolution is None or aspect_ratio is None:
                 raise ValueError("PixArt: this model needs resolution (B, 2) and aspect_ratio (B, 1)")
@@ -196,6 +239,11 @@ class PixArt(nn.Module):
             check_vector("PixArt", "aspect_ratio", aspect_ratio, (b, 1))
         elif resolution is not None or aspect_ratio is not None:
             raise ValueError("PixArt: resolution/aspect_ratio given but micro_condition is False")
+        if (condition or control is not None) and self.self_attention != "softmax":
+            raise ValueError("PixArt: control conditions need softmax self-attention")
+        if control is not None:
+            tail = (self.num_heads, self.hidden_size // self.num_heads)
+            check_control("PixArt", control, self.depth, b, (tail, tail))
 
         d, p = self.hidden_size, self.patch_size
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
@@ -211,20 +259,25 @@ class PixArt(nn.Module):
             temb = temb + jnp.concatenate([size(resolution), ratio(aspect_ratio)], axis=-1)
         t0 = AdaLNModulation(6, d, kernel_init=normal(0.02), name="t_block", **cond)(temb)
 
-        y = Mlp(
-            d, d, in_axis="caption", fc1_init=normal(0.02), fc2_init=normal(0.02),
-            name="caption_projection", **common,
-        )(context)
-
         shared = dict(
             hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, grid_hw=grid,
             kv_compress=self.kv_compress, qk_norm=self.qk_norm,
             self_attention=self.self_attention, linear_heads=self.linear_heads,
-            linear_v_conv=self.linear_v_conv, attention_impl=self.attention_impl, **common,
+            linear_v_conv=self.linear_v_conv, attention_impl=self.attention_impl,
+            branch=_branch, **common,
         )
+        if condition:
+            _, kv = run_blocks(PixArtBlock, self.per_layer(), shared, tokens, None, None, t0,
+                               scan=self.scan_layers, remat=self.remat_policy)
+            return kv
+
+        y = Mlp(
+            d, d, in_axis="caption", fc1_init=normal(0.02), fc2_init=normal(0.02),
+            name="caption_projection", **common,
+        )(context)
         h = run_blocks(
             PixArtBlock, self.per_layer(), shared, tokens, y, context_mask, t0,
-            scan=self.scan_layers, remat=self.remat_policy,
+            scan=self.scan_layers, remat=self.remat_policy, layer_inputs=control,
         )
         out = FinalLayer(d, p * p * self.out_channels, "adaln_single", name="final_layer",
                          **common)(h, temb)

@@ -15,7 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jdit.models.checks import check_config, check_context, check_latents, check_vector
+from jdit.models.checks import (
+    check_config,
+    check_context,
+    check_control,
+    check_latents,
+    check_vector,
+)
 from jdit.nn.attention import CrossAttention
 from jdit.nn.embeddings import PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
 from jdit.nn.layers import (
@@ -37,7 +43,12 @@ from jdit.nn.stack import run_blocks
 
 
 class SanaBlock(nn.Module):
-    """Linear self-attention, cross-attention (no norm, no gate) and Mix-FFN."""
+    """Linear self-attention, cross-attention (no norm, no gate) and Mix-FFN.
+
+    ``branch="condition"`` runs a control condition's tokens (EasyControl, :mod:`jdit.control`):
+    linear attention among themselves, no cross-attention; the block returns their attention
+    state (Σ relu(k)ᵀv, Σ relu(k)), which the image branch adds to its own (``control``).
+    """
 
     hidden_size: int
     num_heads: int  # linear self-attention heads
@@ -47,14 +58,16 @@ class SanaBlock(nn.Module):
     qk_norm: bool = False
     linear_eps: float = 1e-15
     attention_impl: str = "xla"
+    branch: str = "image"  # | "condition"
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     precision: jax.lax.Precision | None = None
 
     @nn.compact
     def __call__(
-        self, x: Array, context: Array, context_mask: Array | None, t0: Array
-    ) -> tuple[Array, None]:
+        self, x: Array, context: Array | None, context_mask: Array | None, t0: Array,
+        control: tuple[Array, Array] | None = None,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
         d, dt = self.hidden_size, self.dtype
         common = dict(dtype=dt, param_dtype=self.param_dtype, precision=self.precision)
         x = constrain(x, TOKEN_NAMES)
@@ -64,8 +77,15 @@ class SanaBlock(nn.Module):
         h = LinearSelfAttention(
             self.num_heads, d // self.num_heads, qk_norm=self.qk_norm, eps=self.linear_eps,
             attention_impl=self.attention_impl, name="attn", **common,
-        )(h)
+        )(h, extra_state=control, return_state=self.branch == "condition")
+        state = None
+        if self.branch == "condition":
+            h, state = h
         x = x + gate_msa * h.astype(jnp.float32)
+        if self.branch == "condition":  # conditions never see the text
+            h = modulate(layer_norm(x, 1e-6), shift_mlp, scale_mlp).astype(dt)
+            h = MixFFN(int(d * self.mlp_ratio), d, self.grid_hw, name="mlp", **common)(h)
+            return constrain(x + gate_mlp * h.astype(jnp.float32), TOKEN_NAMES), state
         h = CrossAttention(
             self.cross_num_heads, d // self.cross_num_heads, qk_norm=self.qk_norm, out_init=zeros,
             attention_impl=self.attention_impl, name="cross_attn", **common,
@@ -127,13 +147,32 @@ class Sana(nn.Module):
                 f"{self.cross_num_heads}"
             )
 
+    def encode_condition(self, latents: Array) -> tuple[Array, Array]:
+        """A control condition's linear-attention state in every block (EasyControl's condition
+        branch, :mod:`jdit.control`): ``(Σ relu(k)ᵀv (depth, B, H, D, D), Σ relu(k) (depth, B,
+        H, D))``, float32. Fixed-size whatever the condition's resolution; several conditions
+        combine by summing their states. Timestep 0, no cross-attention, its own tokens only:
+        the same at every denoising step. Run with the condition's LoRA applied to the params.
+        """
+        t = jnp.zeros((latents.shape[0],), jnp.float32)
+        return self(latents, t, None, None, _branch="condition")
+
     @nn.compact
-    def __call__(self, x: Array, t: Array, context: Array,
-                 context_mask: Array | None = None) -> Array:
+    def __call__(self, x: Array, t: Array, context: Array | None,
+                 context_mask: Array | None = None, control: tuple[Array, Array] | None = None,
+                 _branch: str = "image") -> Array:
+        """``control``: conditions' per-block attention states (from :meth:`encode_condition`,
+        several summed) added to the image tokens' own; None is the plain model, bit for bit."""
         self.check_config()
+        condition = _branch == "condition"
         grid = check_latents("Sana", x, self.in_channels, self.patch_size)
         check_vector("Sana", "t", t, (x.shape[0],))
-        check_context("Sana", context, context_mask, x.shape[0], self.caption_channels)
+        if not condition:
+            check_context("Sana", context, context_mask, x.shape[0], self.caption_channels)
+        hd = self.hidden_size // self.num_heads
+        if control is not None:
+            check_control("Sana", control, self.depth, x.shape[0],
+                          ((self.num_heads, hd, hd), (self.num_heads, hd)))
         d, p = self.hidden_size, self.patch_size
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         cond = dict(param_dtype=self.param_dtype, precision=self.precision)
@@ -144,18 +183,22 @@ class Sana(nn.Module):
                                                   self.pe_interpolation)
         temb = TimestepEmbedder(d, name="t_embedder", **cond)(t)
         t0 = AdaLNModulation(6, d, kernel_init=normal(0.02), name="t_block", **cond)(temb)
+        shared = dict(
+            hidden_size=d, num_heads=self.num_heads, cross_num_heads=self.cross_num_heads,
+            mlp_ratio=self.mlp_ratio, grid_hw=grid, qk_norm=self.qk_norm,
+            linear_eps=self.linear_eps, attention_impl=self.attention_impl, branch=_branch,
+            **common,
+        )
+        if condition:
+            _, state = run_blocks(SanaBlock, self.per_layer(), shared, tokens, None, None, t0,
+                                  scan=self.scan_layers, remat=self.remat_policy)
+            return state
         y = Mlp(d, d, in_axis="caption", fc1_init=normal(0.02), fc2_init=normal(0.02),
                 name="caption_projection", **common)(context)
         y = RMSNorm(1e-5, self.caption_norm_init, param_dtype=self.param_dtype,
                     name="caption_norm")(y)
-
-        shared = dict(
-            hidden_size=d, num_heads=self.num_heads, cross_num_heads=self.cross_num_heads,
-            mlp_ratio=self.mlp_ratio, grid_hw=grid, qk_norm=self.qk_norm,
-            linear_eps=self.linear_eps, attention_impl=self.attention_impl, **common,
-        )
         h = run_blocks(SanaBlock, self.per_layer(), shared, tokens, y, context_mask, t0,
-                       scan=self.scan_layers, remat=self.remat_policy)
+                       scan=self.scan_layers, remat=self.remat_policy, layer_inputs=control)
         out = FinalLayer(d, p * p * self.out_channels, "adaln_single", name="final_layer",
                          **common)(h, temb)
         return unpatchify(out.astype(jnp.float32), grid, p, self.out_channels)

@@ -232,6 +232,10 @@ class SelfAttention(nn.Module):
 
     QK-norm (PixArt-Σ option) is an affine LayerNorm (eps 1e-5) over the full width of q and k,
     before splitting heads and before compression, as in the official ``AttentionKVCompress``.
+
+    ``extra_kv`` (k, v), each (B, L', H, D): keys and values appended to the tokens' own (after
+    compression), e.g. a control condition's (:mod:`jdit.control`); ``return_kv``: also return
+    the tokens' own (k, v), before compression (so that every block's have one length).
     """
 
     num_heads: int
@@ -246,7 +250,8 @@ class SelfAttention(nn.Module):
     precision: jax.lax.Precision | None = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, extra_kv: tuple[Array, Array] | None = None,
+                 return_kv: bool = False) -> Array | tuple[Array, tuple[Array, Array]]:
         b, n, width = x.shape
         heads, hd = self.num_heads, self.head_dim
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
@@ -256,6 +261,7 @@ class SelfAttention(nn.Module):
             q = AffineLayerNorm(1e-5, self.param_dtype, name="q_norm")(q.reshape(b, n, -1))
             k = AffineLayerNorm(1e-5, self.param_dtype, name="k_norm")(k.reshape(b, n, -1))
             q, k = q.reshape(b, n, heads, hd), k.reshape(b, n, heads, hd)
+        own = (k, v)
         if self.kv_compress is not None and self.kv_compress_ratio > 1:
             if self.grid_hw is None:
                 raise ValueError("KV compression needs the token grid (grid_hw)")
@@ -264,12 +270,16 @@ class SelfAttention(nn.Module):
                 name="kv_compress",
             )(k.reshape(b, n, -1), v.reshape(b, n, -1))
             k, v = k.reshape(b, -1, heads, hd), v.reshape(b, -1, heads, hd)
+        if extra_kv is not None:
+            k = jnp.concatenate([k, extra_kv[0].astype(k.dtype)], axis=1)
+            v = jnp.concatenate([v, extra_kv[1].astype(v.dtype)], axis=1)
         # Under sequence parallelism queries stay split over `context`; keys and values are
         # gathered whole (cheaper after KV compression).
         q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
         o = constrain(dot_product_attention(q, k, v, impl=self.attention_impl,
                                             precision=self.precision), Q_NAMES)
-        return Dense(width, ("heads", "kv"), ("embed",), name="out", **common)(o)
+        out = Dense(width, ("heads", "kv"), ("embed",), name="out", **common)(o)
+        return (out, own) if return_kv else out
 
 
 class CrossAttention(nn.Module):

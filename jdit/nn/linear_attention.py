@@ -94,9 +94,14 @@ class LinearSelfAttention(nn.Module):
     precision: jax.lax.Precision | None = None
 
     @nn.compact
-    def __call__(self, x: Array, cache: Cache | None = None) -> Array | tuple[Array, Cache]:
+    def __call__(self, x: Array, cache: Cache | None = None, extra_state: Cache | None = None,
+                 return_state: bool = False) -> Array | tuple[Array, Cache]:
         """x (B, L, D) -> (B, L, D). With a ``cache`` (``empty_cache`` to start), x is the next
-        chunk of a block-causal sequence: returns its output and the updated cache."""
+        chunk of a block-causal sequence: returns its output and the updated cache.
+
+        ``extra_state``: other tokens' state (Σ relu(k)ᵀv, Σ relu(k)) added to these tokens'
+        own, as if they were attended to too (a control condition's, :mod:`jdit.control`);
+        ``return_state``: also return these tokens' own state."""
         b, n, width = x.shape
         heads, hd = self.num_heads, self.head_dim
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
@@ -108,7 +113,14 @@ class LinearSelfAttention(nn.Module):
             k = RMSNorm(1e-5, param_dtype=self.param_dtype, name="k_norm")(k.reshape(b, n, -1))
             q, k = q.reshape(b, n, heads, hd), k.reshape(b, n, heads, hd)
         q, k, v = (constrain(t, Q_NAMES) for t in (q, k, v))
-        if cache is not None:
+        if return_state:
+            own = linear_attention_chunk(q[:, :0], k, v, empty_cache(b, heads, hd))[1]
+        if extra_state is not None:
+            # the extra state enters as the cache of everything "before" these tokens
+            if cache is not None:
+                raise ValueError("LinearSelfAttention: extra_state and cache are exclusive")
+            o, _ = linear_attention_chunk(q, k, v, extra_state, eps=self.eps)
+        elif cache is not None:
             o, cache = linear_attention_chunk(q, k, v, cache, eps=self.eps)
         else:
             o = linear_attention(q, k, v, eps=self.eps, chunk_size=self.chunk_size,
@@ -122,4 +134,6 @@ class LinearSelfAttention(nn.Module):
         out = Dense(width, ("heads", "kv"), ("embed",), name="out", **common)(constrain(o, Q_NAMES))
         if jnp.dtype(self.dtype) == jnp.float16:
             out = jnp.clip(out, -FP16_MAX, FP16_MAX)
+        if return_state:
+            return out, own
         return out if cache is None else (out, cache)

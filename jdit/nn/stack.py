@@ -56,32 +56,59 @@ def run_blocks(
     *args: Any,
     scan: bool = False,
     remat: str = "none",
+    layer_inputs: Any = None,
 ) -> Any:
     """Applies ``len(per_layer)`` blocks to ``x``; call from inside a parent's compact method.
 
-    ``block_cls(**shared, **per_layer[i])(x, *args)`` must return ``(x, None)``. The extra
-    ``args`` are the same for every block (broadcast through the scan).
+    ``block_cls(**shared, **per_layer[i])(x, *args)`` must return ``(x, y)``. The extra
+    ``args`` are the same for every block (broadcast through the scan). ``layer_inputs``, a
+    pytree whose leaves have a leading axis of ``len(per_layer)``, gives block ``i`` its slice
+    ``i`` as one more argument (e.g. a condition's cached keys and values).
+
+    Returns ``x``, or ``(x, ys)`` when the blocks return a ``y`` that is not None: the ``y`` of
+    every block stacked along a new leading axis.
     """
     policy = remat_policy(remat)
     cls = block_cls
     if policy is not None:
         cls = nn.remat(block_cls, policy=policy, prevent_cse=not scan)
+    depth = len(per_layer)
+    if layer_inputs is not None:
+        bad = [a.shape for a in jax.tree.leaves(layer_inputs) if a.shape[:1] != (depth,)]
+        if bad:
+            raise ValueError(f"layer_inputs need a leading axis of {depth} (one per block), "
+                             f"got shapes {bad}")
+
+    def inputs(first: int, last: int) -> tuple[Any, ...]:
+        if layer_inputs is None:
+            return ()
+        if not scan:
+            return (jax.tree.map(lambda a: a[first], layer_inputs),)
+        return (jax.tree.map(lambda a: a[first : last + 1], layer_inputs),)
+
+    ys: list[Any] = []
     if not scan:
         for i, kwargs in enumerate(per_layer):
-            x, _ = cls(**shared, **kwargs, name=f"block_{i}")(x, *args)
+            x, y = cls(**shared, **kwargs, name=f"block_{i}")(x, *args, *inputs(i, i))
+            ys.append(None if y is None else jax.tree.map(lambda a: a[None], y))
+    else:
+        keys = [tuple(sorted(kw.items())) for kw in per_layer]
+        extra = (0,) if layer_inputs is not None else ()
+        for first, last in segments(keys):
+            scanned = nn.scan(
+                cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "lora_dropout": True},
+                in_axes=(nn.broadcast,) * len(args) + extra,
+                length=last - first + 1,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, y = scanned(**shared, **per_layer[first], name=segment_name(first, last))(
+                x, *args, *inputs(first, last))
+            ys.append(y)
+    if all(y is None for y in ys):
         return x
-    keys = [tuple(sorted(kw.items())) for kw in per_layer]
-    for first, last in segments(keys):
-        scanned = nn.scan(
-            cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "lora_dropout": True},
-            in_axes=(nn.broadcast,) * len(args),
-            length=last - first + 1,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, _ = scanned(**shared, **per_layer[first], name=segment_name(first, last))(x, *args)
-    return x
+    return x, jax.tree.map(lambda *a: jnp.concatenate(a), *ys)
 
 
 def stack_params(

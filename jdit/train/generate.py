@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,15 @@ from flax import linen as nn
 from jdit.config import section
 from jdit.diffusion import FlowSchedule, make_schedule
 from jdit.sampling import ClassifierFreeGuidance, sample
+
+
+class ControlledParams(NamedTuple):
+    """A control run's model: the frozen ``base`` and the condition LoRA ``adapters`` (with
+    their ``scale``) that the condition branch uses (:mod:`jdit.control`)."""
+
+    base: Any
+    adapters: Any
+    scale: float = 1.0
 
 
 def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
@@ -25,6 +34,10 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
     With a :class:`~jdit.parallel.Partitioner` the noise is split over the mesh's batch axes
     (when they divide the number of images) and the sampler runs under its mesh and rules; the
     images come back whole on every process.
+
+    A control run (``control.method``) takes ``conditions["condition"]`` (B, H, W, C) beside the
+    text and :class:`ControlledParams`: the condition's cache is computed once, before the
+    sampler's loop, and reused by every step and both halves of the guidance.
     """
     diffusion = section("diffusion", config["diffusion"])
     schedule = make_schedule(diffusion)
@@ -36,16 +49,26 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
     # a latent-space task turns samples into images (its VAE); pixels are clipped to [-1, 1]
     to_images = getattr(task, "to_images", None) or (lambda x: np.clip(x, -1.0, 1.0))
 
+    controlled = section("control", config.get("control"))["method"] != "none"
     if task.kind == "text":
         def model_fn(x2: jax.Array, t2: jax.Array, params: Any, ctx2: jax.Array,
-                     mask2: jax.Array) -> jax.Array:
-            return module.apply({"params": params}, x2, t2, context=ctx2, context_mask=mask2)
+                     mask2: jax.Array, *cache2: Any) -> jax.Array:
+            extra = {"control": cache2[0]} if cache2 else {}
+            return module.apply({"params": params}, x2, t2, context=ctx2, context_mask=mask2,
+                                **extra)
     else:
         def model_fn(x2: jax.Array, t2: jax.Array, params: Any, labels2: jax.Array) -> jax.Array:
             return module.apply({"params": params}, x2, t2, labels=labels2)
 
     guided = ClassifierFreeGuidance(model_fn)
     cache: dict[Any, Callable[..., jax.Array]] = {}
+
+    @jax.jit
+    def condition_cache(base: Any, adapters: Any, scale: jax.Array, latents: jax.Array) -> Any:
+        from jdit import control
+
+        made = control.encode(module, base, control.Condition(latents, adapters, scale))
+        return control.repeat(made, 2)  # both halves of the guidance
 
     def _sharded_sampler(split: bool, num_args: int, key: jax.Array, **run: Any
                          ) -> Callable[..., jax.Array]:
@@ -81,6 +104,14 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
             labels = jnp.asarray(conditions["labels"], jnp.int32)
             b = len(labels)
             args = (jnp.concatenate([jnp.full((b,), module.num_classes, jnp.int32), labels]),)
+        if "condition" in conditions:
+            if not (controlled and isinstance(params, ControlledParams)):
+                raise ValueError("conditions['condition'] needs a control run and its "
+                                 "ControlledParams (base and condition LoRA)")
+            args += (condition_cache(params.base, params.adapters, jnp.float32(params.scale),
+                                     jnp.asarray(conditions["condition"], jnp.float32)),)
+        if isinstance(params, ControlledParams):  # without a condition: the base model
+            params = params.base
         scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         key = jax.random.PRNGKey(seed)
         noise = jax.random.normal(key, (b, height, width, channels))
@@ -95,7 +126,8 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
         sampler = _sharded_sampler(split, len(args), **run)
         noise = np.asarray(noise)
         with partitioner.activate():
-            out = sampler(jnp.float32(scale), params, noise, *(np.asarray(a) for a in args))
+            out = sampler(jnp.float32(scale), params, noise,
+                          *(jax.tree.map(np.asarray, a) for a in args))
         return finish(np.asarray(out.addressable_data(0)))
 
     return generate

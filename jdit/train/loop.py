@@ -34,7 +34,7 @@ from jdit.parallel import Partitioner
 from jdit.parallel.distributed import is_primary
 from jdit.pipelines.arguments import check_generation
 from jdit.train.checkpoint import Checkpointer, DiskFull, is_disk_full
-from jdit.train.generate import make_generator
+from jdit.train.generate import ControlledParams, make_generator
 from jdit.train.optim import learning_rate, make_optimizer
 from jdit.train.step import TrainState, init_state, make_train_step
 from jdit.train.tasks import make_task
@@ -180,6 +180,9 @@ class TrainSetup:
         self.tx = make_optimizer(c["optim"], steps)
         self.partitioner = Partitioner.from_config(c["parallel"], devices)
         self.lora = lora_config(c)
+        # a control run (jdit.control): the LoRA is a condition LoRA, used by the condition
+        # branch only; its adapters never merge into the base
+        self.control = c["control"]["method"] != "none"
 
     def init_state(self) -> TrainState:
         seed = int(self.config["train"]["seed"])
@@ -243,6 +246,9 @@ class Run(TrainSetup):
                              "jdit.models.from_pretrained reads)")
         self.batch_size = int(c["train"]["batch_size"])
         self.task = make_task(c["data"], self.batch_size, int(c["train"]["seed"]))
+        if self.control and getattr(self.task, "condition", None) is None:
+            raise ValueError(f"control.method={c['control']['method']!r} needs data that give "
+                             "each image its condition (shapes: data.condition)")
         if hasattr(self.task, "check_model"):  # a feature cache made for another model
             self.task.check_model(self.module)
         self.generate = make_generator(self.module, self.task, c, self.partitioner)
@@ -265,6 +271,8 @@ class Run(TrainSetup):
     def full_params(self, params: Any) -> Any:
         """The model's parameters for ``params`` of the train state (a LoRA run's adapters
         merged into its frozen base: the tree, and shardings, of the model's parameters)."""
+        if self.control:
+            return ControlledParams(self.base, params, float(self.config["control"]["scale"]))
         return params if self.lora is None else jax.jit(lora.merge)(self.base, params)
 
     @property
@@ -523,7 +531,7 @@ def load_trained(workdir: str | Path, use_ema: bool = True) -> tuple[Run, Any, i
     run, state, step = _restore(Path(workdir))
     params = state.ema_params if use_ema else state.params
     if run.lora is not None:
-        params = jax.jit(lora.merge)(run.base, params)
+        params = run.full_params(params)
     return run, params, step
 
 

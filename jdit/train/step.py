@@ -103,14 +103,15 @@ def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: 
         target = teacher[0].apply({"params": teacher[1]}, x_t, t, **cond)
         return losses + _distill_losses(out, target, x0.shape[-1], distill)
 
-    def loss_fn(params: Any, batch: Batch, rng: Array, rngs: dict[str, Array] | None = None
-                ) -> Array:
+    def loss_fn(params: Any, batch: Batch, rng: Array, rngs: dict[str, Array] | None = None,
+                model_kwargs: dict[str, Any] | None = None) -> Array:
+        """``model_kwargs``: more inputs of the model (a control condition's cache)."""
         x0 = batch["images"].astype(jnp.float32)
         b = x0.shape[0]
         rng_t, rng_n, rng_d = jax.random.split(rng, 3)
         noise = jax.random.normal(rng_n, x0.shape)
         drop = jax.random.uniform(rng_d, (b,)) < cond_dropout
-        cond = _conditioning(module, batch, drop, null)
+        cond = {**_conditioning(module, batch, drop, null), **(model_kwargs or {})}
         if isinstance(schedule, FlowSchedule):
             sigma = sample_flow_sigmas(
                 rng_t, b, diffusion["timestep_sampler"], mean=float(diffusion["logit_mean"]),
@@ -164,6 +165,23 @@ def lora_loss(loss_fn: Callable[..., Array], dropout: float, merged: bool = Fals
     return loss
 
 
+def control_loss(loss_fn: Callable[..., Array], module: nn.Module, scale: float,
+                 merged: bool = False) -> Callable[..., Array]:
+    """``loss_fn`` of a condition LoRA (EasyControl, :mod:`jdit.control`):
+    ``(adapters, batch, rng, base)``; the batch's ``condition`` runs through the condition branch
+    with the adapters, the image branch with the frozen ``base``, in one differentiated
+    program."""
+    from jdit import control
+
+    def loss(adapters: Any, batch: Batch, rng: Array, base: Any) -> Array:
+        base = jax.lax.stop_gradient(base)
+        cache = control.encode(module, base, control.Condition(batch["condition"], adapters,
+                                                               scale), merged=merged)
+        return loss_fn(base, batch, rng, model_kwargs={"control": cache})
+
+    return loss
+
+
 def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, cfg: Mapping[str, Any],
                     null: tuple[Array, Array] | None = None, teacher: Teacher | None = None
@@ -182,7 +200,14 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
     loss_fn = make_loss_fn(module, cfg["diffusion"], float(train["cond_dropout"]), null, teacher,
                            cfg.get("distill"))
     lora_cfg = section("lora", cfg.get("lora"))
-    if int(lora_cfg["rank"]) > 0:
+    control_cfg = section("control", cfg.get("control"))
+    if control_cfg["method"] == "easycontrol":
+        if int(lora_cfg["rank"]) <= 0 or float(lora_cfg["dropout"]) > 0.0:
+            raise ValueError("control.method='easycontrol' trains a condition LoRA: set "
+                             "lora.rank > 0 (and lora.dropout 0)")
+        loss_fn = control_loss(loss_fn, module, float(control_cfg["scale"]),
+                               bool(lora_cfg["merged"]))
+    elif int(lora_cfg["rank"]) > 0:
         loss_fn = lora_loss(loss_fn, float(lora_cfg["dropout"]), bool(lora_cfg["merged"]))
     grad_fn = jax.value_and_grad(loss_fn)
     accumulate = int(train["accumulate"])

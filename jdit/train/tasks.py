@@ -51,6 +51,10 @@ class ShapesTask:
         self.size = int(cfg["size"])
         self.pair_fraction = float(cfg["pair_fraction"])
         self.concepts, self.new_fraction = str(cfg["concepts"]), float(cfg["new_fraction"])
+        self.condition = cfg["condition"] or None  # a control condition style (jdit.control)
+        if self.condition is not None and self.condition not in shapes.STYLES[1:]:
+            raise ValueError(f"data.condition must be None or one of {shapes.STYLES[1:]}, got "
+                             f"{self.condition!r}")
         self.batch_size, self.seed = batch_size, seed
         # Every word of the vocabulary (colours, shapes, positions, "a"/"an", "and"); words are
         # not held out, only their combinations. The new concepts' words come after the base
@@ -67,9 +71,12 @@ class ShapesTask:
         # Rendering a whole 32-pixel batch costs little; each host keeps its rows.
         b = self.shapes.batch(self.seed, index, self.batch_size, size=self.size,
                               pair_fraction=self.pair_fraction, concepts=self.concepts,
-                              new_fraction=self.new_fraction)
+                              new_fraction=self.new_fraction, condition=self.condition)
         part = _rows(rows, self.batch_size)
-        return {"images": b["images"][part], **self.encode(list(b["captions"][part]))}
+        out = {"images": b["images"][part], **self.encode(list(b["captions"][part]))}
+        if self.condition is not None:
+            out["condition"] = b["conditions"][part]
+        return out
 
     def null(self) -> dict[str, np.ndarray]:
         return self.encode([""])
@@ -77,17 +84,68 @@ class ShapesTask:
     def preview(self) -> tuple[list[str], dict[str, np.ndarray]]:
         kinds = ["base"] if self.concepts == "base" else ["base", "new"]
         n = 8 // len(kinds)
-        prompts = [self.shapes.caption(p) for c in kinds for kind in ("single", "pair")
+        objects = [p for c in kinds for kind in ("single", "pair")
                    for p in self.shapes.prompts(kind, "heldout", concepts=c)[:n]]
-        return prompts, self.encode(prompts)
+        prompts = [self.shapes.caption(p) for p in objects]
+        cond = self.encode(prompts)
+        if self.condition is not None:  # the first half with their conditions, no caption
+            cond = self.encode(["" if i < n else p for i, p in enumerate(prompts)])
+            cond["condition"] = render_conditions(objects, self.condition, self.size)
+            prompts = [f"[{self.condition}] {p}" if i < n else p for i, p in enumerate(prompts)]
+        return prompts, cond
 
     def evaluate(self, generate: Generate, batch_size: int = 64, num_pairs: int = 200,
                  single_repeats: int = 4) -> dict[str, float]:
+        if self.condition is not None:
+            return shapes_control(generate, self.encode, self.condition, self.size, batch_size,
+                                  num_pairs, single_repeats)
         out = shapes_adherence(generate, self.encode, batch_size, num_pairs, single_repeats)
         if self.concepts == "new":
             out.update(shapes_adherence(generate, self.encode, batch_size, num_pairs,
                                         single_repeats, concepts="new"))
         return out
+
+
+def render_conditions(objects: list[tuple[Any, ...]], style: str, size: int,
+                      seed: int = 0) -> np.ndarray:
+    """Control conditions of ``objects`` (jittered as training images are, from ``seed``),
+    float32 [-1, 1] (N, size, size, 3)."""
+    from jdit.data import shapes
+
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0D]))
+    return np.stack([shapes.to_float(shapes.render(o, size, rng, style)) for o in objects])
+
+
+def shapes_control(generate: Generate, encode: Callable[[list[str]], dict[str, np.ndarray]],
+                   style: str, size: int, batch_size: int = 64, num_pairs: int = 200,
+                   single_repeats: int = 4) -> dict[str, float]:
+    """Control accuracy of a condition (``style``) read by :mod:`jdit.eval.shapes`, on the
+    held-out prompts (as :func:`shapes_adherence`), each with the condition of its layout:
+
+    * ``control_single`` / ``control_pair``: an empty prompt and the condition; every object's
+      shape and position right (colour ignored), no extra object;
+    * ``control_caption_single``: the caption and the condition, everything right (colour from
+      the caption);
+    * ``chance_single``: an empty prompt and no condition, scored as ``control_single`` (what
+      the model draws unguided).
+    """
+    from jdit.data import shapes
+    from jdit.eval import shapes as evaluator
+
+    singles = shapes.prompts("single", "heldout") * single_repeats
+    pairs = shapes.prompts("pair", "heldout")[:num_pairs]
+    out: dict[str, float] = {}
+    for name, objs, caption, use_condition in (
+            ("control_single", singles, False, True), ("control_pair", pairs, False, True),
+            ("control_caption_single", singles, True, True),
+            ("chance_single", singles, False, False)):
+        cond = encode([shapes.caption(o) if caption else "" for o in objs])
+        if use_condition:
+            cond["condition"] = render_conditions(list(objs), style, size)
+        images = generate_in_chunks(generate, cond, batch_size)
+        out[name] = float(evaluator.adherence(images, list(objs), ignore_color=not caption))
+    out["num_single_images"], out["num_pair_images"] = len(singles), len(pairs)
+    return out
 
 
 def shapes_adherence(generate: Generate, encode: Callable[[list[str]], dict[str, np.ndarray]],

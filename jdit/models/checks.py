@@ -71,3 +71,19 @@ def check_control(name: str, control: Any, depth: int, batch: int,
         if shape[:2] != (depth, batch) or shape[len(shape) - len(tail):] != tail:
             raise ValueError(f"{name}: control arrays must have shape ({depth}, {batch}, ..., "
                              f"{', '.join(map(str, tail))}), got {shape}")
+
+
+def layer_inputs(control: Any, block_residuals: Any, depth: int, batch: int, hidden: int
+                 ) -> dict[str, Any] | None:
+    """The per-block inputs of a model's blocks (``jdit.nn.stack.run_blocks``' layer_inputs):
+    control conditions' tensors and ControlNet residuals; None when there are neither."""
+    out = {}
+    if control is not None:
+        out["control"] = control
+    if block_residuals is not None:
+        shape = tuple(getattr(block_residuals, "shape", ()))
+        if len(shape) != 4 or shape[:2] != (depth, batch) or shape[3] != hidden:
+            raise ValueError(f"block_residuals must have shape ({depth}, {batch}, L, {hidden}) "
+                             f"(one per block), got {shape}")
+        out["residual"] = block_residuals
+    return out or None

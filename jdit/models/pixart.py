@@ -19,6 +19,7 @@ from jdit.models.checks import (
     check_control,
     check_latents,
     check_vector,
+    layer_inputs,
 )
 from jdit.nn.attention import KV_COMPRESS_MODES, CrossAttention, SelfAttention
 from jdit.nn.embeddings import PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
@@ -59,6 +60,7 @@ class PixArtBlock(nn.Module):
     linear_v_conv: int = 0
     attention_impl: str = "xla"
     branch: str = "image"  # | "condition"
+    emit_hidden: bool = False  # also return the output (a ControlNet's per-block states)
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     precision: jax.lax.Precision | None = None
@@ -66,8 +68,12 @@ class PixArtBlock(nn.Module):
     @nn.compact
     def __call__(
         self, x: Array, context: Array | None, context_mask: Array | None, t0: Array,
-        control: tuple[Array, Array] | None = None,
-    ) -> tuple[Array, tuple[Array, Array] | None]:
+        layer: dict[str, Any] | None = None,
+    ) -> tuple[Array, Any]:
+        """``layer``: this block's own inputs: ``control`` (conditions' keys and values, or
+        linear-attention state) and ``residual`` (a ControlNet's, added to the output)."""
+        layer = layer or {}
+        control = layer.get("control")
         d, dt = self.hidden_size, self.dtype
         common = dict(dtype=dt, param_dtype=self.param_dtype, precision=self.precision)
         x = constrain(x, TOKEN_NAMES)
@@ -101,7 +107,11 @@ class PixArtBlock(nn.Module):
         x = x + h.astype(jnp.float32)
         h = modulate(layer_norm(x, 1e-6), shift_mlp, scale_mlp).astype(dt)
         h = Mlp(int(d * self.mlp_ratio), d, hidden_names=MLP_NAMES, name="mlp", **common)(h)
-        return constrain(x + gate_mlp * h.astype(jnp.float32), TOKEN_NAMES), None
+        x = x + gate_mlp * h.astype(jnp.float32)
+        if "residual" in layer:
+            x = x + layer["residual"].astype(jnp.float32)
+        x = constrain(x, TOKEN_NAMES)
+        return x, (x if self.emit_hidden else None)
 
 
 class PixArt(nn.Module):
@@ -220,11 +230,13 @@ class PixArt(nn.Module):
         resolution: Array | None = None,
         aspect_ratio: Array | None = None,
         control: tuple[Array, Array] | None = None,
+        block_residuals: Array | None = None,
         _branch: str = "image",
     ) -> Array:
         """``control``: conditions' keys and values ((depth, B, L_c, heads, head_dim) each, from
         :meth:`encode_condition`, several concatenated along L_c) that the image tokens'
-        self-attention sees beside their own; None is the plain model, bit for bit."""
+        self-attention sees beside their own; ``block_residuals`` (depth, B, L, hidden): a
+        ControlNet's, added to each block's output. None is the plain model, bit for bit."""
         self.check_config()
         condition = _branch == "condition"
         grid = check_latents("PixArt", x, self.in_channels, self.patch_size)
@@ -277,7 +289,8 @@ class PixArt(nn.Module):
         )(context)
         h = run_blocks(
             PixArtBlock, self.per_layer(), shared, tokens, y, context_mask, t0,
-            scan=self.scan_layers, remat=self.remat_policy, layer_inputs=control,
+            scan=self.scan_layers, remat=self.remat_policy,
+            layer_inputs=layer_inputs(control, block_residuals, self.depth, b, d),
         )
         out = FinalLayer(d, p * p * self.out_channels, "adaln_single", name="final_layer",
                          **common)(h, temb)

@@ -21,6 +21,7 @@ from jdit.models.checks import (
     check_control,
     check_latents,
     check_vector,
+    layer_inputs,
 )
 from jdit.nn.attention import CrossAttention
 from jdit.nn.embeddings import PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
@@ -59,6 +60,7 @@ class SanaBlock(nn.Module):
     linear_eps: float = 1e-15
     attention_impl: str = "xla"
     branch: str = "image"  # | "condition"
+    emit_hidden: bool = False  # also return the output (a ControlNet's per-block states)
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     precision: jax.lax.Precision | None = None
@@ -66,8 +68,12 @@ class SanaBlock(nn.Module):
     @nn.compact
     def __call__(
         self, x: Array, context: Array | None, context_mask: Array | None, t0: Array,
-        control: tuple[Array, Array] | None = None,
-    ) -> tuple[Array, tuple[Array, Array] | None]:
+        layer: dict[str, Any] | None = None,
+    ) -> tuple[Array, Any]:
+        """``layer``: this block's own inputs: ``control`` (conditions' keys and values, or
+        linear-attention state) and ``residual`` (a ControlNet's, added to the output)."""
+        layer = layer or {}
+        control = layer.get("control")
         d, dt = self.hidden_size, self.dtype
         common = dict(dtype=dt, param_dtype=self.param_dtype, precision=self.precision)
         x = constrain(x, TOKEN_NAMES)
@@ -93,7 +99,11 @@ class SanaBlock(nn.Module):
         x = x + h.astype(jnp.float32)
         h = modulate(layer_norm(x, 1e-6), shift_mlp, scale_mlp).astype(dt)
         h = MixFFN(int(d * self.mlp_ratio), d, self.grid_hw, name="mlp", **common)(h)
-        return constrain(x + gate_mlp * h.astype(jnp.float32), TOKEN_NAMES), None
+        x = x + gate_mlp * h.astype(jnp.float32)
+        if "residual" in layer:
+            x = x + layer["residual"].astype(jnp.float32)
+        x = constrain(x, TOKEN_NAMES)
+        return x, (x if self.emit_hidden else None)
 
 
 class Sana(nn.Module):
@@ -160,9 +170,11 @@ class Sana(nn.Module):
     @nn.compact
     def __call__(self, x: Array, t: Array, context: Array | None,
                  context_mask: Array | None = None, control: tuple[Array, Array] | None = None,
-                 _branch: str = "image") -> Array:
+                 block_residuals: Array | None = None, _branch: str = "image") -> Array:
         """``control``: conditions' per-block attention states (from :meth:`encode_condition`,
-        several summed) added to the image tokens' own; None is the plain model, bit for bit."""
+        several summed) added to the image tokens' own; ``block_residuals`` (depth, B, L,
+        hidden): a ControlNet's, added to each block's output. None is the plain model, bit for
+        bit."""
         self.check_config()
         condition = _branch == "condition"
         grid = check_latents("Sana", x, self.in_channels, self.patch_size)
@@ -198,7 +210,9 @@ class Sana(nn.Module):
         y = RMSNorm(1e-5, self.caption_norm_init, param_dtype=self.param_dtype,
                     name="caption_norm")(y)
         h = run_blocks(SanaBlock, self.per_layer(), shared, tokens, y, context_mask, t0,
-                       scan=self.scan_layers, remat=self.remat_policy, layer_inputs=control)
+                       scan=self.scan_layers, remat=self.remat_policy,
+                       layer_inputs=layer_inputs(control, block_residuals, self.depth,
+                                                 x.shape[0], d))
         out = FinalLayer(d, p * p * self.out_channels, "adaln_single", name="final_layer",
                          **common)(h, temb)
         return unpatchify(out.astype(jnp.float32), grid, p, self.out_channels)

@@ -131,22 +131,28 @@ def convert_diffusers(sd: StateDict, m: nn.Module) -> Tree:
                             y2="caption_projection.linear_2", y_norm="caption_norm",
                             final_table="scale_shift_table", final="proj_out"))
     for i in range(m.depth):
-        s, o = f"transformer_blocks.{i}", f"block_{i}"
-        put(t, f"{o}/scale_shift_table", sd.take(f"{s}.scale_shift_table", (6, d)))
-        put(t, f"{o}/attn/qkv", sd.stacked_linears(
-            [f"{s}.attn1.to_q", f"{s}.attn1.to_k", f"{s}.attn1.to_v"], d, (heads, hd), bias=False))
-        put(t, f"{o}/attn/out", sd.linear(f"{s}.attn1.to_out.0", (heads, hd), (d,)))
-        put(t, f"{o}/cross_attn/q", sd.linear(f"{s}.attn2.to_q", (d,), (cheads, chd)))
-        put(t, f"{o}/cross_attn/kv", sd.stacked_linears(
-            [f"{s}.attn2.to_k", f"{s}.attn2.to_v"], d, (cheads, chd)))
-        put(t, f"{o}/cross_attn/out", sd.linear(f"{s}.attn2.to_out.0", (cheads, chd), (d,)))
-        if m.qk_norm:
-            for a in ("attn", "cross_attn"):
-                theirs = "attn1" if a == "attn" else "attn2"
-                put(t, f"{o}/{a}/q_norm", sd.rms_norm(f"{s}.{theirs}.norm_q", d))
-                put(t, f"{o}/{a}/k_norm", sd.rms_norm(f"{s}.{theirs}.norm_k", d))
-        _mix_ffn(sd, t, o, (f"{s}.ff.conv_inverted", f"{s}.ff.conv_depth", f"{s}.ff.conv_point"), m)
+        convert_block_diffusers(sd, t, f"transformer_blocks.{i}", f"block_{i}", m, d, heads, hd,
+                                cheads, chd)
     return t
+
+
+def convert_block_diffusers(sd: StateDict, t: Tree, s: str, o: str, m: nn.Module, d: int,
+                            heads: int, hd: int, cheads: int, chd: int) -> None:
+    """One ``SanaTransformerBlock`` (diffusers prefix ``s``) into jdit's block ``o``."""
+    put(t, f"{o}/scale_shift_table", sd.take(f"{s}.scale_shift_table", (6, d)))
+    put(t, f"{o}/attn/qkv", sd.stacked_linears(
+        [f"{s}.attn1.to_q", f"{s}.attn1.to_k", f"{s}.attn1.to_v"], d, (heads, hd), bias=False))
+    put(t, f"{o}/attn/out", sd.linear(f"{s}.attn1.to_out.0", (heads, hd), (d,)))
+    put(t, f"{o}/cross_attn/q", sd.linear(f"{s}.attn2.to_q", (d,), (cheads, chd)))
+    put(t, f"{o}/cross_attn/kv", sd.stacked_linears(
+        [f"{s}.attn2.to_k", f"{s}.attn2.to_v"], d, (cheads, chd)))
+    put(t, f"{o}/cross_attn/out", sd.linear(f"{s}.attn2.to_out.0", (cheads, chd), (d,)))
+    if m.qk_norm:
+        for a in ("attn", "cross_attn"):
+            theirs = "attn1" if a == "attn" else "attn2"
+            put(t, f"{o}/{a}/q_norm", sd.rms_norm(f"{s}.{theirs}.norm_q", d))
+            put(t, f"{o}/{a}/k_norm", sd.rms_norm(f"{s}.{theirs}.norm_k", d))
+    _mix_ffn(sd, t, o, (f"{s}.ff.conv_inverted", f"{s}.ff.conv_depth", f"{s}.ff.conv_point"), m)
 
 
 def convert_official(sd: StateDict, m: nn.Module) -> Tree:

@@ -115,7 +115,7 @@ def _pixart_via_jdit(blk, base, branches, x, conds, ctx, ctx_mask, t0, t0c):
         c_out, kv = cond_blk.clone(grid_hw=(grid, grid)).apply({"params": p}, c, None, None, t0c)
         parts.append((c_out, kv))
     kv = tuple(jnp.concatenate([q[1][i] for q in parts], axis=1) for i in range(2))
-    x_out, _ = blk.apply({"params": base}, x, ctx, ctx_mask, t0, kv)
+    x_out, _ = blk.apply({"params": base}, x, ctx, ctx_mask, t0, {"control": kv})
     return [x_out] + [q[0] for q in parts]
 
 
@@ -173,7 +173,7 @@ def test_sana_block_matches_the_explicit_mask_transcription():
     # jdit: the condition's state added to the image's
     cblk = blk.clone(branch="condition")
     c_out, state = cblk.apply({"params": branch}, c, None, None, t0c)
-    x_out, _ = blk.apply({"params": base}, x, ctx, None, t0, state)
+    x_out, _ = blk.apply({"params": base}, x, ctx, None, t0, {"control": state})
 
     # transcription: the attention of the joint sequence under the mask, everything else as
     # the module computes it, captured by intercepting the attention call
@@ -205,7 +205,7 @@ def test_sana_block_matches_the_explicit_mask_transcription():
         return out
 
     with nn.intercept_methods(capture):
-        blk.apply({"params": base}, x, ctx, None, t0, state)
+        blk.apply({"params": base}, x, ctx, None, t0, {"control": state})
         cblk.apply({"params": branch}, c, None, None, t0c)
     got = seen
     assert len(got) == 2

@@ -72,6 +72,7 @@ PIPELINE_CLASSES: dict[str, dict[str, Any]] = {
     "SanaPipeline": {"max_sequence_length": 300, "bins": {16: 512, 32: 1024, 64: 2048},
                      "text": "gemma2", "instruction": SANA_INSTRUCTION},
 }
+PIPELINE_CLASSES["SanaControlNetPipeline"] = PIPELINE_CLASSES["SanaPipeline"]  # + controlnet/
 
 
 def _check_scale(scale: Any) -> None:
@@ -104,9 +105,12 @@ class TextToImage:
     bins: dict[int, int] = dataclasses.field(default_factory=dict)
     mesh: Mesh | None = None
     instruction: str | None = None  # SANA's prompt prefix (see the module docstring)
+    controlnet: nn.Module | None = None  # a ControlNet-Transformer (jdit.control.controlnet)
+    controlnet_params: Any = None
 
     def __post_init__(self) -> None:
         self._compiled: dict[Any, Any] = {}
+        self._control_loras: dict[str, Any] = {}  # EasyControl condition LoRAs, by name
         self._loras: dict[str, Any] = {}  # adapter name -> jdit adapter tree
         self._active: dict[str, float] = {}  # the adapters applied (unmerged) and their weights
         self._enabled = True
@@ -152,9 +156,37 @@ class TextToImage:
         tokenizer = tokenizers[spec["text"]].from_pretrained(folder / "tokenizer")
         vae, v_params = autoencoders.from_pretrained(folder / "vae", dtype=vae_dtype)
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        controlnet, c_params = None, None
+        if name == "SanaControlNetPipeline":
+            if not (folder / "controlnet").is_dir():
+                raise FileNotFoundError(f"{folder}: a SanaControlNetPipeline without controlnet/")
+            controlnet, c_params = models.from_pretrained(folder / "controlnet", dtype=dtype,
+                                                          param_dtype=param_dtype)
         return cls(transformer, t_params, encoder, e_params, tokenizer, vae, v_params,
                    from_diffusers_config(sched), spec["max_sequence_length"], spec["bins"], mesh,
-                   spec["instruction"])
+                   spec["instruction"], controlnet, c_params)
+
+    # -- control (jdit.control) -------------------------------------------------------------
+
+    def load_control_lora(self, path: str | Path, adapter_name: str | None = None) -> str:
+        """Load an EasyControl condition LoRA (a file ``jdit convert --lora`` wrote from a
+        control run, or any LoRA file :func:`jdit.lora.load` reads); returns its name. Each
+        ``control_image`` of a call goes with one loaded condition LoRA, in load order (or as
+        ``control_adapters`` names them)."""
+        from jdit import control, lora
+
+        if not control.supports(self.transformer):
+            raise ValueError(f"{type(self.transformer).__name__} has no condition branch "
+                             "(EasyControl runs on PixArt and SANA)")
+        tree, _ = lora.load(path, self.transformer)
+        name = adapter_name or Path(path).stem
+        if name in self._control_loras:
+            raise ValueError(f"a control LoRA named {name!r} is already loaded")
+        self._control_loras[name] = tree
+        return name
+
+    def unload_control_loras(self) -> None:
+        self._control_loras = {}
 
     # -- LoRA (diffusers' method names and meanings) ----------------------------------------
 
@@ -274,24 +306,39 @@ class TextToImage:
                 np.asarray(tokens["attention_mask"], np.int32))
 
     def _denoise_fn(self, x: Array, t: Array, params: Any, ctx: Array, mask: Array,
-                    *micro: Array) -> Array:
-        kwargs = {}
+                    extra: dict[str, Any], *micro: Array) -> Array:
+        """``extra``: a condition cache (``control``, EasyControl) or a ControlNet's parameters,
+        condition latents and scale (``controlnet``), run at every step."""
+        kwargs: dict[str, Any] = {}
         if micro:
             kwargs = {"resolution": micro[0], "aspect_ratio": micro[1]}
+        if "control" in extra:
+            kwargs["control"] = extra["control"]
+        if "controlnet" in extra:
+            from jdit.control.controlnet import block_residuals
+
+            cn = extra["controlnet"]
+            res = self.controlnet.apply({"params": cn["params"]}, x, t, ctx, mask,
+                                        cn["condition"], cn["scale"])
+            kwargs["block_residuals"] = block_residuals(res, self.transformer.depth,
+                                                        self.controlnet.residual_offset)
         return self.transformer.apply({"params": params}, x, t, context=ctx, context_mask=mask,
                                       **kwargs)
 
     def _program(self, solver: str, num_steps: int, guided: bool, spec: SamplerSpec,
-                 decode: bool, tiling: tuple[str, int] | None = None) -> Any:
-        """encode → sample → decode, jitted once per static signature."""
-        sig = (solver, num_steps, guided, spec, decode, tiling)
+                 decode: bool, tiling: tuple[str, int] | None = None, control: str = "") -> Any:
+        """encode → sample → decode, jitted once per static signature. ``control``:
+        ``"easycontrol"`` (condition branches run once, their cache carried into the sampler),
+        ``"controlnet"`` (the ControlNet runs at every step) or ``""``."""
+        sig = (solver, num_steps, guided, spec, decode, tiling, control)
         if sig in self._compiled:
             return self._compiled[sig]
         model_fn = ClassifierFreeGuidance(self._denoise_fn) if guided else self._denoise_fn
 
         def run(params: dict[str, Any], ids: Array, mask: Array, neg_ids: Array,
                 neg_mask: Array, noise: Array, scale: Array, micro: tuple[Array, ...],
-                key: Array) -> Array:
+                key: Array, conditions: dict[str, Any]) -> Array:
+            extra = self._control_inputs(params, conditions, control, micro, guided)
             encode = self.text_encoder.apply
             ctx = encode({"params": params["text_encoder"]}, ids, mask)
             if self.instruction is not None:  # keep the first and the last L - 1 positions
@@ -302,9 +349,9 @@ class TextToImage:
                 neg = encode({"params": params["text_encoder"]}, neg_ids, neg_mask)
                 ctx, mask = jnp.concatenate([neg, ctx]), jnp.concatenate([neg_mask, mask])
                 micro = tuple(jnp.concatenate([m, m]) for m in micro)
-                args: tuple[Any, ...] = (scale, params["transformer"], ctx, mask, *micro)
+                args: tuple[Any, ...] = (scale, params["transformer"], ctx, mask, extra, *micro)
             else:
-                args = (params["transformer"], ctx, mask, *micro)
+                args = (params["transformer"], ctx, mask, extra, *micro)
             latents = sample(model_fn, noise, solver=solver, num_steps=num_steps,
                              schedule=spec.schedule, prediction=spec.prediction,
                              variance=spec.variance, args=args,
@@ -315,6 +362,27 @@ class TextToImage:
 
         self._compiled[sig] = jax.jit(run)
         return self._compiled[sig]
+
+    def _control_inputs(self, params: dict[str, Any], conditions: dict[str, Any], control: str,
+                        micro: tuple[Array, ...], guided: bool) -> dict[str, Any]:
+        """Inside the program, before the sampler: the conditions' latents, and for EasyControl
+        their cache (every condition branch run once for all steps and both guidance halves)."""
+        from jdit import control as easycontrol
+        from jdit.pipelines.control import encode_images
+
+        if not control:
+            return {}
+        latents = [encode_images(self.vae, params["vae"], im) for im in conditions["images"]]
+        halves = 2 if guided else 1
+        if control == "controlnet":
+            (cond,) = latents
+            return {"controlnet": {"params": params["controlnet"], "scale": conditions["scales"][0],
+                                   "condition": jnp.concatenate([cond] * halves)}}
+        kwargs = {"resolution": micro[0], "aspect_ratio": micro[1]} if micro else {}
+        made = easycontrol.encode(self.transformer, params["transformer"], [
+            easycontrol.Condition(z, ad, s) for z, ad, s in
+            zip(latents, conditions["adapters"], conditions["scales"], strict=True)], **kwargs)
+        return {"control": easycontrol.repeat(made, halves)}
 
     def decode(self, vae_params: Any, latents: Array, tiling: tuple[str, int] | None = None
                ) -> Array:
@@ -341,6 +409,39 @@ class TextToImage:
         spec = PartitionSpec("data") if x.shape[0] % n == 0 else PartitionSpec()
         return jax.device_put(x, NamedSharding(self.mesh, spec))
 
+    def _conditions(self, images: Any, scale: Any, names: Any, size: Any, batch: int,
+                    height: int, width: int) -> tuple[str, dict[str, Any]]:
+        """The call's control inputs: ``(kind, conditions)`` for :meth:`_program`."""
+        from jdit.pipelines.control import control_images, scales_for
+
+        if images is None:
+            return "", {}
+        if self.controlnet is not None:
+            ims = control_images(images, batch, height, width)
+            if len(ims) != 1:
+                raise ValueError(f"a ControlNet takes one control image, got {len(ims)}")
+            return "controlnet", {"images": [jnp.asarray(ims[0])],
+                                  "scales": [jnp.float32(s) for s in scales_for(scale, 1)]}
+        if not self._control_loras:
+            raise ValueError("control_image needs a ControlNet pipeline or condition LoRAs "
+                             "(load_control_lora)")
+        h, w = (height, width) if size is None else size
+        check_size(h, w, self.vae_scale_factor * int(self.transformer.patch_size))
+        ims = control_images(images, batch, h, w)
+        chosen = list(self._control_loras) if names is None else (
+            [names] if isinstance(names, str) else list(names))
+        unknown = [n for n in chosen if n not in self._control_loras]
+        if unknown:
+            raise ValueError(f"no control LoRA named {unknown}; loaded: "
+                             f"{list(self._control_loras)}")
+        if names is None:
+            chosen = chosen[: len(ims)]
+        if len(chosen) != len(ims):
+            raise ValueError(f"{len(ims)} control images for {len(chosen)} condition LoRAs")
+        return "easycontrol", {"images": [jnp.asarray(a) for a in ims],
+                               "adapters": [self._control_loras[n] for n in chosen],
+                               "scales": [jnp.float32(s) for s in scales_for(scale, len(ims))]}
+
     # -- generation ------------------------------------------------------------------------
 
     def __call__(self, prompts: str | Sequence[str], num_steps: int = 20,
@@ -349,7 +450,10 @@ class TextToImage:
                  negative_prompt: str | Sequence[str] = "", solver: str | None = None,
                  max_sequence_length: int | None = None, output_type: str = "np", *,
                  num_images_per_prompt: int = 1, use_resolution_binning: bool = True,
-                 vae_tiling: str | None = None, vae_tile: int = 64
+                 vae_tiling: str | None = None, vae_tile: int = 64, control_image: Any = None,
+                 control_scale: float | Sequence[float] = 1.0,
+                 control_adapters: str | Sequence[str] | None = None,
+                 control_size: tuple[int, int] | None = None
                  ) -> np.ndarray | list[Any]:
         """Images for ``prompts``: ``np`` (B, H, W, 3) float32 in [0, 1], ``pil`` a list of
         PIL images, or ``latent`` the final latents (B, h, w, C), NHWC. ``height``/``width``
@@ -359,7 +463,16 @@ class TextToImage:
         ``solver`` None uses the folder's scheduler, else any jdit solver on its schedule.
         ``vae_tiling`` for 2K / 4K images: ``"blended"`` (overlapping ``vae_tile`` latent tiles
         blended, per-tile GroupNorm) or ``"exact"`` (equal to the whole decode, several times
-        its compute; :func:`jdit.autoencoders.decode_tiled_exact`)."""
+        its compute; :func:`jdit.autoencoders.decode_tiled_exact`).
+
+        ``control_image``: a condition (PIL image or array, [0, 1] floats or uint8; one for all
+        images or one per image) or a list of several. With a ControlNet (a
+        ``SanaControlNetPipeline``) one condition at the generated size, ``control_scale``
+        being diffusers' ``controlnet_conditioning_scale``; with condition LoRAs
+        (:meth:`load_control_lora`) one condition per LoRA (``control_adapters`` names them,
+        default: load order), ``control_scale`` one weight or one per condition, each encoded
+        at ``control_size`` (height, width; default the generated size: EasyControl's
+        position-aware interpolation places a smaller condition on the whole image)."""
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r}")
         if vae_tiling not in (None, "blended", "exact"):
@@ -406,14 +519,20 @@ class TextToImage:
         chosen = solver or spec.solver
         guided = guidance_scale > 1.0
         tiling = None if vae_tiling is None else (vae_tiling, int(vae_tile))
-        run = self._program(chosen, int(num_steps), guided, spec, output_type != "latent", tiling)
+        kind, conditions = self._conditions(control_image, control_scale, control_adapters,
+                                            control_size, len(texts), height, width)
+        run = self._program(chosen, int(num_steps), guided, spec, output_type != "latent", tiling,
+                            kind)
         params = {"transformer": self._transformer_params(),
                   "text_encoder": self.text_encoder_params,
                   "vae": self.vae_params}
+        if kind == "controlnet":
+            params["controlnet"] = self.controlnet_params
         batch = [self._batch_sharded(a) for a in (ids, mask, neg_ids, neg_mask, noise)]
         out = run(params, *batch, jnp.float32(guidance_scale),
                   tuple(self._batch_sharded(m) for m in micro),
-                  jax.random.fold_in(jax.random.key(seed), 1))  # the stochastic solvers' noise
+                  jax.random.fold_in(jax.random.key(seed), 1),  # the stochastic solvers' noise
+                  conditions)
         if output_type == "latent":
             return np.asarray(out)
         if use_resolution_binning and (height, width) != orig:

@@ -113,10 +113,13 @@ def gemma_tokenizer(folder: Path, vocab_size: int = 320, seed: int = 0) -> Any:
     return tokenizer
 
 
-def sana(folder: str | Path, sample_size: int = 8, width: int = 32, seed: int = 0) -> Any:
+def sana(folder: str | Path, sample_size: int = 8, width: int = 32, seed: int = 0,
+         controlnet_layers: int = 0) -> Any:
     """A ``SanaPipeline`` saved at ``folder``: a random Gemma-2 encoder (sliding and global
     layers), a random SANA transformer, a random DC-AE (4× down, 8 latent channels, a ViT
-    stage) and SANA's flow DPM-Solver++ scheduler; returns the diffusers pipeline."""
+    stage) and SANA's flow DPM-Solver++ scheduler; returns the diffusers pipeline.
+    ``controlnet_layers`` > 0: a ``SanaControlNetPipeline`` with a random ControlNet of that
+    many blocks."""
     import torch
     from diffusers import (
         AutoencoderDC,
@@ -134,11 +137,13 @@ def sana(folder: str | Path, sample_size: int = 8, width: int = 32, seed: int = 
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
         pad_token_id=0, eos_token_id=1, bos_token_id=2)), seed)
     latent = 8
-    transformer = _perturb(SanaTransformer2DModel(
+    shared = dict(
         in_channels=latent, out_channels=latent, num_attention_heads=width // 16,
-        attention_head_dim=16, num_layers=2, num_cross_attention_heads=2,
+        attention_head_dim=16, num_cross_attention_heads=2,
         cross_attention_head_dim=width // 2, cross_attention_dim=width, caption_channels=32,
-        mlp_ratio=2.5, sample_size=sample_size, patch_size=1), seed + 1)
+        mlp_ratio=2.5, sample_size=sample_size, patch_size=1)
+    transformer = _perturb(SanaTransformer2DModel(num_layers=3 if controlnet_layers else 2,
+                                                  **shared), seed + 1)
     blocks = ("ResBlock", "ResBlock", "EfficientViTBlock")
     vae = _perturb(AutoencoderDC(
         in_channels=3, latent_channels=latent, attention_head_dim=8,
@@ -150,8 +155,16 @@ def sana(folder: str | Path, sample_size: int = 8, width: int = 32, seed: int = 
         decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407), seed + 2)
     scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction",
                                             use_flow_sigmas=True, flow_shift=3.0)
-    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
-                        transformer=transformer, scheduler=scheduler)
+    if controlnet_layers:
+        from diffusers import SanaControlNetModel, SanaControlNetPipeline
+
+        controlnet = _perturb(SanaControlNetModel(num_layers=controlnet_layers, **shared), seed + 3)
+        pipe = SanaControlNetPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
+                                      transformer=transformer, controlnet=controlnet,
+                                      scheduler=scheduler)
+    else:
+        pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
+                            transformer=transformer, scheduler=scheduler)
     pipe.save_pretrained(folder)
     return pipe
 

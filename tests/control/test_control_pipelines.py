@@ -40,3 +40,73 @@ def test_sana_controlnet_pipeline_matches_diffusers(sana_cn, scale):
     plain = pipe(PROMPTS, num_steps=6, guidance_scale=4.5, height=32, width=32,
                  latents=nchw.permute(0, 2, 3, 1).numpy(), use_resolution_binning=False)
     assert np.abs(plain - want).max() > 1e-2  # the ControlNet changed the images
+
+
+@pytest.fixture(scope="module")
+def sigma_with_control_loras(tmp_path_factory):
+    """A tiny PixArt-Σ pipeline and two random condition LoRAs saved as files."""
+    import jax
+
+    from jdit import control, lora
+    from jdit.lora.core import adapter_items, from_items
+
+    folder = tmp_path_factory.mktemp("sigma")
+    tiny_pipelines.text_to_image(folder, "sigma")
+    pipe = TextToImage.from_pretrained(folder)
+    files = []
+    for seed in (1, 2):
+        ad = control.init(pipe.transformer_params, 4, jax.random.PRNGKey(seed),
+                          module=pipe.transformer)
+        ad = from_items({p: a.replace(b=0.5 * jax.random.normal(jax.random.PRNGKey(seed + i),
+                                                                 a.b.shape))
+                         for i, (p, a) in enumerate(adapter_items(ad).items())})
+        files.append(lora.save(folder / f"cond{seed}.safetensors", ad, module=pipe.transformer))
+    return folder, files
+
+
+def test_condition_loras_in_the_pipeline(sigma_with_control_loras):
+    folder, (f1, f2) = sigma_with_control_loras
+    pipe = TextToImage.from_pretrained(folder)
+    common = dict(num_steps=3, height=64, width=64, use_resolution_binning=False, seed=3)
+    base = pipe(PROMPTS, **common)
+    assert pipe.load_control_lora(f1, "edges") == "edges"
+    pipe.load_control_lora(f2, "mask")
+    rng = np.random.default_rng(0)
+    a, b = rng.random((64, 64, 3)), rng.random((2, 64, 64, 3))
+    # no condition: the base, bit for bit
+    np.testing.assert_array_equal(pipe(PROMPTS, **common), base)
+    one = pipe(PROMPTS, control_image=a, control_adapters="edges", **common)
+    assert np.abs(one - base).max() > 1e-3
+    # two conditions: the same whichever order they are given in (keys side by side)
+    both = pipe(PROMPTS, control_image=[a, b], control_adapters=["edges", "mask"],
+                control_scale=[1.0, 0.5], **common)
+    swapped = pipe(PROMPTS, control_image=[b, a], control_adapters=["mask", "edges"],
+                   control_scale=[0.5, 1.0], **common)
+    np.testing.assert_allclose(both, swapped, atol=1e-5)
+    assert np.abs(both - one).max() > 1e-3
+    # a condition at half the size (position-aware interpolation) runs as well
+    half = pipe(PROMPTS, control_image=a[::2, ::2], control_adapters="edges",
+                control_size=(32, 32), **common)
+    assert half.shape == base.shape and np.isfinite(half).all()
+
+
+def test_bad_control_input_in_the_pipeline(sigma_with_control_loras):
+    folder, (f1, _) = sigma_with_control_loras
+    pipe = TextToImage.from_pretrained(folder)
+    common = dict(num_steps=2, height=64, width=64, use_resolution_binning=False)
+    image = np.zeros((64, 64, 3), np.float32)
+    with pytest.raises(ValueError, match="load_control_lora"):
+        pipe(PROMPTS, control_image=image, **common)
+    pipe.load_control_lora(f1, "edges")
+    with pytest.raises(ValueError, match="2 control images for 1 condition LoRAs"):
+        pipe(PROMPTS, control_image=[image, image], control_adapters=["edges"], **common)
+    with pytest.raises(ValueError, match="2 control scales for 1 conditions"):
+        pipe(PROMPTS, control_image=image, control_scale=[1.0, 2.0], **common)
+    with pytest.raises(ValueError, match="no control LoRA named"):
+        pipe(PROMPTS, control_image=image, control_adapters="depth", **common)
+    with pytest.raises(ValueError, match="control image must be"):
+        pipe(PROMPTS, control_image=np.zeros((64, 64, 4)), **common)
+    with pytest.raises(ValueError, match="finite values in"):
+        pipe(PROMPTS, control_image=image + 2.0, **common)
+    with pytest.raises(ValueError, match="already loaded"):
+        pipe.load_control_lora(f1, "edges")

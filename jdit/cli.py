@@ -147,10 +147,37 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     kwargs = {k: v for k, v in dict(guidance_scale=args.guidance_scale, solver=args.solver,
                                     num_steps=args.steps).items() if v is not None}
+    if args.control_weights:
+        raise SystemExit("jdit sample: --control-weights is for --pretrained pipelines; a "
+                         "control run's --workdir holds its condition LoRA")
+    if len(args.control) > 1:
+        raise SystemExit("jdit sample: a control run takes one --control image")
     sample_prompts(args.workdir, args.prompt, args.out, num_per_prompt=args.num, seed=args.seed,
-                   loras=[_lora_arg(x) for x in args.lora], **kwargs)
+                   loras=[_lora_arg(x) for x in args.lora],
+                   control_image=args.control[0] if args.control else None, **kwargs)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _control_args(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """--control IMAGE (repeatable) with a ControlNet pipeline, or one --control-weights
+    (a condition LoRA) per --control image; --control-scale one or one per image."""
+    from PIL import Image
+
+    if not args.control:
+        if args.control_weights:
+            raise SystemExit("jdit sample: --control-weights without a --control image")
+        return {}
+    if pipe.controlnet is None and len(args.control_weights) != len(args.control):
+        raise SystemExit(f"jdit sample: {len(args.control)} --control images need as many "
+                         f"--control-weights (condition LoRAs), got {len(args.control_weights)}"
+                         " (or a ControlNet pipeline)")
+    names = [pipe.load_control_lora(p, f"control_{i}") for i, p in enumerate(args.control_weights)]
+    images = [Image.open(p).convert("RGB") for p in args.control]
+    scales = args.control_scale or [1.0]
+    return dict(control_image=images if len(images) > 1 else images[0],
+                control_scale=scales if len(scales) > 1 else scales[0],
+                **({"control_adapters": names} if names else {}))
 
 
 def _sample_pretrained(args: argparse.Namespace) -> int:
@@ -176,9 +203,10 @@ def _sample_pretrained(args: argparse.Namespace) -> int:
                  for i, (path, _) in enumerate(loras)]
         if names:
             pipe.set_adapters(names, [scale for _, scale in loras])
+        control = _control_args(pipe, args)
         images = pipe(args.prompt, seed=args.seed, height=args.height, width=args.width,
                       negative_prompt=args.negative_prompt, num_images_per_prompt=args.num,
-                      output_type="pil", **kwargs)
+                      output_type="pil", **control, **kwargs)
     out = Path(args.out)
     paths = [out] if len(images) == 1 else [
         out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(len(images))]
@@ -357,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--guidance-scale", type=float, default=None)
     smp.add_argument("--solver", default=None)
     smp.add_argument("--steps", type=positive_int, default=None)
+    smp.add_argument("--control", action="append", default=[], metavar="IMAGE",
+                     help="a control condition image (repeatable: several conditions)")
+    smp.add_argument("--control-weights", action="append", default=[], metavar="PATH",
+                     help="--pretrained: a condition LoRA for the --control image at the same "
+                          "place (EasyControl; a ControlNet pipeline needs none)")
+    smp.add_argument("--control-scale", action="append", type=float, default=[],
+                     help="the condition's weight (one, or one per --control)")
     smp.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                      help="a LoRA (diffusers / PEFT file or folder, or a jdit LoRA run) applied "
                           "at SCALE (default 1); repeatable")

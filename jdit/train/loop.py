@@ -549,17 +549,34 @@ def evaluate(workdir: str | Path, **kwargs: Any) -> dict[str, Any]:
     return {"step": step, **result}
 
 
+def _condition_from_file(path: str | Path, task: Any, n: int) -> np.ndarray:
+    """An image file as a pixel-space task's condition: (n, size, size, 3) in [-1, 1]."""
+    from PIL import Image
+
+    if not hasattr(task, "size") or getattr(task, "channels", 3) != 3:
+        raise ValueError("control images are read for pixel-space tasks (the shapes data)")
+    image = Image.open(path).convert("RGB").resize((task.size, task.size), Image.BILINEAR)
+    a = np.asarray(image, np.float32) / 127.5 - 1.0
+    return np.repeat(a[None], n, axis=0)
+
+
 def sample_prompts(workdir: str | Path, conditions: list[str], out: str | Path,
                    num_per_prompt: int = 4, seed: int = 0,
-                   loras: list[tuple[str, float]] | tuple[()] = (), **kwargs: Any) -> np.ndarray:
+                   loras: list[tuple[str, float]] | tuple[()] = (),
+                   control_image: str | Path | None = None, **kwargs: Any) -> np.ndarray:
     """Generate ``num_per_prompt`` images per prompt (or class id) and save them as one grid;
-    ``loras``: (path, scale) of LoRAs merged into the run's model first."""
+    ``loras``: (path, scale) of LoRAs merged into the run's model first; ``control_image``: a
+    control run's condition (an image file, resized to the run's size) for every image."""
     check_generation(num_steps=kwargs.get("num_steps", 1), seed=seed,
                      guidance_scale=kwargs.get("guidance_scale", 1.0),
                      num_images_per_prompt=num_per_prompt)
     if not conditions:
         raise ValueError("no prompts (or class ids) to sample")
     run, params, _ = load_trained(workdir)
+    if control_image is not None and not run.control:
+        raise ValueError(f"{workdir}: not a control run; it takes no control image")
+    if loras and run.control:
+        raise ValueError("LoRAs merge into a plain model; a control run keeps its base apart")
     if loras:
         trees = [load_adapters(path)[1] if is_run_directory(path) else
                  lora.load(path, run.module)[0] for path, _ in loras]
@@ -567,6 +584,8 @@ def sample_prompts(workdir: str | Path, conditions: list[str], out: str | Path,
     repeated = [p for p in conditions for _ in range(num_per_prompt)]
     if run.task.kind == "text":
         cond = run.task.encode(repeated)
+        if control_image is not None:
+            cond["condition"] = _condition_from_file(control_image, run.task, len(repeated))
     else:
         cond = {"labels": np.asarray([int(p) for p in repeated], np.int32)}
     images = run.generate(params, cond, seed=seed, **kwargs)

@@ -110,3 +110,29 @@ def test_bad_control_input_in_the_pipeline(sigma_with_control_loras):
         pipe(PROMPTS, control_image=image + 2.0, **common)
     with pytest.raises(ValueError, match="already loaded"):
         pipe.load_control_lora(f1, "edges")
+
+
+def test_jdit_sample_with_a_condition_lora(sigma_with_control_loras, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    folder, (f1, _) = sigma_with_control_loras
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "edges.png")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    base = ["sample", "--pretrained", str(folder), "--prompt", "a red circle", "--steps", "2",
+            "--height", "64", "--width", "64"]
+    done = subprocess.run([sys.executable, "-m", "jdit.cli", *base, "--control",
+                           str(tmp_path / "edges.png"), "--control-weights", str(f1),
+                           "--control-scale", "0.8", "--out", str(tmp_path / "img.png")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = json.loads(done.stdout.strip().splitlines()[-1])["images"]
+    assert Image.open(path).size == (64, 64)
+    bad = subprocess.run([sys.executable, "-m", "jdit.cli", *base, "--control",
+                          str(tmp_path / "edges.png"), "--out", str(tmp_path / "x.png")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--control-weights" in bad.stderr

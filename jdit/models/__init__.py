@@ -5,10 +5,11 @@ from jdit.models.loading import from_pretrained, param_shapes, save_pretrained
 from jdit.models.pixart import PixArt, PixArtBlock
 from jdit.models.registry import FAMILIES, PRESETS, architecture, build, preset
 from jdit.models.sana import Sana, SanaBlock
+from jdit.models.sana_controlnet import SanaControlNet
 from jdit.nn.init import init_params
 
 __all__ = [
     "FAMILIES", "PRESETS", "DiT", "DiTBlock", "PixArt", "PixArtBlock", "architecture", "build",
-    "Sana", "SanaBlock", "from_pretrained", "init_params", "param_shapes", "preset",
+    "Sana", "SanaBlock", "SanaControlNet", "from_pretrained", "init_params", "param_shapes", "preset",
     "save_pretrained",
 ]

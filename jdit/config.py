@@ -69,9 +69,10 @@ SECTIONS: dict[str, dict[str, Any]] = {
     # Dense kernels ``targets`` select (names of jdit.lora.TARGETS or path regexes) are trained,
     # over the frozen base of ``train.init_from``; ``alpha`` None means ``rank`` (scale 1).
     # ``merged``: train through W + s·A·B formed once per step (small models on a CPU) instead
-    # of the unmerged per-token products.
+    # of the unmerged per-token products. ``lr_ratio``: LoRA+, B's learning rate that many
+    # times A's.
     "lora": dict(rank=0, alpha=None, targets=["attention", "cross_attention"], dropout=0.0,
-                 merged=False),
+                 merged=False, lr_ratio=1.0),
     # Spatial control (jdit.control). ``easycontrol``: the ``lora`` section's adapters are a
     # condition LoRA, acting only in the condition branch (targets: "attention"); the data
     # gives each image its condition (shapes: ``data.condition``); ``scale`` is its weight.
@@ -191,7 +192,7 @@ _POSITIVE_INT = ("train.steps", "train.batch_size", "train.log_every", "train.ac
                  "data.text_dim", "data.max_length", "pipeline.resolution", "pipeline.vae_factor")
 _NON_NEGATIVE_INT = ("lora.rank", "train.prior_images", "train.prior_batch", "train.sample_every", "train.checkpoint_every", "train.seed",
                      "optim.warmup_steps")
-_POSITIVE = ("optim.lr", "model.mlp_ratio")
+_POSITIVE = ("optim.lr", "model.mlp_ratio", "lora.lr_ratio")
 _NON_NEGATIVE = ("train.prior_weight", "optim.weight_decay", "optim.grad_clip", "sample.guidance_scale",
                  "diffusion.flow_shift", "train.ema_decay")
 _CHOICES = {"train.nonfinite": ("stop", "skip"), "data.concepts": ("base", "new"),

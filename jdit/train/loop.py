@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from tqdm import tqdm
 
 from jdit import lora
@@ -35,7 +36,7 @@ from jdit.parallel.distributed import is_primary
 from jdit.pipelines.arguments import check_generation
 from jdit.train.checkpoint import Checkpointer, DiskFull, is_disk_full
 from jdit.train.generate import ControlledParams, make_generator
-from jdit.train.optim import learning_rate, make_optimizer
+from jdit.train.optim import learning_rate, make_optimizer, scale_lora_b
 from jdit.train.step import TrainState, init_state, make_train_step
 from jdit.train.tasks import make_task
 from jdit.train.writers import MetricsWriter, save_grid
@@ -180,6 +181,9 @@ class TrainSetup:
         self.tx = make_optimizer(c["optim"], steps)
         self.partitioner = Partitioner.from_config(c["parallel"], devices)
         self.lora = lora_config(c)
+        ratio = float(c["lora"]["lr_ratio"])
+        if self.lora is not None and ratio != 1.0:  # LoRA+: B learns faster than A
+            self.tx = optax.chain(self.tx, scale_lora_b(ratio))
         # a control run (jdit.control): the LoRA is a condition LoRA, used by the condition
         # branch only; its adapters never merge into the base
         self.control = c["control"]["method"] != "none"

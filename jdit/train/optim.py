@@ -85,3 +85,18 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTr
         opt = came(schedule, weight_decay=wd, factor_axes=pytorch_factor_axes)
     clip = float(cfg["grad_clip"])
     return optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt
+
+
+def scale_lora_b(ratio: float) -> optax.GradientTransformation:
+    """LoRA+ (Hayou et al. 2024): the ``b`` factors of :mod:`jdit.lora` adapters learn
+    ``ratio`` times faster than the ``a`` factors (their updates scaled after the optimizer)."""
+    def is_b(path: tuple[Any, ...]) -> bool:
+        return bool(path) and isinstance(path[-1], jax.tree_util.GetAttrKey) and \
+            path[-1].name == "b"
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda path, u: u * ratio if is_b(path) else u, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -168,3 +168,20 @@ def test_a_rank_mismatch_and_bad_scales_are_named(tmp_path):
         lora.init(params, lora.LoraConfig(targets=("nothing/kernel",)), jax.random.key(0))
     with pytest.raises(ValueError, match="rank"):
         lora.LoraConfig(rank=0)
+
+
+def test_lora_plus_scales_the_b_factors_updates_only():
+    import optax
+
+    from jdit.train.optim import scale_lora_b
+
+    params = {"block_0": {"attn": {"qkv": {"kernel": jnp.ones((8, 3, 2, 4))}}}}
+    ad = lora.init(params, lora.LoraConfig(rank=2, targets=(r"block_0/attn/qkv/kernel",)),
+                   jax.random.PRNGKey(0))
+    grads = jax.tree.map(lambda a: jnp.ones_like(a), ad)
+    plain, plus = optax.adam(1e-2), optax.chain(optax.adam(1e-2), scale_lora_b(4.0))
+    u1, _ = plain.update(grads, plain.init(ad), ad)
+    u4, _ = plus.update(grads, plus.init(ad), ad)
+    (a1, b1), (a4, b4) = jax.tree.leaves(u1), jax.tree.leaves(u4)
+    np.testing.assert_array_equal(a4, a1)
+    np.testing.assert_allclose(b4, 4.0 * b1)

@@ -76,7 +76,8 @@ SECTIONS: dict[str, dict[str, Any]] = {
     # Spatial control (jdit.control). ``easycontrol``: the ``lora`` section's adapters are a
     # condition LoRA, acting only in the condition branch (targets: "attention"); the data
     # gives each image its condition (shapes: ``data.condition``); ``scale`` is its weight.
-    "control": dict(method="none", scale=1.0),
+    # ``guess_mode``: sampling guidance without the condition in the unconditional half.
+    "control": dict(method="none", scale=1.0, guess_mode=False),
     # Facts of a published architecture's pipeline (architecture configs; jdit aot reads them).
     "pipeline": dict(resolution=REQUIRED, vae_factor=8, latent_scale=REQUIRED,
                      caption_length=None, flow_shift=None),

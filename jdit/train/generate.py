@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jdit import control
 from jdit.config import section
 from jdit.diffusion import FlowSchedule, make_schedule
 from jdit.sampling import ClassifierFreeGuidance, sample
@@ -37,7 +38,9 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
 
     A control run (``control.method``) takes ``conditions["condition"]`` (B, H, W, C) beside the
     text and :class:`ControlledParams`: the condition's cache is computed once, before the
-    sampler's loop, and reused by every step and both halves of the guidance.
+    sampler's loop, and reused by every step and both halves of the guidance (with
+    ``control.guess_mode``, by the conditional half only, as diffusers' ControlNet
+    ``guess_mode``).
     """
     diffusion = section("diffusion", config["diffusion"])
     schedule = make_schedule(diffusion)
@@ -49,13 +52,24 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
     # a latent-space task turns samples into images (its VAE); pixels are clipped to [-1, 1]
     to_images = getattr(task, "to_images", None) or (lambda x: np.clip(x, -1.0, 1.0))
 
-    controlled = section("control", config.get("control"))["method"] != "none"
+    control_cfg = section("control", config.get("control"))
+    controlled = control_cfg["method"] != "none"
+    guess_mode = bool(control_cfg["guess_mode"])
     if task.kind == "text":
         def model_fn(x2: jax.Array, t2: jax.Array, params: Any, ctx2: jax.Array,
-                     mask2: jax.Array, *cache2: Any) -> jax.Array:
-            extra = {"control": cache2[0]} if cache2 else {}
-            return module.apply({"params": params}, x2, t2, context=ctx2, context_mask=mask2,
-                                **extra)
+                     mask2: jax.Array, *cache: Any) -> jax.Array:
+            def run(sl: slice, **extra: Any) -> jax.Array:
+                return module.apply({"params": params}, x2[sl], t2[sl], context=ctx2[sl],
+                                    context_mask=mask2[sl], **extra)
+
+            if not cache:
+                return run(slice(None))
+            if not guess_mode:  # the condition in both halves of the guidance
+                return run(slice(None), control=control.repeat(cache[0], 2))
+            # guess mode: the unconditional half without the condition, so the guidance
+            # pushes toward it (an empty prompt gives two equal halves otherwise)
+            b = x2.shape[0] // 2
+            return jnp.concatenate([run(slice(0, b)), run(slice(b, None), control=cache[0])])
     else:
         def model_fn(x2: jax.Array, t2: jax.Array, params: Any, labels2: jax.Array) -> jax.Array:
             return module.apply({"params": params}, x2, t2, labels=labels2)
@@ -65,10 +79,7 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
 
     @jax.jit
     def condition_cache(base: Any, adapters: Any, scale: jax.Array, latents: jax.Array) -> Any:
-        from jdit import control
-
-        made = control.encode(module, base, control.Condition(latents, adapters, scale))
-        return control.repeat(made, 2)  # both halves of the guidance
+        return control.encode(module, base, control.Condition(latents, adapters, scale))
 
     def _sharded_sampler(split: bool, num_args: int, key: jax.Array, **run: Any
                          ) -> Callable[..., jax.Array]:

@@ -219,6 +219,11 @@ def _sample_pretrained(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from jdit.train.loop import evaluate
 
+    if args.compose:
+        from jdit.train.loop import evaluate_composition
+
+        print(json.dumps(evaluate_composition([args.workdir, args.compose]), indent=2))
+        return 0
     print(json.dumps(evaluate(args.workdir), indent=2))
     return 0
 
@@ -399,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a trained workdir; prints JSON")
     ev.add_argument("--workdir", required=True)
+    ev.add_argument("--compose", default=None, metavar="RUN",
+                    help="a second control run over the same base: evaluate the two condition "
+                         "LoRAs used together (zero-shot composition)")
     ev.set_defaults(func=cmd_eval)
 
     convert = sub.add_parser(

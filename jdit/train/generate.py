@@ -18,11 +18,13 @@ from jdit.sampling import ClassifierFreeGuidance, sample
 
 class ControlledParams(NamedTuple):
     """A control run's model: the frozen ``base`` and the condition LoRA ``adapters`` (with
-    their ``scale``) that the condition branch uses (:mod:`jdit.control`)."""
+    their ``scale``) that the condition branch uses (:mod:`jdit.control`). Several conditions
+    at once: lists of adapters and scales, and ``conditions["condition"]`` a list of images in
+    the same order."""
 
     base: Any
     adapters: Any
-    scale: float = 1.0
+    scale: Any = 1.0
 
 
 def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
@@ -78,8 +80,10 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
     cache: dict[Any, Callable[..., jax.Array]] = {}
 
     @jax.jit
-    def condition_cache(base: Any, adapters: Any, scale: jax.Array, latents: jax.Array) -> Any:
-        return control.encode(module, base, control.Condition(latents, adapters, scale))
+    def condition_cache(base: Any, adapters: list[Any], scales: list[jax.Array],
+                        latents: list[jax.Array]) -> Any:
+        return control.encode(module, base, [control.Condition(z, a, s) for z, a, s in
+                                             zip(latents, adapters, scales, strict=True)])
 
     def _sharded_sampler(split: bool, num_args: int, key: jax.Array, **run: Any
                          ) -> Callable[..., jax.Array]:
@@ -119,8 +123,15 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
             if not (controlled and isinstance(params, ControlledParams)):
                 raise ValueError("conditions['condition'] needs a control run and its "
                                  "ControlledParams (base and condition LoRA)")
-            args += (condition_cache(params.base, params.adapters, jnp.float32(params.scale),
-                                     jnp.asarray(conditions["condition"], jnp.float32)),)
+            many = isinstance(params.adapters, list | tuple)
+            adapters = list(params.adapters) if many else [params.adapters]
+            scales = list(params.scale) if many else [params.scale]
+            images = list(conditions["condition"]) if many else [conditions["condition"]]
+            if not len(adapters) == len(scales) == len(images):
+                raise ValueError(f"{len(images)} conditions for {len(adapters)} condition LoRAs "
+                                 f"and {len(scales)} scales")
+            args += (condition_cache(params.base, adapters, [jnp.float32(s) for s in scales],
+                                     [jnp.asarray(z, jnp.float32) for z in images]),)
         if isinstance(params, ControlledParams):  # without a condition: the base model
             params = params.base
         scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale

@@ -564,6 +564,35 @@ def _condition_from_file(path: str | Path, task: Any, n: int) -> np.ndarray:
     return np.repeat(a[None], n, axis=0)
 
 
+def evaluate_composition(workdirs: list[str | Path], guess_mode: bool | None = None,
+                         **kwargs: Any) -> dict[str, Any]:
+    """Two control runs over the same base, trained apart, used together (zero-shot
+    composition, :func:`jdit.train.tasks.shapes_composition`); ``guess_mode`` None keeps the
+    first run's setting."""
+    from jdit.train.tasks import shapes_composition
+
+    if len(workdirs) != 2:
+        raise ValueError(f"composition takes two control runs, got {len(workdirs)}")
+    loaded = [load_trained(w) for w in workdirs]
+    runs = [r for r, _, _ in loaded]
+    if not all(r.control for r in runs):
+        raise ValueError("composition takes control runs (control.method set)")
+    bases = {str(r.config["train"]["init_from"]) for r in runs}
+    if len(bases) != 1:
+        raise ValueError(f"the runs have different bases: {sorted(bases)}")
+    first = runs[0]
+    config = first.config
+    if guess_mode is not None:
+        config = {**config, "control": {**config["control"], "guess_mode": bool(guess_mode)}}
+    generate = make_generator(first.module, first.task, config)
+    params = ControlledParams(loaded[0][1].base, [p.adapters for _, p, _ in loaded],
+                              [p.scale for _, p, _ in loaded])
+    styles = (runs[0].task.condition, runs[1].task.condition)
+    out = shapes_composition(lambda c, s: generate(params, c, seed=1000 + s), first.task.encode,
+                             styles, first.task.size, **kwargs)
+    return {"runs": [str(w) for w in workdirs], "styles": list(styles), **out}
+
+
 def sample_prompts(workdir: str | Path, conditions: list[str], out: str | Path,
                    num_per_prompt: int = 4, seed: int = 0,
                    loras: list[tuple[str, float]] | tuple[()] = (),

@@ -24,8 +24,12 @@ def generate_in_chunks(generate: Generate, conditions: dict[str, np.ndarray],
                        batch_size: int) -> np.ndarray:
     """``generate`` over ``conditions`` in chunks of ``batch_size``, chunk ``s`` seeded by its
     first row's index (so the images do not depend on what else is generated)."""
-    n = len(next(iter(conditions.values())))
-    return np.concatenate([generate({k: v[s: s + batch_size] for k, v in conditions.items()}, s)
+    def rows(v: Any, s: int) -> Any:  # a list holds several conditions, each with all rows
+        return [a[s: s + batch_size] for a in v] if isinstance(v, list) else v[s: s + batch_size]
+
+    first = next(iter(conditions.values()))
+    n = len(first[0] if isinstance(first, list) else first)
+    return np.concatenate([generate({k: rows(v, s) for k, v in conditions.items()}, s)
                            for s in range(0, n, batch_size)])
 
 
@@ -114,6 +118,25 @@ def render_conditions(objects: list[tuple[Any, ...]], style: str, size: int,
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0D]))
     return np.stack([shapes.to_float(shapes.render(o, size, rng, style)) for o in objects])
+
+
+def shapes_composition(generate: Generate, encode: Callable[[list[str]], dict[str, np.ndarray]],
+                       styles: tuple[str, str], size: int, batch_size: int = 64,
+                       num_pairs: int = 200) -> dict[str, float]:
+    """Zero-shot composition of two condition LoRAs trained apart: for each held-out pair
+    prompt, an empty prompt, the first object's condition in ``styles[0]`` and the second's in
+    ``styles[1]`` (``generate`` takes the two, in that order, as ``conditions["condition"]``);
+    ``composition_pair``: both objects' shapes and positions right, nothing else."""
+    from jdit.data import shapes
+    from jdit.eval import shapes as evaluator
+
+    pairs = list(shapes.prompts("pair", "heldout")[:num_pairs])
+    cond = encode([""] * len(pairs))
+    cond["condition"] = [render_conditions([(p[i],) for p in pairs], styles[i], size, seed=i)
+                         for i in range(2)]
+    images = generate_in_chunks(generate, cond, batch_size)
+    return {"composition_pair": float(evaluator.adherence(images, pairs, ignore_color=True)),
+            "num_pair_images": len(pairs)}
 
 
 def shapes_control(generate: Generate, encode: Callable[[list[str]], dict[str, np.ndarray]],

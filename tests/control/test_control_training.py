@@ -28,6 +28,9 @@ def runs(tmp_path_factory):
     train(load_config(str(ROOT / "configs" / "shapes_control.py"), [
         *SMALL, "train.steps=4", f"train.init_from={tmp / 'base'}", "train.ema_decay=0.0",
         "optim.warmup_steps=0"]), tmp / "silhouette", quiet=True)
+    train(load_config(str(ROOT / "configs" / "shapes_control.py:outline"), [
+        *SMALL, "train.steps=2", f"train.init_from={tmp / 'base'}", "train.ema_decay=0.0",
+        "optim.warmup_steps=0"]), tmp / "outline", quiet=True)
     return tmp
 
 
@@ -66,3 +69,16 @@ def test_control_eval_reports_control_accuracy(runs):
             "chance_single"} <= set(out)
     assert all(0.0 <= out[k] <= 1.0 for k in ("control_single", "control_pair"))
 
+
+
+@pytest.mark.slow
+def test_two_condition_loras_trained_apart_compose(runs):
+    from jdit.cli import main as jdit
+    from jdit.train.loop import evaluate_composition
+
+    out = evaluate_composition([runs / "silhouette", runs / "outline"], num_pairs=4)
+    assert out["styles"] == ["silhouette", "outline"] and 0.0 <= out["composition_pair"] <= 1.0
+    with pytest.raises(ValueError, match="control runs"):
+        evaluate_composition([runs / "silhouette", runs / "base"])
+    assert jdit(["eval", "--workdir", str(runs / "silhouette"), "--compose",
+                 str(runs / "outline")]) == 0

@@ -39,8 +39,9 @@ def test_a_control_run_trains_a_condition_lora_and_samples(runs):
     run, adapters, step = load_adapters(runs / "silhouette")
     assert step == 4 and run.control and run.task.condition == "silhouette"
     items = control.easycontrol.lora.adapter_items(adapters)
-    assert items and all(k.endswith(("attn/qkv", "attn/out")) and "cross" not in k
-                         for k in items)
+    # the recipe's targets: the condition branch's attention and MLP (it has no cross-attention)
+    assert items and all(k.endswith(("attn/qkv", "attn/out", "mlp/fc1", "mlp/fc2")) and
+                         "cross" not in k for k in items)
     _, params, _ = load_trained(runs / "silhouette")
     assert isinstance(params, ControlledParams)
     _, base, _ = load_trained(runs / "base")
@@ -52,10 +53,11 @@ def test_a_control_run_trains_a_condition_lora_and_samples(runs):
     cond["condition"] = render_conditions(objs, "silhouette", 32)
     with_condition = run.generate(params, cond, seed=0, num_steps=3)
     assert np.abs(with_condition - plain).max() > 1e-4
-    # guess mode: the unconditional half without the condition
-    cfg = {**run.config, "control": {**run.config["control"], "guess_mode": True}}
-    guess = make_generator(run.module, run.task, cfg)(params, cond, seed=0, num_steps=3)
-    assert np.abs(guess - with_condition).max() > 1e-4
+    # guess mode (the recipe's): the unconditional half without the condition
+    assert run.config["control"]["guess_mode"]
+    cfg = {**run.config, "control": {**run.config["control"], "guess_mode": False}}
+    both_halves = make_generator(run.module, run.task, cfg)(params, cond, seed=0, num_steps=3)
+    assert np.abs(both_halves - with_condition).max() > 1e-4
     with pytest.raises(ValueError, match="ControlledParams"):
         run.generate(base, cond, seed=0, num_steps=3)
 

@@ -222,7 +222,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.compose:
         from jdit.train.loop import evaluate_composition
 
-        print(json.dumps(evaluate_composition([args.workdir, args.compose]), indent=2))
+        print(json.dumps(evaluate_composition([args.workdir, args.compose], caption=True),
+                         indent=2))
         return 0
     print(json.dumps(evaluate(args.workdir), indent=2))
     return 0

@@ -122,21 +122,28 @@ def render_conditions(objects: list[tuple[Any, ...]], style: str, size: int,
 
 def shapes_composition(generate: Generate, encode: Callable[[list[str]], dict[str, np.ndarray]],
                        styles: tuple[str, str], size: int, batch_size: int = 64,
-                       num_pairs: int = 200) -> dict[str, float]:
+                       num_pairs: int = 200, caption: bool = False) -> dict[str, float]:
     """Zero-shot composition of two condition LoRAs trained apart: for each held-out pair
-    prompt, an empty prompt, the first object's condition in ``styles[0]`` and the second's in
-    ``styles[1]`` (``generate`` takes the two, in that order, as ``conditions["condition"]``);
-    ``composition_pair``: both objects' shapes and positions right, nothing else."""
+    prompt, the first object's condition in ``styles[0]`` and the second's in ``styles[1]``
+    (``generate`` takes the two, in that order, as ``conditions["condition"]``).
+
+    ``composition_pair``: an empty prompt; both objects' shapes and positions right, nothing
+    else. With ``caption``, also ``composition_caption_pair``: the pair's caption with the two
+    conditions; everything right, colours included."""
     from jdit.data import shapes
     from jdit.eval import shapes as evaluator
 
     pairs = list(shapes.prompts("pair", "heldout")[:num_pairs])
-    cond = encode([""] * len(pairs))
-    cond["condition"] = [render_conditions([(p[i],) for p in pairs], styles[i], size, seed=i)
-                         for i in range(2)]
-    images = generate_in_chunks(generate, cond, batch_size)
-    return {"composition_pair": float(evaluator.adherence(images, pairs, ignore_color=True)),
-            "num_pair_images": len(pairs)}
+    conditions = [render_conditions([(p[i],) for p in pairs], styles[i], size, seed=i)
+                  for i in range(2)]
+    out: dict[str, float] = {"num_pair_images": len(pairs)}
+    for name, with_caption in (("composition_pair", False),
+                               ("composition_caption_pair", True))[:1 + bool(caption)]:
+        cond = encode([shapes.caption(p) if with_caption else "" for p in pairs])
+        cond["condition"] = conditions
+        images = generate_in_chunks(generate, cond, batch_size)
+        out[name] = float(evaluator.adherence(images, pairs, ignore_color=not with_caption))
+    return out
 
 
 def shapes_control(generate: Generate, encode: Callable[[list[str]], dict[str, np.ndarray]],

@@ -78,8 +78,9 @@ def test_two_condition_loras_trained_apart_compose(runs):
     from jdit.cli import main as jdit
     from jdit.train.loop import evaluate_composition
 
-    out = evaluate_composition([runs / "silhouette", runs / "outline"], num_pairs=4)
-    assert out["styles"] == ["silhouette", "outline"] and 0.0 <= out["composition_pair"] <= 1.0
+    out = evaluate_composition([runs / "silhouette", runs / "outline"], num_pairs=4, caption=True)
+    assert out["styles"] == ["silhouette", "outline"] and out["num_pair_images"] == 4
+    assert all(0.0 <= out[k] <= 1.0 for k in ("composition_pair", "composition_caption_pair"))
     with pytest.raises(ValueError, match="control runs"):
         evaluate_composition([runs / "silhouette", runs / "base"])
     assert jdit(["eval", "--workdir", str(runs / "silhouette"), "--compose",

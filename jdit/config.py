@@ -87,9 +87,12 @@ DATA: dict[str, dict[str, Any]] = {
     # Embedded captioned shapes; a word-level text encoder of ``text_dim`` channels.
     # ``concepts="new"``: a ``new_fraction`` of the examples show a colour or shape the base
     # vocabulary lacks (purple, diamond; jdit.data.shapes), evaluated as ``adherence_new``.
-    # ``condition``: "silhouette" or "outline" gives every image its control condition.
+    # ``condition``: "silhouette" or "outline" gives every image its control condition;
+    # ``partial_condition``: the share of two-object images whose condition shows one object
+    # (their captions are kept: what lets condition LoRAs trained apart compose).
     "shapes": dict(name="shapes", size=32, pair_fraction=0.5, text_dim=64, max_length=16,
-                   concepts="base", new_fraction=0.5, condition=None),
+                   concepts="base", new_fraction=0.5, condition=None,
+                   partial_condition=0.0),
     # Embedded handwritten digits, class-conditional.
     "digits": dict(name="digits", size=32),
     # Pre-computed VAE latents + text features (jdit.data.cache). ``latent_scale``: SD VAE

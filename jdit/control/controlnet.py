@@ -4,8 +4,11 @@ which the base adds to its own blocks' outputs (``block_residuals=``)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 Array = jax.Array
 
@@ -19,3 +22,19 @@ def block_residuals(residuals: Array, depth: int, offset: int) -> Array:
         raise ValueError(f"{n} ControlNet residuals from block {offset} do not fit a base of "
                          f"{depth} blocks")
     return jnp.pad(residuals, ((offset, depth - n - offset),) + ((0, 0),) * (residuals.ndim - 1))
+
+
+def residuals(controlnet: nn.Module, params: Any, base: nn.Module, base_params: Any, x: Array,
+              t: Array, context: Array, context_mask: Array | None, condition: Array,
+              scale: float | Array = 1.0, **micro: Array) -> Array:
+    """A ControlNet's residuals for every block of ``base`` (``block_residuals=`` of its apply):
+    SANA's reads the noisy latents and the condition latents itself; PixArt-δ's reads the
+    base's block-0 output, caption features and modulation (``needs_base``). ``micro``: the
+    base's micro-conditions (PixArt-α 1024's ``resolution``, ``aspect_ratio``)."""
+    if getattr(controlnet, "needs_base", False):
+        inputs = base.apply({"params": base_params}, x, t, context, context_mask, condition,
+                            method="controlnet_inputs", **micro)
+        res = controlnet.apply({"params": params}, **inputs, scale=scale)
+    else:
+        res = controlnet.apply({"params": params}, x, t, context, context_mask, condition, scale)
+    return block_residuals(res, base.depth, controlnet.residual_offset)

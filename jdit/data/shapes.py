@@ -163,10 +163,12 @@ def render(
 
 def render_styles(
     objs: Sequence[Obj], size: int = 32, rng: np.random.Generator | None = None,
-    styles: Sequence[str] = ("color",),
+    styles: Sequence[str] = ("color",), only: Sequence[Obj] | None = None,
 ) -> list[np.ndarray]:
     """:func:`render` in several ``styles`` with the same jitter (an image and its control
-    conditions); draws from ``rng`` as one :func:`render` call does."""
+    conditions); draws from ``rng`` as one :func:`render` call does. ``only``: the objects
+    drawn in the styles other than ``color`` (a condition that shows some of the image's
+    objects, placed as in the image); None draws them all."""
     if int(size) != size or size < 24:
         raise ValueError(f"size must be an integer >= 24, got {size!r}")
     bad = [st for st in styles if st not in STYLES]
@@ -180,6 +182,9 @@ def render_styles(
     cap = cell / 2.0 - half - 0.51  # largest shift that keeps half a pixel from the border
     cells = {divmod(_POS_INDEX[o.position], 3) for o in objs}
     centres = np.arange(size, dtype=np.float64) + 0.5
+    if only is not None and not set(canonical(only)) <= set(objs):
+        raise ValueError(f"only= must be some of the objects drawn, got {list(only)}")
+    shown = set(objs if only is None else canonical(only))
     out = [np.zeros((size, size, 3), np.uint8) for _ in styles]
     for o in objs:
         row, col = divmod(_POS_INDEX[o.position], 3)
@@ -206,6 +211,8 @@ def render_styles(
         y0, x0 = int(ys[0]), int(xs[0])
         for img, st in zip(out, styles, strict=True):
             window = img[y0 : y0 + len(ys), x0 : x0 + len(xs)]
+            if st != "color" and o not in shown:
+                continue
             if st == "color":
                 window[mask] = ALL_COLORS[o.color]
             elif st == "silhouette":
@@ -314,6 +321,7 @@ def _sample(
     concepts: Concepts = "base",
     new_fraction: float = 0.5,
     condition: str | None = None,
+    partial: float = 0.0,
 ) -> dict[str, Any]:
     if num < 0:
         raise ValueError(f"num must be >= 0, got {num}")
@@ -341,14 +349,25 @@ def _sample(
         raise ValueError(f"concepts must be 'base' or 'new', got {concepts!r}")
     if condition is not None and condition not in STYLES[1:]:
         raise ValueError(f"condition must be None or one of {STYLES[1:]}, got {condition!r}")
+    if not 0.0 <= partial <= 1.0 or (partial and condition is None):
+        raise ValueError(f"partial must lie in [0, 1] and needs a condition, got {partial}")
+    shown: list[tuple[Obj, ...] | None] = [None] * num
+    if partial:  # drawn after the objects, before the jitter: batches without it unchanged
+        is_partial = rng.random(num) < partial
+        keep = rng.integers(0, 2, size=num)
+        shown = [(o[k],) if p and len(o) > 1 else None
+                 for o, p, k in zip(objects, is_partial, keep, strict=True)]
     styles = ("color",) if condition is None else ("color", condition)
     images = np.empty((len(styles), num, size, size, 3), np.float32)
     for n, objs in enumerate(objects):
-        for k, img in enumerate(render_styles(objs, size, rng if jitter else None, styles)):
+        for k, img in enumerate(render_styles(objs, size, rng if jitter else None, styles,
+                                              only=shown[n])):
             images[k, n] = to_float(img)
     out = {"images": images[0], "captions": [caption(o) for o in objects], "objects": objects}
     if condition is not None:
         out["conditions"] = images[1]
+    if partial:
+        out["partial"] = np.array([s is not None for s in shown])
     return out
 
 
@@ -385,6 +404,7 @@ def batch(
     concepts: Concepts = "base",
     new_fraction: float = 0.5,
     condition: str | None = None,
+    partial: float = 0.0,
 ) -> dict[str, Any]:
     """Batch ``index`` of :func:`iterate`: a function of ``(seed, index)`` only.
 
@@ -393,13 +413,16 @@ def batch(
     ``split``, same share of pairs); the rest are the base batch's examples. ``condition``
     (``"silhouette"`` or ``"outline"``) adds ``conditions``: each image's control condition,
     float32 in [-1, 1], drawn with the image's jitter (the images are those without it).
+    ``partial``: the share of two-object examples whose condition shows one of the two objects
+    (which one drawn at random), flagged in ``partial`` (bool, (batch_size,)): what a condition
+    that does not cover the whole image looks like, so that conditions trained apart compose.
     """
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     return _sample(
         rng, batch_size, split, size, pair_fraction, jitter, holdout_single, holdout_pair,
-        concepts, new_fraction, condition,
+        concepts, new_fraction, condition, partial,
     )
 
 

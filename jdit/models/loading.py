@@ -88,9 +88,12 @@ def _converting(sd: StateDict, convert: Converter) -> Callable[[nn.Module], Tree
     return load
 
 
-def _resolve(path: Path, state_dict_key: str | None, overrides: dict[str, Any]
-             ) -> tuple[str, dict[str, Any], Callable[[nn.Module], Tree]]:
+def _resolve(path: Path, state_dict_key: str | None, overrides: dict[str, Any],
+             prefix: str | None = None) -> tuple[str, dict[str, Any], Callable[[nn.Module], Tree]]:
     """``(family, fields, load)``: ``load(module)`` returns the jdit-named parameter tree."""
+    if prefix is not None and path.is_dir():
+        raise ValueError(f"{path}: state_dict_prefix picks part of a single checkpoint file, "
+                         "not of a folder")
     if path.is_dir():
         if (path / "model_index.json").exists():
             if not (path / "transformer").is_dir():
@@ -110,6 +113,8 @@ def _resolve(path: Path, state_dict_key: str | None, overrides: dict[str, Any]
         except ValueError as e:
             raise ValueError(f"{cfg_file}: {e}") from None
         sd = StateDict(_read_diffusers_tensors(path), str(path))
+        if hasattr(weights, "fields_from_diffusers_weights"):  # a config without dimensions
+            fields = weights.fields_from_diffusers_weights(sd, {**fields, **overrides})
         return family, fields, _converting(sd, weights.convert_diffusers)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
@@ -119,6 +124,10 @@ def _resolve(path: Path, state_dict_key: str | None, overrides: dict[str, Any]
         tensors = extract_state_dict(load_torch_checkpoint(path), state_dict_key)
     if tensors and all(k.startswith("module.") for k in tensors):  # saved from DistributedDataParallel
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    if prefix is not None:  # one model of a file that holds several (PixArt-δ's base_model.)
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not tensors:
+            raise ValueError(f"{path}: no weights under the prefix {prefix!r}")
     probe = StateDict(tensors, str(path))
     family = _official_family(probe)
     weights = family_weights(family)
@@ -141,6 +150,7 @@ def from_pretrained(
     *,
     param_dtype: Any = jnp.float32,
     state_dict_key: str | None = None,
+    state_dict_prefix: str | None = None,
     **overrides: Any,
 ) -> tuple[nn.Module, Tree]:
     """Load a model and its parameters; returns ``(module, params)``.
@@ -150,10 +160,12 @@ def from_pretrained(
     (``scan_layers=True``, ``remat_policy="dots"``, ``attention_impl``) or architecture facts
     that a checkpoint does not record (``num_heads``, ``input_size``, ``pe_interpolation``,
     ``kv_compress`` for the parameter-free modes). ``state_dict_key`` picks the entry of a
-    ``.pth`` that holds the weights (default: ``state_dict``, ``ema``, ``model``, ``module``).
+    ``.pth`` that holds the weights (default: ``state_dict``, ``ema``, ``model``, ``module``);
+    ``state_dict_prefix`` keeps the keys under a prefix, stripped (one model of a file that
+    holds several: a PixArt-δ ControlNet file's base is ``"base_model."``).
     """
     path = Path(path)
-    family, fields, load = _resolve(path, state_dict_key, overrides)
+    family, fields, load = _resolve(path, state_dict_key, overrides, state_dict_prefix)
     module = registry.build(family, **{**fields, **overrides, "dtype": dtype,
                                        "param_dtype": param_dtype})
     tree = load(module)

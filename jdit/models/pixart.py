@@ -51,7 +51,7 @@ class PixArtBlock(nn.Module):
     hidden_size: int
     num_heads: int
     mlp_ratio: float
-    grid_hw: tuple[int, int]
+    grid_hw: tuple[int, int] | None  # the token grid (KV compression, LiT's V conv need it)
     kv_compress: str | None = None
     kv_compress_ratio: int = 1
     qk_norm: bool = False
@@ -220,6 +220,17 @@ class PixArt(nn.Module):
         t = jnp.zeros((latents.shape[0],), jnp.float32)
         return self(latents, t, None, None, resolution, aspect_ratio, _branch="condition")
 
+    def controlnet_inputs(self, x: Array, t: Array, context: Array, context_mask: Array | None,
+                          condition: Array, resolution: Array | None = None,
+                          aspect_ratio: Array | None = None) -> dict[str, Any]:
+        """What PixArt-δ's ControlNet (:class:`jdit.models.pixart_controlnet.PixArtControlNet`)
+        reads from the base: the output of block 0 (``hidden``), the condition latents
+        (``condition``, shaped as ``x``) through the same patch embedding and positions, the
+        projected caption (``context``, ``context_mask``) and the modulation ``t0``. Needs the
+        unscanned layout (``scan_layers=False``)."""
+        return self(x, t, context, context_mask, resolution, aspect_ratio,
+                    _branch="controlnet_inputs", _condition=condition)
+
     @nn.compact
     def __call__(
         self,
@@ -232,6 +243,7 @@ class PixArt(nn.Module):
         control: tuple[Array, Array] | None = None,
         block_residuals: Array | None = None,
         _branch: str = "image",
+        _condition: Array | None = None,
     ) -> Array:
         """``control``: conditions' keys and values ((depth, B, L_c, heads, head_dim) each, from
         :meth:`encode_condition`, several concatenated along L_c) that the image tokens'
@@ -261,8 +273,9 @@ class PixArt(nn.Module):
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         cond = dict(param_dtype=self.param_dtype, precision=self.precision)
 
-        tokens = PatchEmbed(d, p, name="patch_embed", **common)(x).astype(jnp.float32)
-        tokens = tokens + sincos_pos_embed_2d(d, grid, self.input_size // p, self.pe_interpolation)
+        embed = PatchEmbed(d, p, name="patch_embed", **common)
+        pos = sincos_pos_embed_2d(d, grid, self.input_size // p, self.pe_interpolation)
+        tokens = embed(x).astype(jnp.float32) + pos
 
         temb = TimestepEmbedder(d, name="t_embedder", **cond)(t)
         if resolution is not None and aspect_ratio is not None:  # micro-conditions (checked)
@@ -276,7 +289,7 @@ class PixArt(nn.Module):
             kv_compress=self.kv_compress, qk_norm=self.qk_norm,
             self_attention=self.self_attention, linear_heads=self.linear_heads,
             linear_v_conv=self.linear_v_conv, attention_impl=self.attention_impl,
-            branch=_branch, **common,
+            branch="condition" if condition else "image", **common,
         )
         if condition:
             _, kv = run_blocks(PixArtBlock, self.per_layer(), shared, tokens, None, None, t0,
@@ -287,6 +300,18 @@ class PixArt(nn.Module):
             d, d, in_axis="caption", fc1_init=normal(0.02), fc2_init=normal(0.02),
             name="caption_projection", **common,
         )(context)
+        if _branch == "controlnet_inputs":
+            if self.scan_layers:
+                raise ValueError("PixArt: a PixArt-δ ControlNet reads the output of block 0 "
+                                 "alone; load the base with scan_layers=False")
+            if _condition is None or tuple(_condition.shape) != tuple(x.shape):
+                raise ValueError(f"PixArt: the ControlNet's condition latents must have the "
+                                 f"latents' shape {tuple(x.shape)}, got "
+                                 f"{None if _condition is None else tuple(_condition.shape)}")
+            first = run_blocks(PixArtBlock, self.per_layer()[:1], shared, tokens, y,
+                               context_mask, t0)
+            return {"hidden": first, "condition": embed(_condition).astype(jnp.float32) + pos,
+                    "context": y, "context_mask": context_mask, "t0": t0}
         h = run_blocks(
             PixArtBlock, self.per_layer(), shared, tokens, y, context_mask, t0,
             scan=self.scan_layers, remat=self.remat_policy,

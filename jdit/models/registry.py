@@ -17,11 +17,13 @@ from flax import linen as nn
 
 from jdit.models.dit import DiT
 from jdit.models.pixart import PixArt
+from jdit.models.pixart_controlnet import PixArtControlNet
 from jdit.models.sana import Sana
 from jdit.models.sana_controlnet import SanaControlNet
 
 FAMILIES: dict[str, type[nn.Module]] = {"dit": DiT, "pixart": PixArt, "sana": Sana,
-                                        "sana_controlnet": SanaControlNet}
+                                        "sana_controlnet": SanaControlNet,
+                                        "pixart_controlnet": PixArtControlNet}
 
 # Fields that choose how a model runs, not what it computes: not stored in checkpoints.
 RUNTIME_FIELDS = ("scan_layers", "remat_policy", "attention_impl", "dtype", "param_dtype", "precision")

@@ -72,7 +72,11 @@ PIPELINE_CLASSES: dict[str, dict[str, Any]] = {
     "SanaPipeline": {"max_sequence_length": 300, "bins": {16: 512, 32: 1024, 64: 2048},
                      "text": "gemma2", "instruction": SANA_INSTRUCTION},
 }
-PIPELINE_CLASSES["SanaControlNetPipeline"] = PIPELINE_CLASSES["SanaPipeline"]  # + controlnet/
+# ControlNet pipelines: the base pipeline's settings plus a controlnet/ folder (SANA's in
+# diffusers; PixArt-δ's in diffusers' research project, examples/research_projects/pixart)
+CONTROLNET_PIPELINES = {"SanaControlNetPipeline": "SanaPipeline",
+                        "PixArtAlphaControlnetPipeline": "PixArtAlphaPipeline"}
+PIPELINE_CLASSES.update({k: PIPELINE_CLASSES[v] for k, v in CONTROLNET_PIPELINES.items()})
 
 
 def _check_scale(scale: Any) -> None:
@@ -157,11 +161,14 @@ class TextToImage:
         vae, v_params = autoencoders.from_pretrained(folder / "vae", dtype=vae_dtype)
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         controlnet, c_params = None, None
-        if name == "SanaControlNetPipeline":
+        if name in CONTROLNET_PIPELINES:
             if not (folder / "controlnet").is_dir():
-                raise FileNotFoundError(f"{folder}: a SanaControlNetPipeline without controlnet/")
+                raise FileNotFoundError(f"{folder}: a {name} without controlnet/")
+            # PixArt-δ's folder records no dimensions: its heads are the base's
+            heads = ({"num_heads": transformer.num_heads}
+                     if name == "PixArtAlphaControlnetPipeline" else {})
             controlnet, c_params = models.from_pretrained(folder / "controlnet", dtype=dtype,
-                                                          param_dtype=param_dtype)
+                                                          param_dtype=param_dtype, **heads)
         return cls(transformer, t_params, encoder, e_params, tokenizer, vae, v_params,
                    from_diffusers_config(sched), spec["max_sequence_length"], spec["bins"], mesh,
                    spec["instruction"], controlnet, c_params)
@@ -315,13 +322,12 @@ class TextToImage:
         if "control" in extra:
             kwargs["control"] = extra["control"]
         if "controlnet" in extra:
-            from jdit.control.controlnet import block_residuals
+            from jdit.control.controlnet import residuals
 
             cn = extra["controlnet"]
-            res = self.controlnet.apply({"params": cn["params"]}, x, t, ctx, mask,
-                                        cn["condition"], cn["scale"])
-            kwargs["block_residuals"] = block_residuals(res, self.transformer.depth,
-                                                        self.controlnet.residual_offset)
+            kwargs["block_residuals"] = residuals(
+                self.controlnet, cn["params"], self.transformer, params, x, t, ctx, mask,
+                cn["condition"], cn["scale"], **kwargs)
         return self.transformer.apply({"params": params}, x, t, context=ctx, context_mask=mask,
                                       **kwargs)
 

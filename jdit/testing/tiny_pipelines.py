@@ -10,6 +10,7 @@ at its zero or identity initialisation.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,17 @@ def vae(seed: int = 2, levels: int = 2) -> Any:
 
 
 def text_to_image(folder: str | Path, kind: str = "sigma", sample_size: int = 32,
-                  width: int = 16, seed: int = 0) -> Any:
+                  width: int = 16, seed: int = 0, controlnet_layers: int = 0) -> Any:
     """A ``PixArtSigmaPipeline`` (``kind="sigma"``) or ``PixArtAlphaPipeline`` (``"alpha"``;
     micro-conditions when ``sample_size`` is 128, as PixArt-α 1024) saved at ``folder``;
     returns the diffusers pipeline. The VAE downsamples 8× like the real ones, so
-    ``sample_size`` 32 is a "256 px" model with PixArt's 256 aspect-ratio bins."""
+    ``sample_size`` 32 is a "256 px" model with PixArt's 256 aspect-ratio bins.
+
+    ``controlnet_layers`` > 0 (α): a ``PixArtAlphaControlnetPipeline`` folder as diffusers'
+    research project writes it (examples/research_projects/pixart: model_index.json naming
+    that class, controlnet/ a ``PixArtControlNetAdapterModel``) with random copies of the
+    first blocks, their projections random too; returns ``(pipeline, controlnet state dict)``:
+    the diffusers pipeline of the base, and the ControlNet's weights (diffusers names)."""
     import torch
     from diffusers import (
         DPMSolverMultistepScheduler,
@@ -81,14 +88,46 @@ def text_to_image(folder: str | Path, kind: str = "sigma", sample_size: int = 32
         relative_attention_max_distance=16)), seed)
     heads = 2
     transformer = _perturb(PixArtTransformer2DModel(
-        sample_size=sample_size, num_layers=2, num_attention_heads=heads,
+        sample_size=sample_size, num_layers=2 + controlnet_layers, num_attention_heads=heads,
         attention_head_dim=width // heads, in_channels=4, out_channels=8, caption_channels=32,
         cross_attention_dim=width, use_additional_conditions=sample_size == 128), seed + 1)
     cls = PixArtSigmaPipeline if kind == "sigma" else PixArtAlphaPipeline
     pipe = cls(tokenizer=tokenizer, text_encoder=encoder, vae=vae(seed + 2, levels=4),
                transformer=transformer, scheduler=DPMSolverMultistepScheduler())
     pipe.save_pretrained(folder)
-    return pipe
+    if not controlnet_layers:
+        return pipe
+    if kind != "alpha":
+        raise ValueError("a PixArt-δ ControlNet pipeline is PixArt-α's (kind='alpha')")
+    return pipe, _pixart_controlnet(folder, transformer, controlnet_layers, seed + 3)
+
+
+def _pixart_controlnet(folder: Path, transformer: Any, layers: int, seed: int) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    d = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    sd: dict[str, Any] = {}
+    for i in range(layers):  # copies of the base's blocks, perturbed
+        for k, v in transformer.transformer_blocks[i].state_dict().items():
+            sd[f"controlnet_blocks.{i}.transformer_block.{k}"] = (
+                v + 0.05 * torch.randn(v.shape, generator=gen))
+        for wb, shape in (("weight", (d, d)), ("bias", (d,))):
+            sd[f"controlnet_blocks.{i}.after_proj.{wb}"] = 0.05 * torch.randn(shape, generator=gen)
+            if i == 0:
+                sd[f"controlnet_blocks.0.before_proj.{wb}"] = 0.05 * torch.randn(shape,
+                                                                                 generator=gen)
+    (folder / "controlnet").mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()},
+              folder / "controlnet" / "diffusion_pytorch_model.safetensors")
+    (folder / "controlnet" / "config.json").write_text(json.dumps(
+        {"_class_name": "PixArtControlNetAdapterModel", "num_layers": layers}))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "PixArtAlphaControlnetPipeline"
+    index["controlnet"] = ["controlnet_pixart_alpha", "PixArtControlNetAdapterModel"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return sd
 
 
 def gemma_tokenizer(folder: Path, vocab_size: int = 320, seed: int = 0) -> Any:

@@ -111,6 +111,8 @@ def make_loss_fn(module: nn.Module, diffusion: Mapping[str, Any], cond_dropout: 
         rng_t, rng_n, rng_d = jax.random.split(rng, 3)
         noise = jax.random.normal(rng_n, x0.shape)
         drop = jax.random.uniform(rng_d, (b,)) < cond_dropout
+        if "keep_caption" in batch:  # rows whose caption says what their condition leaves out
+            drop = drop & ~batch["keep_caption"]
         cond = {**_conditioning(module, batch, drop, null), **(model_kwargs or {})}
         if isinstance(schedule, FlowSchedule):
             sigma = sample_flow_sigmas(

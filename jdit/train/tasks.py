@@ -59,6 +59,12 @@ class ShapesTask:
         if self.condition is not None and self.condition not in shapes.STYLES[1:]:
             raise ValueError(f"data.condition must be None or one of {shapes.STYLES[1:]}, got "
                              f"{self.condition!r}")
+        # a share of two-object examples whose condition shows one object; their captions
+        # (naming both) are never dropped, so an empty prompt still means "what the condition
+        # shows", and a condition showing one object no longer means "nothing else"
+        self.partial_condition = float(cfg["partial_condition"])
+        if self.partial_condition and self.condition is None:
+            raise ValueError("data.partial_condition needs data.condition")
         self.batch_size, self.seed = batch_size, seed
         # Every word of the vocabulary (colours, shapes, positions, "a"/"an", "and"); words are
         # not held out, only their combinations. The new concepts' words come after the base
@@ -75,11 +81,14 @@ class ShapesTask:
         # Rendering a whole 32-pixel batch costs little; each host keeps its rows.
         b = self.shapes.batch(self.seed, index, self.batch_size, size=self.size,
                               pair_fraction=self.pair_fraction, concepts=self.concepts,
-                              new_fraction=self.new_fraction, condition=self.condition)
+                              new_fraction=self.new_fraction, condition=self.condition,
+                              partial=self.partial_condition)
         part = _rows(rows, self.batch_size)
         out = {"images": b["images"][part], **self.encode(list(b["captions"][part]))}
         if self.condition is not None:
             out["condition"] = b["conditions"][part]
+        if self.partial_condition:
+            out["keep_caption"] = b["partial"][part]
         return out
 
     def null(self) -> dict[str, np.ndarray]:

@@ -134,11 +134,48 @@ def _embedder(sd: StateDict, t: Tree, ours: str, theirs: str, l1: str, l2: str,
     put(t, f"{ours}/linear_2", sd.linear(f"{theirs}.{l2}", (out,), (out,)))
 
 
+def convert_block_diffusers(sd: StateDict, t: Tree, s: str, o: str, d: int, heads: int,
+                            mlp: int) -> None:
+    """One diffusers ``BasicTransformerBlock`` (``s``) -> a jdit ``PixArtBlock`` (``o``)."""
+    hd = d // heads
+    put(t, f"{o}/scale_shift_table", sd.take(f"{s}.scale_shift_table", (6, d)))
+    put(t, f"{o}/attn/qkv", sd.stacked_linears(
+        [f"{s}.attn1.to_q", f"{s}.attn1.to_k", f"{s}.attn1.to_v"], d, (heads, hd)))
+    put(t, f"{o}/attn/out", sd.linear(f"{s}.attn1.to_out.0", (heads, hd), (d,)))
+    put(t, f"{o}/cross_attn/q", sd.linear(f"{s}.attn2.to_q", (d,), (heads, hd)))
+    put(t, f"{o}/cross_attn/kv", sd.stacked_linears(
+        [f"{s}.attn2.to_k", f"{s}.attn2.to_v"], d, (heads, hd)))
+    put(t, f"{o}/cross_attn/out", sd.linear(f"{s}.attn2.to_out.0", (heads, hd), (d,)))
+    put(t, f"{o}/mlp/fc1", sd.linear(f"{s}.ff.net.0.proj", (d,), (mlp,)))
+    put(t, f"{o}/mlp/fc2", sd.linear(f"{s}.ff.net.2", (mlp,), (d,)))
+
+
+def convert_block_official(sd: StateDict, t: Tree, s: str, o: str, d: int, heads: int,
+                           mlp: int, qk_norm: bool = False, kv_compress: str | None = None,
+                           kv_compress_ratio: int = 1) -> None:
+    """One official ``PixArtBlock`` / ``PixArtMSBlock`` (``s``) -> a jdit ``PixArtBlock``."""
+    hd = d // heads
+    put(t, f"{o}/scale_shift_table", sd.take(f"{s}.scale_shift_table", (6, d)))
+    put(t, f"{o}/attn/qkv", sd.linear(f"{s}.attn.qkv", (d,), (3, heads, hd)))
+    put(t, f"{o}/attn/out", sd.linear(f"{s}.attn.proj", (heads, hd), (d,)))
+    if qk_norm:
+        put(t, f"{o}/attn/q_norm", sd.layer_norm(f"{s}.attn.q_norm", d))
+        put(t, f"{o}/attn/k_norm", sd.layer_norm(f"{s}.attn.k_norm", d))
+    if kv_compress == "conv" and kv_compress_ratio > 1:
+        put(t, f"{o}/attn/kv_compress", sd.depthwise_conv(f"{s}.attn.sr", d, kv_compress_ratio))
+        put(t, f"{o}/attn/kv_compress/norm", sd.layer_norm(f"{s}.attn.norm", d))
+    put(t, f"{o}/cross_attn/q", sd.linear(f"{s}.cross_attn.q_linear", (d,), (heads, hd)))
+    put(t, f"{o}/cross_attn/kv", sd.linear(f"{s}.cross_attn.kv_linear", (d,), (2, heads, hd)))
+    put(t, f"{o}/cross_attn/out", sd.linear(f"{s}.cross_attn.proj", (heads, hd), (d,)))
+    put(t, f"{o}/mlp/fc1", sd.linear(f"{s}.mlp.fc1", (d,), (mlp,)))
+    put(t, f"{o}/mlp/fc2", sd.linear(f"{s}.mlp.fc2", (mlp,), (d,)))
+
+
 def convert_diffusers(sd: StateDict, m: nn.Module) -> Tree:
     if m.kv_compress or m.qk_norm:
         raise ValueError("diffusers PixArt checkpoints have no KV compression or QK-norm weights")
     d, heads, p = m.hidden_size, m.num_heads, m.patch_size
-    hd, mlp = d // heads, int(d * m.mlp_ratio)
+    mlp = int(d * m.mlp_ratio)
     t: Tree = {}
     put(t, "patch_embed", sd.patch_conv("pos_embed.proj", m.in_channels, d, p))
     emb = "adaln_single.emb"
@@ -150,27 +187,15 @@ def convert_diffusers(sd: StateDict, m: nn.Module) -> Tree:
     put(t, "caption_projection/fc1", sd.linear("caption_projection.linear_1", (m.caption_channels,), (d,)))
     put(t, "caption_projection/fc2", sd.linear("caption_projection.linear_2", (d,), (d,)))
     for i in range(m.depth):
-        s, o = f"transformer_blocks.{i}", f"block_{i}"
-        put(t, f"{o}/scale_shift_table", sd.take(f"{s}.scale_shift_table", (6, d)))
-        put(t, f"{o}/attn/qkv", sd.stacked_linears(
-            [f"{s}.attn1.to_q", f"{s}.attn1.to_k", f"{s}.attn1.to_v"], d, (heads, hd)))
-        put(t, f"{o}/attn/out", sd.linear(f"{s}.attn1.to_out.0", (heads, hd), (d,)))
-        put(t, f"{o}/cross_attn/q", sd.linear(f"{s}.attn2.to_q", (d,), (heads, hd)))
-        put(t, f"{o}/cross_attn/kv", sd.stacked_linears(
-            [f"{s}.attn2.to_k", f"{s}.attn2.to_v"], d, (heads, hd)))
-        put(t, f"{o}/cross_attn/out", sd.linear(f"{s}.attn2.to_out.0", (heads, hd), (d,)))
-        put(t, f"{o}/mlp/fc1", sd.linear(f"{s}.ff.net.0.proj", (d,), (mlp,)))
-        put(t, f"{o}/mlp/fc2", sd.linear(f"{s}.ff.net.2", (mlp,), (d,)))
+        convert_block_diffusers(sd, t, f"transformer_blocks.{i}", f"block_{i}", d, heads, mlp)
     put(t, "final_layer/scale_shift_table", sd.take("scale_shift_table", (2, d)))
     put(t, "final_layer/linear", sd.linear("proj_out", (d,), (p * p * m.out_channels,)))
     return t
 
 
-
-
 def convert_official(sd: StateDict, m: nn.Module) -> Tree:
     d, heads, p = m.hidden_size, m.num_heads, m.patch_size
-    hd, mlp = d // heads, int(d * m.mlp_ratio)
+    mlp = int(d * m.mlp_ratio)
     t: Tree = {}
     put(t, "patch_embed", sd.patch_conv("x_embedder.proj", m.in_channels, d, p))
     _embedder(sd, t, "t_embedder", "t_embedder", "mlp.0", "mlp.2", d)
@@ -181,22 +206,9 @@ def convert_official(sd: StateDict, m: nn.Module) -> Tree:
     put(t, "caption_projection/fc1", sd.linear("y_embedder.y_proj.fc1", (m.caption_channels,), (d,)))
     put(t, "caption_projection/fc2", sd.linear("y_embedder.y_proj.fc2", (d,), (d,)))
     for i, layer in enumerate(m.per_layer()):
-        s, o = f"blocks.{i}", f"block_{i}"
-        put(t, f"{o}/scale_shift_table", sd.take(f"{s}.scale_shift_table", (6, d)))
-        put(t, f"{o}/attn/qkv", sd.linear(f"{s}.attn.qkv", (d,), (3, heads, hd)))
-        put(t, f"{o}/attn/out", sd.linear(f"{s}.attn.proj", (heads, hd), (d,)))
-        if m.qk_norm:
-            put(t, f"{o}/attn/q_norm", sd.layer_norm(f"{s}.attn.q_norm", d))
-            put(t, f"{o}/attn/k_norm", sd.layer_norm(f"{s}.attn.k_norm", d))
-        ratio = layer["kv_compress_ratio"]
-        if m.kv_compress == "conv" and ratio > 1:
-            put(t, f"{o}/attn/kv_compress", sd.depthwise_conv(f"{s}.attn.sr", d, ratio))
-            put(t, f"{o}/attn/kv_compress/norm", sd.layer_norm(f"{s}.attn.norm", d))
-        put(t, f"{o}/cross_attn/q", sd.linear(f"{s}.cross_attn.q_linear", (d,), (heads, hd)))
-        put(t, f"{o}/cross_attn/kv", sd.linear(f"{s}.cross_attn.kv_linear", (d,), (2, heads, hd)))
-        put(t, f"{o}/cross_attn/out", sd.linear(f"{s}.cross_attn.proj", (heads, hd), (d,)))
-        put(t, f"{o}/mlp/fc1", sd.linear(f"{s}.mlp.fc1", (d,), (mlp,)))
-        put(t, f"{o}/mlp/fc2", sd.linear(f"{s}.mlp.fc2", (mlp,), (d,)))
+        convert_block_official(sd, t, f"blocks.{i}", f"block_{i}", d, heads, mlp,
+                               qk_norm=m.qk_norm, kv_compress=m.kv_compress,
+                               kv_compress_ratio=layer["kv_compress_ratio"])
     put(t, "final_layer/scale_shift_table", sd.take("final_layer.scale_shift_table", (2, d)))
     put(t, "final_layer/linear", sd.linear("final_layer.linear", (d,), (p * p * m.out_channels,)))
     return t

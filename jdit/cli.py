@@ -325,6 +325,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "kernels": ("kernels", "Pallas kernels vs XLA attention, TPU compiles"),
     "compile": ("compile_time", "compile time of a full-size model, scan vs not"),
     "cache": ("cache", "jdit cache images/s against its encoders alone"),
+    "control": ("control", "EasyControl sampling step: with the condition cache vs without"),
 }
 
 

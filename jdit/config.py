@@ -89,10 +89,11 @@ DATA: dict[str, dict[str, Any]] = {
     # vocabulary lacks (purple, diamond; jdit.data.shapes), evaluated as ``adherence_new``.
     # ``condition``: "silhouette" or "outline" gives every image its control condition;
     # ``partial_condition``: the share of two-object images whose condition shows one object
-    # (their captions are kept: what lets condition LoRAs trained apart compose).
+    # (their captions are kept: what lets condition LoRAs trained apart compose);
+    # ``condition_size``: the conditions' side (0: the image's), area-averaged from the image's.
     "shapes": dict(name="shapes", size=32, pair_fraction=0.5, text_dim=64, max_length=16,
                    concepts="base", new_fraction=0.5, condition=None,
-                   partial_condition=0.0),
+                   partial_condition=0.0, condition_size=0),
     # Embedded handwritten digits, class-conditional.
     "digits": dict(name="digits", size=32),
     # Pre-computed VAE latents + text features (jdit.data.cache). ``latent_scale``: SD VAE

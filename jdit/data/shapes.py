@@ -229,6 +229,22 @@ def to_float(images: np.ndarray) -> np.ndarray:
     return (np.asarray(images, np.float32) / 127.5 - 1.0).astype(np.float32)
 
 
+def resize(images: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Float images (N, H, W, C) to (N, h, w, C) by area averaging (PIL's box filter): a
+    condition at another resolution, or a generated image of another shape brought back to
+    the evaluator's square."""
+    from PIL import Image
+
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
+    h, w = int(hw[0]), int(hw[1])
+    if images.shape[1:3] == (h, w):
+        return images
+    return np.stack([np.stack([np.asarray(Image.fromarray(im[..., c], mode="F").resize(
+        (w, h), Image.BOX)) for c in range(im.shape[-1])], -1) for im in images])
+
+
 # ----------------------------------------------------------------------------- prompt space
 
 

@@ -30,9 +30,9 @@ class ControlledParams(NamedTuple):
 def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
                    partitioner: Any = None) -> Callable[..., np.ndarray]:
     """``generate(params, conditions, seed, guidance_scale=None, solver=None, num_steps=None,
-    raw=False)`` returns images in [-1, 1], NHWC (decoded by the task's ``to_images`` when it
-    samples latents; ``raw``: the samples in the model's own space). Defaults come from the
-    ``sample`` config section.
+    raw=False, hw=None)`` returns images in [-1, 1], NHWC (decoded by the task's ``to_images``
+    when it samples latents; ``raw``: the samples in the model's own space; ``hw``: another
+    (height, width) than the task's). Defaults come from the ``sample`` config section.
 
     With a :class:`~jdit.parallel.Partitioner` the noise is split over the mesh's batch axes
     (when they divide the number of images) and the sampler runs under its mesh and rules; the
@@ -107,7 +107,8 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
 
     def generate(params: Any, conditions: Mapping[str, np.ndarray], seed: int,
                  guidance_scale: float | None = None, solver: str | None = None,
-                 num_steps: int | None = None, raw: bool = False) -> np.ndarray:
+                 num_steps: int | None = None, raw: bool = False,
+                 hw: tuple[int, int] | None = None) -> np.ndarray:
         finish = (lambda x: x) if raw else to_images
         if task.kind == "text":
             b = len(conditions["context"])
@@ -136,7 +137,8 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
             params = params.base
         scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         key = jax.random.PRNGKey(seed)
-        noise = jax.random.normal(key, (b, height, width, channels))
+        h, w = (height, width) if hw is None else hw
+        noise = jax.random.normal(key, (b, h, w, channels))
         run = dict(solver=solver or defaults["solver"],
                    num_steps=int(num_steps or defaults["steps"]), schedule=schedule,
                    prediction=prediction, key=jax.random.fold_in(key, 1))

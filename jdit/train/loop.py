@@ -549,7 +549,8 @@ def load_adapters(workdir: str | Path, use_ema: bool = True) -> tuple[Run, Any, 
 
 def evaluate(workdir: str | Path, **kwargs: Any) -> dict[str, Any]:
     run, params, step = load_trained(workdir)
-    result = run.task.evaluate(lambda cond, s: run.generate(params, cond, seed=1000 + s), **kwargs)
+    result = run.task.evaluate(
+        lambda cond, s, **kw: run.generate(params, cond, seed=1000 + s, **kw), **kwargs)
     return {"step": step, **result}
 
 
@@ -588,8 +589,9 @@ def evaluate_composition(workdirs: list[str | Path], guess_mode: bool | None = N
     params = ControlledParams(loaded[0][1].base, [p.adapters for _, p, _ in loaded],
                               [p.scale for _, p, _ in loaded])
     styles = (runs[0].task.condition, runs[1].task.condition)
+    sizes = (runs[0].task.condition_size, runs[1].task.condition_size)
     out = shapes_composition(lambda c, s: generate(params, c, seed=1000 + s), first.task.encode,
-                             styles, first.task.size, **kwargs)
+                             styles, first.task.size, condition_sizes=sizes, **kwargs)
     return {"runs": [str(w) for w in workdirs], "styles": list(styles), **out}
 
 

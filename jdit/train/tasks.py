@@ -63,6 +63,9 @@ class ShapesTask:
         # (naming both) are never dropped, so an empty prompt still means "what the condition
         # shows", and a condition showing one object no longer means "nothing else"
         self.partial_condition = float(cfg["partial_condition"])
+        # the conditions' side (EasyControl encodes a condition at a fixed, smaller size;
+        # position-aware interpolation places it on the image): 0 = the image's
+        self.condition_size = int(cfg["condition_size"]) or self.size
         if self.partial_condition and self.condition is None:
             raise ValueError("data.partial_condition needs data.condition")
         self.batch_size, self.seed = batch_size, seed
@@ -86,7 +89,8 @@ class ShapesTask:
         part = _rows(rows, self.batch_size)
         out = {"images": b["images"][part], **self.encode(list(b["captions"][part]))}
         if self.condition is not None:
-            out["condition"] = b["conditions"][part]
+            out["condition"] = self.shapes.resize(b["conditions"][part],
+                                                  (self.condition_size,) * 2)
         if self.partial_condition:
             out["keep_caption"] = b["partial"][part]
         return out
@@ -103,7 +107,8 @@ class ShapesTask:
         cond = self.encode(prompts)
         if self.condition is not None:  # the first half with their conditions, no caption
             cond = self.encode(["" if i < n else p for i, p in enumerate(prompts)])
-            cond["condition"] = render_conditions(objects, self.condition, self.size)
+            cond["condition"] = render_conditions(objects, self.condition, self.size,
+                                                  condition_size=self.condition_size)
             prompts = [f"[{self.condition}] {p}" if i < n else p for i, p in enumerate(prompts)]
         return prompts, cond
 
@@ -111,7 +116,7 @@ class ShapesTask:
                  single_repeats: int = 4) -> dict[str, float]:
         if self.condition is not None:
             return shapes_control(generate, self.encode, self.condition, self.size, batch_size,
-                                  num_pairs, single_repeats)
+                                  num_pairs, single_repeats, self.condition_size)
         out = shapes_adherence(generate, self.encode, batch_size, num_pairs, single_repeats)
         if self.concepts == "new":
             out.update(shapes_adherence(generate, self.encode, batch_size, num_pairs,
@@ -120,31 +125,36 @@ class ShapesTask:
 
 
 def render_conditions(objects: list[tuple[Any, ...]], style: str, size: int,
-                      seed: int = 0) -> np.ndarray:
+                      seed: int = 0, condition_size: int | None = None) -> np.ndarray:
     """Control conditions of ``objects`` (jittered as training images are, from ``seed``),
-    float32 [-1, 1] (N, size, size, 3)."""
+    float32 [-1, 1] (N, condition_size, condition_size, 3): drawn at the image's ``size``, then
+    area-averaged to ``condition_size`` (default: ``size``)."""
     from jdit.data import shapes
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0D]))
-    return np.stack([shapes.to_float(shapes.render(o, size, rng, style)) for o in objects])
+    out = np.stack([shapes.to_float(shapes.render(o, size, rng, style)) for o in objects])
+    return shapes.resize(out, (condition_size or size,) * 2)
 
 
 def shapes_composition(generate: Generate, encode: Callable[[list[str]], dict[str, np.ndarray]],
                        styles: tuple[str, str], size: int, batch_size: int = 64,
-                       num_pairs: int = 200, caption: bool = False) -> dict[str, float]:
+                       num_pairs: int = 200, caption: bool = False,
+                       condition_sizes: tuple[int, int] | None = None) -> dict[str, float]:
     """Zero-shot composition of two condition LoRAs trained apart: for each held-out pair
     prompt, the first object's condition in ``styles[0]`` and the second's in ``styles[1]``
     (``generate`` takes the two, in that order, as ``conditions["condition"]``).
 
     ``composition_pair``: an empty prompt; both objects' shapes and positions right, nothing
     else. With ``caption``, also ``composition_caption_pair``: the pair's caption with the two
-    conditions; everything right, colours included."""
+    conditions; everything right, colours included. ``condition_sizes``: each condition's side
+    (its run's ``data.condition_size``)."""
     from jdit.data import shapes
     from jdit.eval import shapes as evaluator
 
     pairs = list(shapes.prompts("pair", "heldout")[:num_pairs])
-    conditions = [render_conditions([(p[i],) for p in pairs], styles[i], size, seed=i)
-                  for i in range(2)]
+    sizes = condition_sizes or (size, size)
+    conditions = [render_conditions([(p[i],) for p in pairs], styles[i], size, seed=i,
+                                    condition_size=sizes[i]) for i in range(2)]
     out: dict[str, float] = {"num_pair_images": len(pairs)}
     for name, with_caption in (("composition_pair", False),
                                ("composition_caption_pair", True))[:1 + bool(caption)]:
@@ -157,33 +167,47 @@ def shapes_composition(generate: Generate, encode: Callable[[list[str]], dict[st
 
 def shapes_control(generate: Generate, encode: Callable[[list[str]], dict[str, np.ndarray]],
                    style: str, size: int, batch_size: int = 64, num_pairs: int = 200,
-                   single_repeats: int = 4) -> dict[str, float]:
+                   single_repeats: int = 4, condition_size: int | None = None,
+                   wide: tuple[int, int] | None = None) -> dict[str, float]:
     """Control accuracy of a condition (``style``) read by :mod:`jdit.eval.shapes`, on the
-    held-out prompts (as :func:`shapes_adherence`), each with the condition of its layout:
+    held-out prompts (as :func:`shapes_adherence`), each with the condition of its layout
+    (drawn at ``size``, encoded at ``condition_size``, default ``size``):
 
     * ``control_single`` / ``control_pair``: an empty prompt and the condition; every object's
       shape and position right (colour ignored), no extra object;
     * ``control_caption_single``: the caption and the condition, everything right (colour from
       the caption);
     * ``chance_single``: an empty prompt and no condition, scored as ``control_single`` (what
-      the model draws unguided).
+      the model draws unguided);
+    * position-aware interpolation: ``control_single_half``, the condition at half the image's
+      side; ``control_single_wide``, the square condition with a target of another aspect
+      ratio (``wide``, default (size, 1.5 size)), read after resizing it back to the square.
     """
     from jdit.data import shapes
     from jdit.eval import shapes as evaluator
 
     singles = shapes.prompts("single", "heldout") * single_repeats
     pairs = shapes.prompts("pair", "heldout")[:num_pairs]
+    wide = wide or (size, size * 3 // 2)
     out: dict[str, float] = {}
-    for name, objs, caption, use_condition in (
-            ("control_single", singles, False, True), ("control_pair", pairs, False, True),
-            ("control_caption_single", singles, True, True),
-            ("chance_single", singles, False, False)):
+    for name, objs, caption, cond_size, hw in (
+            ("control_single", singles, False, condition_size, None),
+            ("control_pair", pairs, False, condition_size, None),
+            ("control_caption_single", singles, True, condition_size, None),
+            ("chance_single", singles, False, 0, None),
+            ("control_single_half", singles, False, size // 2, None),
+            ("control_single_wide", singles, False, condition_size, wide)):
         cond = encode([shapes.caption(o) if caption else "" for o in objs])
-        if use_condition:
-            cond["condition"] = render_conditions(list(objs), style, size)
-        images = generate_in_chunks(generate, cond, batch_size)
+        if cond_size != 0:
+            cond["condition"] = render_conditions(list(objs), style, size,
+                                                  condition_size=cond_size)
+        gen = generate if hw is None else (lambda c, s, hw=hw: generate(c, s, hw=hw))
+        images = generate_in_chunks(gen, cond, batch_size)
+        if hw is not None:
+            images = shapes.resize(images, (size, size))
         out[name] = float(evaluator.adherence(images, list(objs), ignore_color=not caption))
     out["num_single_images"], out["num_pair_images"] = len(singles), len(pairs)
+    out["condition_size"], out["wide_hw"] = condition_size or size, list(wide)
     return out
 
 

@@ -60,6 +60,11 @@ def test_a_control_run_trains_a_condition_lora_and_samples(runs):
     assert np.abs(both_halves - with_condition).max() > 1e-4
     with pytest.raises(ValueError, match="ControlledParams"):
         run.generate(base, cond, seed=0, num_steps=3)
+    # position-aware interpolation: a half-size condition, a wider target
+    cond["condition"] = render_conditions(objs, "silhouette", 32, condition_size=16)
+    assert cond["condition"].shape == (2, 16, 16, 3)
+    wide = run.generate(params, cond, seed=0, num_steps=3, hw=(32, 48))
+    assert wide.shape == (2, 32, 48, 3) and np.isfinite(wide).all()
 
 
 @pytest.mark.slow
@@ -67,8 +72,9 @@ def test_control_eval_reports_control_accuracy(runs):
     from jdit.train.loop import evaluate
 
     out = evaluate(runs / "silhouette", num_pairs=4, single_repeats=1)
-    assert {"control_single", "control_pair", "control_caption_single",
-            "chance_single"} <= set(out)
+    assert {"control_single", "control_pair", "control_caption_single", "chance_single",
+            "control_single_half", "control_single_wide"} <= set(out)
+    assert out["wide_hw"] == [32, 48] and out["condition_size"] == 32
     assert all(0.0 <= out[k] <= 1.0 for k in ("control_single", "control_pair"))
 
 

@@ -1,5 +1,6 @@
-"""Partial conditions: a share of two-object images trained with a condition that shows one
-of the objects and a caption that is never dropped (what lets condition LoRAs compose)."""
+"""Conditions of the shapes data: partial conditions (a share of two-object images trained with
+a condition that shows one of the objects and a caption that is never dropped: what lets
+condition LoRAs compose), and conditions at a smaller size than the image."""
 
 from __future__ import annotations
 
@@ -88,3 +89,26 @@ def test_rows_with_keep_caption_never_lose_their_caption_to_dropout():
     assert abs(float(keep) - float(drop)) > 1e-4  # dropout changes the loss ...
     keep, drop = losses({**batch, "keep_caption": jnp.ones((4,), bool)})
     assert float(drop) == float(keep)  # ... but not on rows whose caption is kept
+
+
+def test_resize_averages_areas_and_keeps_equal_sizes():
+    rng = np.random.default_rng(0)
+    images = rng.random((2, 32, 32, 3)).astype(np.float32)
+    half = shapes.resize(images, (16, 16))
+    want = images.reshape(2, 16, 2, 16, 2, 3).mean(axis=(2, 4))
+    np.testing.assert_allclose(half, want, atol=1e-6)
+    np.testing.assert_array_equal(shapes.resize(images, (32, 32)), images)
+    assert shapes.resize(images, (32, 48)).shape == (2, 32, 48, 3)
+    with pytest.raises(ValueError, match="N, H, W, C"):
+        shapes.resize(images[0], (16, 16))
+
+
+def test_the_task_gives_conditions_at_their_own_size():
+    from jdit.train.tasks import ShapesTask
+
+    config = load_config("configs/shapes_control.py", ["data.condition_size=16"])
+    task = ShapesTask(config.data, 8, 0)
+    full = ShapesTask({**dict(config.data), "condition_size": 0}, 8, 0)
+    small, big = task.batch(1)["condition"], full.batch(1)["condition"]
+    assert small.shape == (8, 16, 16, 3) and big.shape == (8, 32, 32, 3)
+    np.testing.assert_allclose(small, shapes.resize(big, (16, 16)), atol=1e-6)

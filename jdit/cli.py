@@ -147,9 +147,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     kwargs = {k: v for k, v in dict(guidance_scale=args.guidance_scale, solver=args.solver,
                                     num_steps=args.steps).items() if v is not None}
-    if args.control_weights:
-        raise SystemExit("jdit sample: --control-weights is for --pretrained pipelines; a "
-                         "control run's --workdir holds its condition LoRA")
+    if args.control_weights or args.canny:
+        raise SystemExit("jdit sample: --control-weights and --canny are for --pretrained "
+                         "pipelines; a control run's --workdir holds its condition LoRA")
     if len(args.control) > 1:
         raise SystemExit("jdit sample: a control run takes one --control image")
     sample_prompts(args.workdir, args.prompt, args.out, num_per_prompt=args.num, seed=args.seed,
@@ -162,6 +162,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _control_args(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     """--control IMAGE (repeatable) with a ControlNet pipeline, or one --control-weights
     (a condition LoRA) per --control image; --control-scale one or one per image."""
+    import numpy as np
     from PIL import Image
 
     if not args.control:
@@ -174,6 +175,10 @@ def _control_args(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
                          " (or a ControlNet pipeline)")
     names = [pipe.load_control_lora(p, f"control_{i}") for i, p in enumerate(args.control_weights)]
     images = [Image.open(p).convert("RGB") for p in args.control]
+    if args.canny:  # the condition is the images' Canny edges (jdit.control.extractors)
+        from jdit.control.extractors import canny_condition
+
+        images = [canny_condition(np.asarray(im), *args.canny) for im in images]
     scales = args.control_scale or [1.0]
     return dict(control_image=images if len(images) > 1 else images[0],
                 control_scale=scales if len(scales) > 1 else scales[0],
@@ -397,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--control-weights", action="append", default=[], metavar="PATH",
                      help="--pretrained: a condition LoRA for the --control image at the same "
                           "place (EasyControl; a ControlNet pipeline needs none)")
+    smp.add_argument("--canny", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
+                     help="--pretrained: use the --control images' Canny edges (OpenCV's, "
+                          "thresholds LOW HIGH, e.g. 100 200) as the conditions")
     smp.add_argument("--control-scale", action="append", type=float, default=[],
                      help="the condition's weight (one, or one per --control)")
     smp.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",

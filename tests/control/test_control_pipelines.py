@@ -121,13 +121,16 @@ def test_jdit_sample_with_a_condition_lora(sigma_with_control_loras, tmp_path):
     from PIL import Image
 
     folder, (f1, _) = sigma_with_control_loras
-    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "edges.png")
+    photo = np.zeros((64, 64, 3), np.uint8)
+    photo[16:48, 20:40] = (230, 120, 40)  # a shape whose edges become the condition
+    Image.fromarray(photo).save(tmp_path / "edges.png")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     base = ["sample", "--pretrained", str(folder), "--prompt", "a red circle", "--steps", "2",
             "--height", "64", "--width", "64"]
     done = subprocess.run([sys.executable, "-m", "jdit.cli", *base, "--control",
                            str(tmp_path / "edges.png"), "--control-weights", str(f1),
-                           "--control-scale", "0.8", "--out", str(tmp_path / "img.png")],
+                           "--control-scale", "0.8", "--canny", "100", "200",
+                           "--out", str(tmp_path / "img.png")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (path,) = json.loads(done.stdout.strip().splitlines()[-1])["images"]

@@ -249,9 +249,10 @@ def _aot_pipeline(args: argparse.Namespace) -> int:
     print(f"compiling the {args.pipeline} pipeline for {args.topology} ...", file=sys.stderr)
     if args.max_batch:
         result = pipeline.max_batch(args.topology, args.pipeline, start=args.batch or 1,
-                                    mesh=args.mesh)
+                                    mesh=args.mesh, control=args.control)
     else:
-        result = pipeline.report(args.topology, args.batch or 1, args.pipeline, mesh=args.mesh)
+        result = pipeline.report(args.topology, args.batch or 1, args.pipeline, mesh=args.mesh,
+                                 control=args.control)
     _emit(result, args.json)
     if not result.get("fits"):
         print(f"{args.topology}: does NOT fit at per-device batch {result['per_device_batch']}",
@@ -441,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     aot.add_argument("--config", default=None, help="a model or training config file")
     aot.add_argument("--pipeline", default=None, choices=("pixart_sigma_1024", "tiny"),
                      help="instead: T5-XXL + PixArt-Σ + SDXL VAE, 20 CFG steps, as one program")
+    aot.add_argument("--control", default=None, choices=("cached", "uncached"),
+                     help="--pipeline: with one EasyControl condition at half the image's "
+                          "resolution, its keys and values cached before the sampler or "
+                          "recomputed in every forward")
     aot.add_argument("--cache", default=None, metavar="VARIANT",
                      help="instead: the jdit cache program, e.g. sdxl_t5xxl_1024 (SDXL VAE "
                           "encoder at 1024 px + T5-XXL at 300 tokens); see jdit/aot/cache.py")

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from jdit.aot.roofline import GiB, analyse, topology_devices
 from jdit.models.registry import PIPELINE_FACTS
@@ -63,10 +64,21 @@ def _modules(name: str) -> tuple[Any, Any, Any, dict[str, Any]]:
 
 
 def report(topology: str, per_device_batch: int = 1, pipeline: str = "pixart_sigma_1024",
-           mesh: dict[str, int] | None = None) -> dict[str, Any]:
+           mesh: dict[str, int] | None = None, control: str | None = None,
+           condition_resolution: int | None = None) -> dict[str, Any]:
+    """``control``: one EasyControl condition (a rank-16 condition LoRA on the attention) of
+    ``condition_resolution`` px (default: half the image's), its latents an input of the
+    program: ``"cached"`` runs its branch once before the sampler and carries the keys and
+    values into it (as jdit samples), ``"uncached"`` runs the branch inside every guided
+    forward (EasyControl without its cache)."""
+    from jdit import control as easycontrol
+    from jdit import lora
     from jdit.diffusion import DDPMSchedule
     from jdit.parallel.partition import Partitioner
     from jdit.sampling import ClassifierFreeGuidance, sample
+
+    if control not in (None, "cached", "uncached"):
+        raise ValueError(f"control must be None, 'cached' or 'uncached', got {control!r}")
 
     devices = topology_devices(topology)
     part = Partitioner.from_config({"mesh": mesh or {"data": 1, "fsdp": -1, "tensor": 1},
@@ -84,11 +96,36 @@ def report(topology: str, per_device_batch: int = 1, pipeline: str = "pixart_sig
     ids = batch((b, length), jnp.int32)
     noise = batch((b, side, side, transformer.in_channels), jnp.float32)
     schedule = DDPMSchedule.linear()
+    cond_px = condition_resolution or spec["resolution"] // 2
+    cond = batch((b, cond_px // vae.scale_factor, cond_px // vae.scale_factor,
+                  transformer.in_channels), jnp.bfloat16)
+    p_ad: Any = {}
+    if control:
+        with part.activate():
+            abstract = jax.eval_shape(lambda: easycontrol.init(
+                p_tr, 16, jax.random.key(0), module=transformer))
+            p_ad = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                abstract, lora.shardings(abstract, transformer, part))
 
-    def denoise(x: jax.Array, t: jax.Array, params: Any, ctx: jax.Array, mask: jax.Array):
-        return transformer.apply({"params": params}, x, t, context=ctx, context_mask=mask)
+    def branch(pt: Any, pad: Any, z: jax.Array) -> Any:
+        return easycontrol.encode(transformer, pt, easycontrol.Condition(z, pad, 1.0))
+
+    def denoise(x: jax.Array, t: jax.Array, params: Any, ctx: jax.Array, mask: jax.Array,
+                *extra: Any):
+        kw: dict[str, Any] = {}
+        if control == "cached":
+            kw["control"] = extra[0]
+        elif control == "uncached":  # the branch in every forward, for every row
+            pad, z = extra
+            kw["control"] = branch(params, pad, jnp.concatenate([z, z]))
+        return transformer.apply({"params": params}, x, t, context=ctx, context_mask=mask, **kw)
 
     guided = ClassifierFreeGuidance(denoise)
+
+    def control_args(ptr: Any, pad: Any, z: jax.Array) -> tuple[Any, ...]:
+        if control == "cached":
+            return (easycontrol.repeat(branch(ptr, pad, z), 2),)
+        return (pad, z) if control == "uncached" else ()
 
     def encode(p: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
         return t5.apply({"params": p}, ids, mask).astype(jnp.bfloat16)
@@ -96,32 +133,45 @@ def report(topology: str, per_device_batch: int = 1, pipeline: str = "pixart_sig
     def decode(p: Any, z: jax.Array) -> jax.Array:
         return vae.apply({"params": p}, z / vae.scaling_factor, method="decode")
 
-    def whole(pt5, ptr, pvae, ids, mask, nids, nmask, noise):
+    def whole(pt5, ptr, pvae, pad, ids, mask, nids, nmask, noise, z_cond):
         ctx = jnp.concatenate([encode(pt5, nids, nmask), encode(pt5, ids, mask)])
         mask2 = jnp.concatenate([nmask, mask])
         z = sample(guided, noise, solver="dpm++2m", num_steps=steps, schedule=schedule,
-                   args=(jnp.float32(4.5), ptr, ctx, mask2))
+                   args=(jnp.float32(4.5), ptr, ctx, mask2, *control_args(ptr, pad, z_cond)))
         return decode(pvae, z)
 
-    def step(ptr, x, ctx2, mask2):
+    def step(ptr, x, ctx2, mask2, *extra):
         t = jnp.full((x.shape[0],), 500.0)
-        return guided(x, t, jnp.float32(4.5), ptr, ctx2, mask2)
+        return guided(x, t, jnp.float32(4.5), ptr, ctx2, mask2, *extra)
 
     ctx2 = batch((2 * b, length, t5.d_model), jnp.bfloat16)
     mask2 = batch((2 * b, length), jnp.int32)
+
+    def step_extra(ptr: Any, pad: Any, z: Any) -> tuple[Any, ...]:
+        """The step's control inputs: the cache's shapes (cached), or the LoRA and latents."""
+        if control != "cached":
+            return control_args(ptr, pad, z)
+        cache = jax.eval_shape(control_args, ptr, pad, z)[0]
+        axes = part.batch_axes  # (depth, batch, ...): the batch is the second axis
+        lead = None if not axes else axes[0] if len(axes) == 1 else axes
+        sh = part.sharding(PartitionSpec(None, lead, *([None] * (cache[0].ndim - 2))))
+        return (tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh) for a in cache),)
     out: dict[str, Any] = {"pipeline": pipeline, "topology": topology, "devices": len(devices),
                            "mesh": {k: int(v) for k, v in part.mesh.shape.items()},
                            "per_device_batch": per_device_batch, "global_batch": b,
                            "num_steps": steps, "caption_length": length,
-                           "resolution": spec["resolution"]}
+                           "resolution": spec["resolution"], "control": control}
     counts = {name: int(sum(math.prod(a.shape) for a in jax.tree.leaves(p)))
               for name, p in (("t5", p_t5), ("transformer", p_tr), ("vae", p_vae))}
+    if control:
+        counts["condition_lora"] = int(sum(math.prod(a.shape) for a in jax.tree.leaves(p_ad)))
+        out["condition_resolution"] = cond_px
     out["parameters"] = counts
     t0 = time.perf_counter()
     with part.activate():
         try:
-            compiled = jax.jit(whole).lower(p_t5, p_tr, p_vae, ids, ids, ids, ids,
-                                            noise).compile()
+            compiled = jax.jit(whole).lower(p_t5, p_tr, p_vae, p_ad, ids, ids, ids, ids,
+                                            noise, cond).compile()
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
@@ -135,7 +185,8 @@ def report(topology: str, per_device_batch: int = 1, pipeline: str = "pixart_sig
         parts = {
             "encode": jax.jit(encode).lower(p_t5, batch((2 * b, length), jnp.int32),
                                             batch((2 * b, length), jnp.int32)).compile(),
-            "step": jax.jit(step).lower(p_tr, noise, ctx2, mask2).compile(),
+            "step": jax.jit(step).lower(p_tr, noise, ctx2, mask2,
+                                        *step_extra(p_tr, p_ad, cond)).compile(),
             "decode": jax.jit(decode).lower(p_vae, noise).compile(),
         }
     figures = {k: analyse(c, devices[0]) for k, c in parts.items()}
@@ -151,6 +202,9 @@ def report(topology: str, per_device_batch: int = 1, pipeline: str = "pixart_sig
         images_per_second=b / total if total else 0.0,
         t5_parameter_bytes_per_device=_bytes_per_device(p_t5),
     )
+    if control == "cached":
+        cache = step_extra(p_tr, p_ad, cond)[0]
+        out["cache_bytes_per_device"] = _bytes_per_device(cache)
     return out
 
 

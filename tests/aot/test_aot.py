@@ -201,3 +201,23 @@ def test_a_lora_train_step_compiles_with_the_base_frozen():
     assert 0 < r["lora"]["trainable_parameters"] < r["parameters"] / 20
     assert r["hbm_per_device_bytes"] < full["hbm_per_device_bytes"]
     assert r["flops_per_step"] < full["flops_per_step"]
+
+
+@pytest.mark.slow
+def test_a_pipeline_with_a_condition_compiles_cached_and_uncached():
+    """`jdit aot --pipeline --control`: EasyControl's cache is an input of every step
+    (memory), the uncached branch runs in every forward (FLOPs)."""
+    from jdit.aot import pipeline
+
+    cached = pipeline.report("v5e:2x2", 2, "tiny", control="cached")
+    uncached = pipeline.report("v5e:2x2", 2, "tiny", control="uncached")
+    plain = pipeline.report("v5e:2x2", 2, "tiny")
+    for r in (cached, uncached):
+        assert r["fits"] and r["parameters"]["condition_lora"] > 0
+        assert r["condition_resolution"] == 8
+    assert cached["cache_bytes_per_device"] > 0 and "cache_bytes_per_device" not in uncached
+    step = {k: r["roofline_seconds"]["step"] for k, r in
+            (("plain", plain), ("cached", cached), ("uncached", uncached))}
+    assert step["plain"] < step["cached"] < step["uncached"], step
+    with pytest.raises(ValueError, match="control must be"):
+        pipeline.report("v5e:2x2", 2, "tiny", control="sometimes")

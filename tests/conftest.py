@@ -37,6 +37,13 @@ def pytest_configure(config) -> None:
         os.environ[_CACHE_ENV] = cache
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``long`` (minutes on one worker) go first, so that under ``pytest -n 2`` a
+    worker starts on each while the other works through the rest, instead of one starting
+    late and leaving the other idle at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable
+
+
 def pytest_unconfigure(config) -> None:
     if not hasattr(config, "workerinput") and os.environ.pop(_OWNED, None):
         shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True)

@@ -27,6 +27,7 @@ def _run(config, workdir, steps):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_distilled_student_follows_prompts_like_its_teacher(tmp_path):
     teacher = _run(load_config("configs/shapes_tiny.py"), tmp_path / "teacher", 1000)
     # a teacher that has learned something, or "within 0.05" would say nothing

@@ -227,7 +227,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.compose:
         from jdit.train.loop import evaluate_composition
 
-        print(json.dumps(evaluate_composition([args.workdir, args.compose], caption=True),
+        print(json.dumps(evaluate_composition([args.workdir, args.compose], caption=True,
+                                              attend_each_other=args.attend_each_other),
                          indent=2))
         return 0
     print(json.dumps(evaluate(args.workdir), indent=2))
@@ -415,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a trained workdir; prints JSON")
     ev.add_argument("--workdir", required=True)
+    ev.add_argument("--attend-each-other", action="store_true",
+                    help="with --compose: the conditions' tokens see each other (not "
+                         "EasyControl's pattern; for comparison)")
     ev.add_argument("--compose", default=None, metavar="RUN",
                     help="a second control run over the same base: evaluate the two condition "
                          "LoRAs used together (zero-shot composition)")

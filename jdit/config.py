@@ -76,8 +76,10 @@ SECTIONS: dict[str, dict[str, Any]] = {
     # Spatial control (jdit.control). ``easycontrol``: the ``lora`` section's adapters are a
     # condition LoRA, acting only in the condition branch (targets: "attention"); the data
     # gives each image its condition (shapes: ``data.condition``); ``scale`` is its weight.
-    # ``guess_mode``: sampling guidance without the condition in the unconditional half.
-    "control": dict(method="none", scale=1.0, guess_mode=False),
+    # ``guess_mode``: sampling guidance without the condition in the unconditional half;
+    # ``attend_each_other``: sampling with several conditions whose tokens see each other
+    # (not EasyControl's pattern; for comparison, jdit.control.encode).
+    "control": dict(method="none", scale=1.0, guess_mode=False, attend_each_other=False),
     # Facts of a published architecture's pipeline (architecture configs; jdit aot reads them).
     "pipeline": dict(resolution=REQUIRED, vae_factor=8, latent_scale=REQUIRED,
                      caption_length=None, flow_shift=None),

@@ -76,13 +76,16 @@ def init(params: Any, rank: int, rng: Array, *, alpha: float | None = None,
 
 
 def encode_one(module: nn.Module, params: Any, condition: Condition, merged: bool = False,
-               **model_kwargs: Any) -> Control:
+               peers: Control | None = None, **model_kwargs: Any) -> Control:
     """One condition's branch: its per-block keys and values (or state). ``merged``: fold the
-    LoRA into the kernels first (cheaper for small models) instead of adding its products."""
+    LoRA into the kernels first (cheaper for small models) instead of adding its products.
+    ``peers``: other conditions' keys and values its queries also see (PixArt)."""
     _kind(module)
     if condition.adapters is not None:
         fold = lora.merge if merged else lora.apply
         params = fold(params, condition.adapters, condition.scale)
+    if peers is not None:
+        model_kwargs = {**model_kwargs, "peers": peers}
     return module.apply({"params": params}, condition.latents, **model_kwargs,
                         method=type(module).encode_condition)
 
@@ -98,14 +101,28 @@ def combine(module: nn.Module, controls: Sequence[Control]) -> Control:
 
 
 def encode(module: nn.Module, params: Any, conditions: Condition | Sequence[Condition],
-           merged: bool = False, **model_kwargs: Any) -> Control:
+           merged: bool = False, attend_each_other: bool = False,
+           **model_kwargs: Any) -> Control:
     """The cache: every condition's branch, combined; pass it as ``control=`` to each
     denoising step's model call. ``model_kwargs``: PixArt-α 1024's ``resolution`` and
-    ``aspect_ratio``."""
+    ``aspect_ratio``.
+
+    ``attend_each_other`` (PixArt; not EasyControl's pattern, for comparison): each
+    condition's queries also see the other conditions' keys and values, as if they ran as one
+    joint sequence. Computed in ``depth`` rounds, each condition's branch seeing the others'
+    keys and values of the round before: a block's keys depend only on earlier blocks, so
+    round ``r`` has blocks ``0..r`` exact and the last round all of them."""
     if isinstance(conditions, Condition):
         conditions = [conditions]
-    return combine(module, [encode_one(module, params, c, merged, **model_kwargs)
-                            for c in conditions])
+    controls = [encode_one(module, params, c, merged, **model_kwargs) for c in conditions]
+    if attend_each_other and len(conditions) > 1:
+        if _kind(module) != "tokens":
+            raise ValueError("attend_each_other is implemented for PixArt (softmax attention)")
+        for _ in range(module.depth - 1):
+            controls = [encode_one(module, params, c, merged,
+                                   peers=combine(module, controls[:i] + controls[i + 1:]),
+                                   **model_kwargs) for i, c in enumerate(conditions)]
+    return combine(module, controls)
 
 
 def repeat(control: Control, times: int) -> Control:

@@ -205,7 +205,8 @@ class PixArt(nn.Module):
                 )
 
     def encode_condition(self, latents: Array, resolution: Array | None = None,
-                         aspect_ratio: Array | None = None) -> tuple[Array, Array]:
+                         aspect_ratio: Array | None = None,
+                         peers: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
         """A control condition's keys and values in every block (EasyControl's condition branch,
         :mod:`jdit.control`): ``(k, v)``, each (depth, B, L_c, heads, head_dim).
 
@@ -216,9 +217,14 @@ class PixArt(nn.Module):
         timestep 0, there is no cross-attention, and the tokens attend only to each other, so the
         result is the same at every denoising step. Run with the condition's LoRA applied to the
         parameters. Keys and values are those before PixArt-Σ's KV compression.
+
+        ``peers``: other conditions' per-block keys and values that this condition's queries
+        also see (the variant in which conditions attend to each other,
+        :func:`jdit.control.encode` with ``attend_each_other``); None is EasyControl's pattern.
         """
         t = jnp.zeros((latents.shape[0],), jnp.float32)
-        return self(latents, t, None, None, resolution, aspect_ratio, _branch="condition")
+        return self(latents, t, None, None, resolution, aspect_ratio, control=peers,
+                    _branch="condition")
 
     def controlnet_inputs(self, x: Array, t: Array, context: Array, context_mask: Array | None,
                           condition: Array, resolution: Array | None = None,
@@ -291,9 +297,10 @@ class PixArt(nn.Module):
             linear_v_conv=self.linear_v_conv, attention_impl=self.attention_impl,
             branch="condition" if condition else "image", **common,
         )
-        if condition:
+        if condition:  # (control: the peers' keys and values, see encode_condition)
             _, kv = run_blocks(PixArtBlock, self.per_layer(), shared, tokens, None, None, t0,
-                               scan=self.scan_layers, remat=self.remat_policy)
+                               scan=self.scan_layers, remat=self.remat_policy,
+                               layer_inputs=layer_inputs(control, None, self.depth, b, d))
             return kv
 
         y = Mlp(

@@ -79,11 +79,14 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
     guided = ClassifierFreeGuidance(model_fn)
     cache: dict[Any, Callable[..., jax.Array]] = {}
 
+    attend_each_other = bool(control_cfg["attend_each_other"])
+
     @jax.jit
     def condition_cache(base: Any, adapters: list[Any], scales: list[jax.Array],
                         latents: list[jax.Array]) -> Any:
         return control.encode(module, base, [control.Condition(z, a, s) for z, a, s in
-                                             zip(latents, adapters, scales, strict=True)])
+                                             zip(latents, adapters, scales, strict=True)],
+                              attend_each_other=attend_each_other)
 
     def _sharded_sampler(split: bool, num_args: int, key: jax.Array, **run: Any
                          ) -> Callable[..., jax.Array]:

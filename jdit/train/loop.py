@@ -566,10 +566,11 @@ def _condition_from_file(path: str | Path, task: Any, n: int) -> np.ndarray:
 
 
 def evaluate_composition(workdirs: list[str | Path], guess_mode: bool | None = None,
-                         **kwargs: Any) -> dict[str, Any]:
+                         attend_each_other: bool = False, **kwargs: Any) -> dict[str, Any]:
     """Two control runs over the same base, trained apart, used together (zero-shot
     composition, :func:`jdit.train.tasks.shapes_composition`); ``guess_mode`` None keeps the
-    first run's setting."""
+    first run's setting; ``attend_each_other``: the conditions' tokens see each other (not
+    EasyControl's pattern, for comparison)."""
     from jdit.train.tasks import shapes_composition
 
     if len(workdirs) != 2:
@@ -585,6 +586,8 @@ def evaluate_composition(workdirs: list[str | Path], guess_mode: bool | None = N
     config = first.config
     if guess_mode is not None:
         config = {**config, "control": {**config["control"], "guess_mode": bool(guess_mode)}}
+    config = {**config, "control": {**config["control"],
+                                    "attend_each_other": bool(attend_each_other)}}
     generate = make_generator(first.module, first.task, config)
     params = ControlledParams(loaded[0][1].base, [p.adapters for _, p, _ in loaded],
                               [p.scale for _, p, _ in loaded])
@@ -592,7 +595,8 @@ def evaluate_composition(workdirs: list[str | Path], guess_mode: bool | None = N
     sizes = (runs[0].task.condition_size, runs[1].task.condition_size)
     out = shapes_composition(lambda c, s: generate(params, c, seed=1000 + s), first.task.encode,
                              styles, first.task.size, condition_sizes=sizes, **kwargs)
-    return {"runs": [str(w) for w in workdirs], "styles": list(styles), **out}
+    return {"runs": [str(w) for w in workdirs], "styles": list(styles),
+            "attend_each_other": bool(attend_each_other), **out}
 
 
 def sample_prompts(workdir: str | Path, conditions: list[str], out: str | Path,

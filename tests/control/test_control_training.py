@@ -87,6 +87,9 @@ def test_two_condition_loras_trained_apart_compose(runs):
     out = evaluate_composition([runs / "silhouette", runs / "outline"], num_pairs=4, caption=True)
     assert out["styles"] == ["silhouette", "outline"] and out["num_pair_images"] == 4
     assert all(0.0 <= out[k] <= 1.0 for k in ("composition_pair", "composition_caption_pair"))
+    joint = evaluate_composition([runs / "silhouette", runs / "outline"], num_pairs=4,
+                                 attend_each_other=True)
+    assert joint["attend_each_other"] and not out["attend_each_other"]
     with pytest.raises(ValueError, match="control runs"):
         evaluate_composition([runs / "silhouette", runs / "base"])
     assert jdit(["eval", "--workdir", str(runs / "silhouette"), "--compose",

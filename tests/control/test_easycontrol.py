@@ -57,10 +57,11 @@ def _mlp(p, x):
     return _dense(p["fc2"], jax.nn.gelu(_dense(p["fc1"], x), approximate=True))
 
 
-def _joint_pixart_block(base, branches, x, conds, ctx, ctx_mask, t0, t0c):
+def _joint_pixart_block(base, branches, x, conds, ctx, ctx_mask, t0, t0c, see_each_other=False):
     """One PixArt block over the joint sequence [image; condition 1; condition 2; ...] with an
-    explicit attention mask: image rows see every key, condition i's rows only condition i's;
-    each condition's rows use its own (LoRA-merged) projections and timestep-0 modulation."""
+    explicit attention mask: image rows see every key, condition i's rows only condition i's
+    (``see_each_other``: every condition's); each condition's rows use its own (LoRA-merged)
+    projections and timestep-0 modulation."""
     groups = [(base, x, t0)] + [(p, c, t0c) for p, c in zip(branches, conds, strict=True)]
     qs, ks, vs, mods = [], [], [], []
     for p, h, t in groups:
@@ -77,6 +78,8 @@ def _joint_pixart_block(base, branches, x, conds, ctx, ctx_mask, t0, t0c):
     for n in lengths[1:]:
         mask[start:start + n, start:start + n] = True
         start += n
+    if see_each_other:
+        mask[lengths[0]:, lengths[0]:] = True
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(HD)
     weights = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
     o = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
@@ -107,12 +110,20 @@ def _pixart_block_setup(seed=0):
     return blk, _randomise(params, seed + 4), x, ctx, ctx_mask, t0
 
 
-def _pixart_via_jdit(blk, base, branches, x, conds, ctx, ctx_mask, t0, t0c):
+def _pixart_via_jdit(blk, base, branches, x, conds, ctx, ctx_mask, t0, t0c, see_each_other=False):
     cond_blk = blk.clone(branch="condition")
     parts = []
-    for p, c in zip(branches, conds, strict=True):
+    for j, (p, c) in enumerate(zip(branches, conds, strict=True)):
         grid = int(np.sqrt(c.shape[1]))
-        c_out, kv = cond_blk.clone(grid_hw=(grid, grid)).apply({"params": p}, c, None, None, t0c)
+        one = cond_blk.clone(grid_hw=(grid, grid))
+        layer = None
+        if see_each_other:  # the other conditions' keys and values at this block (its input)
+            others = [one.clone(grid_hw=(int(np.sqrt(c2.shape[1])),) * 2).apply(
+                {"params": p2}, c2, None, None, t0c)[1]
+                for i, (p2, c2) in enumerate(zip(branches, conds, strict=True)) if i != j]
+            layer = {"control": tuple(jnp.concatenate([o[i] for o in others], axis=1)
+                                      for i in range(2))}
+        c_out, kv = one.apply({"params": p}, c, None, None, t0c, layer)
         parts.append((c_out, kv))
     kv = tuple(jnp.concatenate([q[1][i] for q in parts], axis=1) for i in range(2))
     x_out, _ = blk.apply({"params": base}, x, ctx, ctx_mask, t0, {"control": kv})
@@ -146,6 +157,41 @@ def test_pixart_block_matches_the_explicit_mask_transcription_values_and_gradien
     for r, g in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_got), strict=True):
         np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_got)) > 1e-3
+
+
+def test_the_variant_where_conditions_see_each_other_matches_its_transcription():
+    blk, base, x, ctx, ctx_mask, t0 = _pixart_block_setup(1)
+    conds = [jax.random.normal(jax.random.PRNGKey(23), (2, 16, D)),
+             jax.random.normal(jax.random.PRNGKey(24), (2, 4, D))]
+    t0c = jax.random.normal(jax.random.PRNGKey(25), (2, 6, D))
+    branches = [lora.merge(base, _adapters(base, s), 1.0) for s in (31, 41)]
+    ref = _joint_pixart_block(base, branches, x, conds, ctx, ctx_mask, t0, t0c, True)
+    got = _pixart_via_jdit(blk, base, branches, x, conds, ctx, ctx_mask, t0, t0c, True)
+    apart = _pixart_via_jdit(blk, base, branches, x, conds, ctx, ctx_mask, t0, t0c)
+    for r, g in zip(ref, got, strict=True):
+        np.testing.assert_allclose(g, r, atol=2e-5, rtol=2e-5)
+    assert float(jnp.abs(apart[1] - got[1]).max()) > 1e-3  # the conditions' rows changed
+
+
+def test_encode_attend_each_other_is_the_joint_fixed_point():
+    m, params = _pixart()
+    rng = np.random.default_rng(5)
+    c1 = control.Condition(jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32),
+                           _adapters(params, 50), 1.0)
+    c2 = control.Condition(jnp.asarray(rng.normal(size=(2, 4, 4, 4)), jnp.float32),
+                           _adapters(params, 60), 1.0)
+    joint = control.encode(m, params, [c1, c2], attend_each_other=True)
+    apart = control.encode(m, params, [c1, c2])
+    assert joint[0].shape == apart[0].shape
+    assert float(jnp.abs(joint[0] - apart[0]).max()) > 1e-4
+    # one more round changes nothing: every block already saw the others' final keys
+    n1 = 16  # condition 1: 8x8 latents, patch 2 -> 16 tokens, then condition 2's 4
+    assert joint[0].shape[2] == n1 + 4
+    peers_of = [tuple(a[:, :, n1:] for a in joint), tuple(a[:, :, :n1] for a in joint)]
+    again = control.combine(m, [control.encode_one(m, params, c, peers=p)
+                                for c, p in zip((c1, c2), peers_of, strict=True)])
+    for a, b in zip(again, joint, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ the transcription (SANA)

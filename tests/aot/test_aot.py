@@ -211,13 +211,11 @@ def test_a_pipeline_with_a_condition_compiles_cached_and_uncached():
 
     cached = pipeline.report("v5e:2x2", 2, "tiny", control="cached")
     uncached = pipeline.report("v5e:2x2", 2, "tiny", control="uncached")
-    plain = pipeline.report("v5e:2x2", 2, "tiny")
     for r in (cached, uncached):
         assert r["fits"] and r["parameters"]["condition_lora"] > 0
         assert r["condition_resolution"] == 8
     assert cached["cache_bytes_per_device"] > 0 and "cache_bytes_per_device" not in uncached
-    step = {k: r["roofline_seconds"]["step"] for k, r in
-            (("plain", plain), ("cached", cached), ("uncached", uncached))}
-    assert step["plain"] < step["cached"] < step["uncached"], step
+    # the uncached step also runs the condition's branch, for both halves of the guidance
+    assert cached["roofline_seconds"]["step"] < uncached["roofline_seconds"]["step"]
     with pytest.raises(ValueError, match="control must be"):
         pipeline.report("v5e:2x2", 2, "tiny", control="sometimes")

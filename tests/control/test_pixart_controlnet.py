@@ -18,7 +18,7 @@ import jdit
 from jdit.control.controlnet import residuals
 from tests.helpers import nchw_to_nhwc, randomize, rel_err
 from tests.reference.pixart_delta import PixArtDeltaReference
-from tests.weights.test_official_pixart import official_from_diffusers
+from tests.weights.test_official_pixart import official_block, official_from_diffusers
 
 COPIES, DEPTH = 2, 4
 
@@ -54,17 +54,7 @@ def _block_names(blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers block names -> the official ``controlnet.i.copied_block`` names."""
     out = {}
     for i in range(COPIES):
-        s, b = f"transformer_blocks.{i}", f"controlnet.{i}.copied_block"
-        out[f"{b}.scale_shift_table"] = blocks[f"{s}.scale_shift_table"]
-        for wb in ("weight", "bias"):
-            out[f"{b}.attn.qkv.{wb}"] = torch.cat([blocks[f"{s}.attn1.to_{n}.{wb}"] for n in "qkv"])
-            out[f"{b}.attn.proj.{wb}"] = blocks[f"{s}.attn1.to_out.0.{wb}"]
-            out[f"{b}.cross_attn.q_linear.{wb}"] = blocks[f"{s}.attn2.to_q.{wb}"]
-            out[f"{b}.cross_attn.kv_linear.{wb}"] = torch.cat(
-                [blocks[f"{s}.attn2.to_{n}.{wb}"] for n in "kv"])
-            out[f"{b}.cross_attn.proj.{wb}"] = blocks[f"{s}.attn2.to_out.0.{wb}"]
-            out[f"{b}.mlp.fc1.{wb}"] = blocks[f"{s}.ff.net.0.proj.{wb}"]
-            out[f"{b}.mlp.fc2.{wb}"] = blocks[f"{s}.ff.net.2.{wb}"]
+        out.update(official_block(blocks, f"transformer_blocks.{i}", f"controlnet.{i}.copied_block"))
     return out
 
 

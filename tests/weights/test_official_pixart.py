@@ -40,16 +40,21 @@ def official_from_diffusers(d: dict[str, torch.Tensor], depth: int, micro: bool)
             for wb in ("weight", "bias"):
                 o[f"{ours}.mlp.{j}.{wb}"] = d[f"adaln_single.emb.{theirs}.linear_{k}.{wb}"]
     for i in range(depth):
-        s, b = f"transformer_blocks.{i}", f"blocks.{i}"
-        o[f"{b}.scale_shift_table"] = d[f"{s}.scale_shift_table"]
-        for wb in ("weight", "bias"):
-            o[f"{b}.attn.qkv.{wb}"] = torch.cat([d[f"{s}.attn1.to_{n}.{wb}"] for n in "qkv"])
-            o[f"{b}.attn.proj.{wb}"] = d[f"{s}.attn1.to_out.0.{wb}"]
-            o[f"{b}.cross_attn.q_linear.{wb}"] = d[f"{s}.attn2.to_q.{wb}"]
-            o[f"{b}.cross_attn.kv_linear.{wb}"] = torch.cat([d[f"{s}.attn2.to_{n}.{wb}"] for n in "kv"])
-            o[f"{b}.cross_attn.proj.{wb}"] = d[f"{s}.attn2.to_out.0.{wb}"]
-            o[f"{b}.mlp.fc1.{wb}"] = d[f"{s}.ff.net.0.proj.{wb}"]
-            o[f"{b}.mlp.fc2.{wb}"] = d[f"{s}.ff.net.2.{wb}"]
+        o.update(official_block(d, f"transformer_blocks.{i}", f"blocks.{i}"))
+    return o
+
+
+def official_block(d: dict[str, torch.Tensor], s: str, b: str) -> dict:
+    """One diffusers PixArt block (``s``) under the official block names (``b``)."""
+    o = {f"{b}.scale_shift_table": d[f"{s}.scale_shift_table"]}
+    for wb in ("weight", "bias"):
+        o[f"{b}.attn.qkv.{wb}"] = torch.cat([d[f"{s}.attn1.to_{n}.{wb}"] for n in "qkv"])
+        o[f"{b}.attn.proj.{wb}"] = d[f"{s}.attn1.to_out.0.{wb}"]
+        o[f"{b}.cross_attn.q_linear.{wb}"] = d[f"{s}.attn2.to_q.{wb}"]
+        o[f"{b}.cross_attn.kv_linear.{wb}"] = torch.cat([d[f"{s}.attn2.to_{n}.{wb}"] for n in "kv"])
+        o[f"{b}.cross_attn.proj.{wb}"] = d[f"{s}.attn2.to_out.0.{wb}"]
+        o[f"{b}.mlp.fc1.{wb}"] = d[f"{s}.ff.net.0.proj.{wb}"]
+        o[f"{b}.mlp.fc2.{wb}"] = d[f"{s}.ff.net.2.{wb}"]
     return o
 
 

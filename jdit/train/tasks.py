@@ -217,7 +217,7 @@ def shapes_adherence(generate: Generate, encode: Callable[[list[str]], dict[str,
     """Prompt adherence read by :mod:`jdit.eval.shapes`. adherence_single: every held-out single
     prompt ``single_repeats`` times, seeds differing (54 prompts, 216 images at the defaults: the
     whole single-object space has 8 x 3 x 9 = 216 prompts, a quarter held out); adherence_pair:
-    ``num_pairs`` distinct held-out pair prompts, one image each.
+    ``num_pairs`` distinct held-out pair prompts, one image each (0: no pairs).
 
     ``concepts="new"``: the same over the held-out prompts with a new colour or shape (27
     singles, 108 images; pairs as above), read by the extended evaluator, reported as
@@ -231,6 +231,8 @@ def shapes_adherence(generate: Generate, encode: Callable[[list[str]], dict[str,
              "new": ("adherence_new", "adherence_new_pair")}[concepts]
     out: dict[str, float] = {}
     for name, kind, objs in ((names[0], "single", singles), (names[1], "pair", pairs)):
+        if not objs:  # num_pairs=0: singles only
+            continue
         cond = encode([shapes.caption(o) for o in objs])
         images = generate_in_chunks(generate, cond, batch_size)
         out[name] = float(evaluator.adherence(images, list(objs), extended=concepts == "new"))

@@ -112,3 +112,4 @@ def test_the_task_gives_conditions_at_their_own_size():
     small, big = task.batch(1)["condition"], full.batch(1)["condition"]
     assert small.shape == (8, 16, 16, 3) and big.shape == (8, 32, 32, 3)
     np.testing.assert_allclose(small, shapes.resize(big, (16, 16)), atol=1e-6)
+

@@ -131,3 +131,19 @@ def test_evaluator_is_robust_to_blur_noise_and_dimming(rendered):
         for name, images in cases.items():
             acc = evaluator.adherence(images, objs)
             assert acc >= 0.95, (size, name, acc)
+
+
+def test_adherence_without_pairs_reports_singles_only():
+    """``num_pairs=0`` (the LiT test's short teacher): the single-object figures alone, from a
+    generator that draws every prompt exactly (adherence 1)."""
+    from jdit.data import shapes as data_shapes
+    from jdit.train.tasks import shapes_adherence
+
+    def perfect(cond, s):
+        objs = data_shapes.prompts("single", "heldout")
+        return np.stack([data_shapes.to_float(data_shapes.render(objs[(s + i) % len(objs)], 32))
+                         for i in range(len(cond["context"]))])
+
+    out = shapes_adherence(perfect, lambda caps: {"context": np.zeros((len(caps), 1))},
+                           batch_size=54, num_pairs=0, single_repeats=1)
+    assert out["adherence_single"] == 1.0 and "adherence_pair" not in out

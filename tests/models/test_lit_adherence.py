@@ -4,7 +4,9 @@ A short `shapes_tiny` run (1000 steps of 32, ~3 min on 2 cores) gives a teacher 
 single-object prompts about a third of the time; a LiT student (2 linear heads, 5×5 conv on V,
 every non-attention weight inherited, the teacher's output as an extra target) trained 150 steps
 must follow them as well, within 0.05, on the held-out prompts. For scale (BENCHMARKS.md): the
-same linear student from scratch scores about 0 after 300 steps.
+same linear student from scratch scores about 0 after 300 steps. Two-object prompts are not
+compared: a teacher this short follows them about 5 % of the time, so "within 0.05" would say
+nothing (the full-length comparison, pairs included, is in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def _run(config, workdir, steps):
     config.train.checkpoint_every = steps
     config.optim.warmup_steps = min(100, steps // 5)
     train(config, workdir, quiet=True)
-    return evaluate(workdir)
+    return evaluate(workdir, num_pairs=0)
 
 
 @pytest.mark.slow
@@ -40,8 +42,7 @@ def test_distilled_student_follows_prompts_like_its_teacher(tmp_path):
 
     report = json.loads((tmp_path / "student" / "inherited.json").read_text())
     assert all(p.split("/")[1] == "attn" for p in report["initialised"])
-    summary = {k: (round(teacher[k], 3), round(result[k], 3))
-               for k in ("adherence_single", "adherence_pair")}
-    print("teacher / student:", summary)
-    for key in ("adherence_single", "adherence_pair"):
-        assert result[key] >= teacher[key] - 0.05, summary
+    summary = (round(teacher["adherence_single"], 3), round(result["adherence_single"], 3))
+    print("teacher / student (single-object prompts):", summary)
+    assert "adherence_pair" not in result
+    assert result["adherence_single"] >= teacher["adherence_single"] - 0.05, summary

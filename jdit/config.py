@@ -79,7 +79,10 @@ SECTIONS: dict[str, dict[str, Any]] = {
     # ``guess_mode``: sampling guidance without the condition in the unconditional half;
     # ``attend_each_other``: sampling with several conditions whose tokens see each other
     # (not EasyControl's pattern; for comparison, jdit.control.encode).
-    "control": dict(method="none", scale=1.0, guess_mode=False, attend_each_other=False),
+    # ``method="controlnet"``: a PixArt-δ ControlNet of ``controlnet_depth`` copied blocks
+    # (0: half the base's) trained over the frozen base (jdit.models.PixArtControlNet).
+    "control": dict(method="none", scale=1.0, guess_mode=False, attend_each_other=False,
+                    controlnet_depth=0),
     # Facts of a published architecture's pipeline (architecture configs; jdit aot reads them).
     "pipeline": dict(resolution=REQUIRED, vae_factor=8, latent_scale=REQUIRED,
                      caption_length=None, flow_shift=None),
@@ -203,7 +206,7 @@ _POSITIVE = ("optim.lr", "model.mlp_ratio", "lora.lr_ratio")
 _NON_NEGATIVE = ("train.prior_weight", "optim.weight_decay", "optim.grad_clip", "sample.guidance_scale",
                  "diffusion.flow_shift", "train.ema_decay")
 _CHOICES = {"train.nonfinite": ("stop", "skip"), "data.concepts": ("base", "new"),
-            "control.method": ("none", "easycontrol")}
+            "control.method": ("none", "easycontrol", "controlnet")}
 _UINT64 = 2 ** 64
 
 

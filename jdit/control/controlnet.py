@@ -38,3 +38,55 @@ def residuals(controlnet: nn.Module, params: Any, base: nn.Module, base_params: 
     else:
         res = controlnet.apply({"params": params}, x, t, context, context_mask, condition, scale)
     return block_residuals(res, base.depth, controlnet.residual_offset)
+
+
+def for_base(base: nn.Module, depth: int = 0) -> nn.Module:
+    """A PixArt-δ ControlNet for a PixArt ``base``: ``depth`` copies of its first blocks (0:
+    half of them, as PixArt-δ's 13 of 28), the base's widths and runtime settings."""
+    from jdit.models.pixart import PixArt
+    from jdit.models.pixart_controlnet import PixArtControlNet
+
+    if not isinstance(base, PixArt) or base.kv_compress or base.self_attention != "softmax":
+        raise ValueError("a ControlNet is trained for a PixArt base without KV compression "
+                         f"(PixArt-δ's design), got {type(base).__name__}")
+    depth = int(depth) or max(base.depth // 2, 1)
+    if not 0 < depth < base.depth:
+        raise ValueError(f"controlnet_depth must lie in [1, {base.depth - 1}], got {depth}")
+    return PixArtControlNet(hidden_size=base.hidden_size, depth=depth, num_heads=base.num_heads,
+                            mlp_ratio=base.mlp_ratio, qk_norm=base.qk_norm,
+                            attention_impl=base.attention_impl, remat_policy=base.remat_policy,
+                            dtype=base.dtype, param_dtype=base.param_dtype,
+                            precision=base.precision)
+
+
+def from_base(controlnet_params: Any, base_params: Any) -> Any:
+    """ControlNet parameters whose copies start as the base's first blocks (its projections
+    keep their zero initialisation, so the controlled base starts as the base)."""
+    out = dict(controlnet_params)
+    for name in controlnet_params:
+        if name.startswith("block_"):
+            # copies: the train state is donated, the base must outlive it
+            out[name] = jax.tree.map(lambda a: jnp.array(a, copy=True), base_params[name])
+    return out
+
+
+class Controlled:
+    """A base and its ControlNet as one model, for a loss written against ``module.apply``:
+    ``apply({"params": {"base": ..., "controlnet": ...}}, x, t, condition=..., **base_kwargs)``.
+    Other attributes are the base's."""
+
+    def __init__(self, base: nn.Module, controlnet: nn.Module, scale: float = 1.0) -> None:
+        self.base, self.controlnet, self.scale = base, controlnet, scale
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base, name)
+
+    def apply(self, variables: Any, x: Array, t: Array, *, condition: Array,
+              rngs: Any = None, **kwargs: Any) -> Array:
+        p = variables["params"]
+        micro = {k: kwargs[k] for k in ("resolution", "aspect_ratio") if k in kwargs}
+        res = residuals(self.controlnet, p["controlnet"], self.base, p["base"], x, t,
+                        kwargs["context"], kwargs.get("context_mask"), condition, self.scale,
+                        **micro)
+        return self.base.apply({"params": p["base"]}, x, t, rngs=rngs, block_residuals=res,
+                               **kwargs)

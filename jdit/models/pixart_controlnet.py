@@ -71,7 +71,9 @@ class PixArtControlNet(nn.Module):
                              "channels")
         d = self.hidden_size
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-        h = hidden + Dense(d, ("embed",), ("embed",), kernel_init=zeros, name="before_proj",
+        # (the zero projections' kernels are (D, D): their output dimension takes the name
+        # "mlp", since a kernel cannot carry one logical name twice)
+        h = hidden + Dense(d, ("embed",), ("mlp",), kernel_init=zeros, name="before_proj",
                            **common)(cond.astype(self.dtype)).astype(jnp.float32)
         shared = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                       grid_hw=None, qk_norm=self.qk_norm,  # (no KV compression here)
@@ -79,7 +81,7 @@ class PixArtControlNet(nn.Module):
         _, states = run_blocks(PixArtBlock, self.per_layer(), shared, h, context, context_mask,
                                t0, scan=self.scan_layers, remat=self.remat_policy)
         out = jnp.stack([
-            Dense(d, ("embed",), ("embed",), kernel_init=zeros, name=f"after_proj_{i}",
+            Dense(d, ("embed",), ("mlp",), kernel_init=zeros, name=f"after_proj_{i}",
                   **common)(states[i].astype(self.dtype)).astype(jnp.float32)
             for i in range(self.depth)])
         return out * jnp.asarray(scale, jnp.float32)

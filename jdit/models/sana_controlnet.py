@@ -81,6 +81,8 @@ class SanaControlNet(nn.Module):
         check_context("SanaControlNet", context, context_mask, b, self.caption_channels)
         d, p = self.hidden_size, self.patch_size
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        # (the zero projections' kernels are (D, D): their output dimension takes the name
+        # "mlp", since a kernel cannot carry one logical name twice)
         cond = dict(param_dtype=self.param_dtype, precision=self.precision)
 
         embed = PatchEmbed(d, p, name="patch_embed", **common)
@@ -92,7 +94,7 @@ class SanaControlNet(nn.Module):
                                                 self.pe_interpolation)
             return out
 
-        h = tokens_of(x) + Dense(d, ("embed",), ("embed",), kernel_init=zeros, name="input_block",
+        h = tokens_of(x) + Dense(d, ("embed",), ("mlp",), kernel_init=zeros, name="input_block",
                                  **common)(tokens_of(condition)).astype(jnp.float32)
         temb = TimestepEmbedder(d, name="t_embedder", **cond)(t)
         t0 = AdaLNModulation(6, d, kernel_init=normal(0.02), name="t_block", **cond)(temb)
@@ -106,6 +108,6 @@ class SanaControlNet(nn.Module):
         _, hidden = run_blocks(SanaBlock, self.per_layer(), shared, h, y, context_mask, t0,
                                scan=self.scan_layers, remat=self.remat_policy)
         out = jnp.stack([
-            Dense(d, ("embed",), ("embed",), kernel_init=zeros, name=f"controlnet_block_{i}",
+            Dense(d, ("embed",), ("mlp",), kernel_init=zeros, name=f"controlnet_block_{i}",
                   **common)(hidden[i]).astype(jnp.float32) for i in range(self.depth)])
         return out * jnp.asarray(scale, jnp.float32)

@@ -20,7 +20,7 @@ class ControlledParams(NamedTuple):
     """A control run's model: the frozen ``base`` and the condition LoRA ``adapters`` (with
     their ``scale``) that the condition branch uses (:mod:`jdit.control`). Several conditions
     at once: lists of adapters and scales, and ``conditions["condition"]`` a list of images in
-    the same order."""
+    the same order. A ControlNet run: ``adapters`` holds the ControlNet's parameters."""
 
     base: Any
     adapters: Any
@@ -28,7 +28,8 @@ class ControlledParams(NamedTuple):
 
 
 def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
-                   partitioner: Any = None) -> Callable[..., np.ndarray]:
+                   partitioner: Any = None, controlnet: nn.Module | None = None
+                   ) -> Callable[..., np.ndarray]:
     """``generate(params, conditions, seed, guidance_scale=None, solver=None, num_steps=None,
     raw=False, hw=None)`` returns images in [-1, 1], NHWC (decoded by the task's ``to_images``
     when it samples latents; ``raw``: the samples in the model's own space; ``hw``: another
@@ -66,11 +67,24 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
 
             if not cache:
                 return run(slice(None))
+            b = x2.shape[0] // 2
+            if controlnet is not None:  # (ControlNet params, condition, scale): every step
+                from jdit.control.controlnet import residuals
+
+                cn, cond, cn_scale = cache[0]
+
+                def run_cn(sl: slice, z: jax.Array) -> jax.Array:
+                    res = residuals(controlnet, cn, module, params, x2[sl], t2[sl], ctx2[sl],
+                                    mask2[sl], z, cn_scale)
+                    return run(sl, block_residuals=res)
+
+                if not guess_mode:
+                    return run_cn(slice(None), jnp.concatenate([cond, cond]))
+                return jnp.concatenate([run(slice(0, b)), run_cn(slice(b, None), cond)])
             if not guess_mode:  # the condition in both halves of the guidance
                 return run(slice(None), control=control.repeat(cache[0], 2))
             # guess mode: the unconditional half without the condition, so the guidance
             # pushes toward it (an empty prompt gives two equal halves otherwise)
-            b = x2.shape[0] // 2
             return jnp.concatenate([run(slice(0, b)), run(slice(b, None), control=cache[0])])
     else:
         def model_fn(x2: jax.Array, t2: jax.Array, params: Any, labels2: jax.Array) -> jax.Array:
@@ -127,6 +141,11 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
             if not (controlled and isinstance(params, ControlledParams)):
                 raise ValueError("conditions['condition'] needs a control run and its "
                                  "ControlledParams (base and condition LoRA)")
+            if controlnet is not None:
+                args += ((params.adapters, jnp.asarray(conditions["condition"], jnp.float32),
+                          jnp.float32(params.scale)),)
+                params = params.base
+        if "condition" in conditions and controlnet is None:
             many = isinstance(params.adapters, list | tuple)
             adapters = list(params.adapters) if many else [params.adapters]
             scales = list(params.scale) if many else [params.scale]

@@ -185,11 +185,23 @@ class TrainSetup:
         if self.lora is not None and ratio != 1.0:  # LoRA+: B learns faster than A
             self.tx = optax.chain(self.tx, scale_lora_b(ratio))
         # a control run (jdit.control): the LoRA is a condition LoRA, used by the condition
-        # branch only; its adapters never merge into the base
+        # branch only; its adapters never merge into the base. Or a ControlNet's parameters.
         self.control = c["control"]["method"] != "none"
+        self.controlnet = None
+        if c["control"]["method"] == "controlnet":
+            from jdit.control.controlnet import for_base
+
+            self.controlnet = for_base(self.module, int(c["control"]["controlnet_depth"]))
+
+    @property
+    def frozen_base(self) -> bool:
+        """The state trains something beside a frozen base (LoRA adapters, a ControlNet)."""
+        return self.lora is not None or self.controlnet is not None
 
     def init_state(self) -> TrainState:
         seed = int(self.config["train"]["seed"])
+        if self.controlnet is not None:  # its copies take the base's blocks at the start
+            return init_state(self.controlnet, self.tx, seed)
         if self.lora is None:
             return init_state(self.module, self.tx, seed)
         init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
@@ -202,7 +214,10 @@ class TrainSetup:
         """Parameters and EMA by their logical names; optimizer moments like their parameter.
         With LoRA the parameters are the adapters, named after the kernels they adapt."""
         part = self.partitioner
-        if self.lora is None:
+        if self.controlnet is not None:
+            params = part.param_shardings(self.controlnet)
+            opt = part.optimizer_shardings(self.controlnet, self.tx)
+        elif self.lora is None:
             params = part.param_shardings(self.module)
             opt = part.optimizer_shardings(self.module, self.tx)
         else:
@@ -231,8 +246,9 @@ class TrainSetup:
         shardings taken from the batch unless given). Call it inside
         ``self.partitioner.activate()``."""
         shardings = self.state_shardings()
-        step = make_train_step(self.module, self.tx, self.lr, self.config, null, teacher)
-        frozen = () if self.lora is None else (self.base_shardings(),)  # (state, batch, base)
+        step = make_train_step(self.module, self.tx, self.lr, self.config, null, teacher,
+                               controlnet=self.controlnet)
+        frozen = (self.base_shardings(),) if self.frozen_base else ()  # (state, batch, base)
         return jax.jit(step, in_shardings=(shardings, batch_shardings, *frozen),
                        out_shardings=(shardings, self.partitioner.replicated), donate_argnums=0)
 
@@ -244,8 +260,9 @@ class Run(TrainSetup):
         super().__init__(config, devices)
         c = self.config
         required(c)
-        if self.lora is not None and not c["train"]["init_from"]:
-            raise ValueError("lora.rank > 0 trains adapters over a frozen base model: set "
+        if self.frozen_base and not c["train"]["init_from"]:
+            what = "a ControlNet" if self.controlnet is not None else "adapters"
+            raise ValueError(f"this run trains {what} over a frozen base model: set "
                              "train.init_from (a jdit run directory or a checkpoint "
                              "jdit.models.from_pretrained reads)")
         self.batch_size = int(c["train"]["batch_size"])
@@ -255,14 +272,16 @@ class Run(TrainSetup):
                              "each image its condition (shapes: data.condition)")
         if hasattr(self.task, "check_model"):  # a feature cache made for another model
             self.task.check_model(self.module)
-        self.generate = make_generator(self.module, self.task, c, self.partitioner)
+        self.generate = make_generator(self.module, self.task, c, self.partitioner,
+                                       controlnet=self.controlnet)
         self._teacher: tuple[Any, Any] | None = None
         self._base: Any = None
 
     @property
     def base(self) -> Any:
-        """A LoRA run's frozen base (``train.init_from``), in its shardings; None otherwise."""
-        if self.lora is not None and self._base is None:
+        """A LoRA or ControlNet run's frozen base (``train.init_from``), in its shardings;
+        None otherwise."""
+        if self.frozen_base and self._base is None:
             params = pretrained_params(self, str(self.config["train"]["init_from"]))
             self._base = jax.device_put(params, self.base_shardings())
         return self._base
@@ -270,7 +289,7 @@ class Run(TrainSetup):
     @property
     def step_args(self) -> tuple[Any, ...]:
         """What ``train_step`` takes after the state and the batch: the base of a LoRA run."""
-        return () if self.lora is None else (self.base,)
+        return (self.base,) if self.frozen_base else ()
 
     def full_params(self, params: Any) -> Any:
         """The model's parameters for ``params`` of the train state (a LoRA run's adapters
@@ -360,7 +379,13 @@ def _train_loop(run: Run, workdir: Path, primary: bool, stop_after: int | None,
         start = int(meta["data_index"])
     else:
         state = run.sharded_init()
-        if tc["init_from"] and run.lora is None:  # (a LoRA run's base stays apart: run.base)
+        if run.controlnet is not None:  # the copies start as the base's first blocks
+            from jdit.control.controlnet import from_base
+
+            state = jax.device_put(state.replace(
+                params=from_base(state.params, run.base),
+                ema_params=from_base(state.ema_params, run.base)), run.state_shardings())
+        elif tc["init_from"] and run.lora is None:  # (a LoRA run's base stays apart: run.base)
             state = jax.device_put(init_from(state, run, str(tc["init_from"])),
                                    run.state_shardings())
         elif c["distill"]["inherit"] and run.teacher is not None:
@@ -534,7 +559,7 @@ def load_trained(workdir: str | Path, use_ema: bool = True) -> tuple[Run, Any, i
     run's adapters merged into its base: the fine-tuned model, sampled at full speed)."""
     run, state, step = _restore(Path(workdir))
     params = state.ema_params if use_ema else state.params
-    if run.lora is not None:
+    if run.frozen_base:
         params = run.full_params(params)
     return run, params, step
 
@@ -577,8 +602,9 @@ def evaluate_composition(workdirs: list[str | Path], guess_mode: bool | None = N
         raise ValueError(f"composition takes two control runs, got {len(workdirs)}")
     loaded = [load_trained(w) for w in workdirs]
     runs = [r for r, _, _ in loaded]
-    if not all(r.control for r in runs):
-        raise ValueError("composition takes control runs (control.method set)")
+    if not all(r.control and r.controlnet is None for r in runs):
+        raise ValueError("composition takes control runs of condition LoRAs "
+                         "(control.method='easycontrol')")
     bases = {str(r.config["train"]["init_from"]) for r in runs}
     if len(bases) != 1:
         raise ValueError(f"the runs have different bases: {sorted(bases)}")
@@ -588,7 +614,7 @@ def evaluate_composition(workdirs: list[str | Path], guess_mode: bool | None = N
         config = {**config, "control": {**config["control"], "guess_mode": bool(guess_mode)}}
     config = {**config, "control": {**config["control"],
                                     "attend_each_other": bool(attend_each_other)}}
-    generate = make_generator(first.module, first.task, config)
+    generate = make_generator(first.module, first.task, config)  # (condition LoRAs only)
     params = ControlledParams(loaded[0][1].base, [p.adapters for _, p, _ in loaded],
                               [p.scale for _, p, _ in loaded])
     styles = (runs[0].task.condition, runs[1].task.condition)

@@ -184,9 +184,27 @@ def control_loss(loss_fn: Callable[..., Array], module: nn.Module, scale: float,
     return loss
 
 
+def controlnet_loss(module: nn.Module, controlnet: nn.Module, diffusion: Mapping[str, Any],
+                    cond_dropout: float, null: tuple[Array, Array] | None, scale: float
+                    ) -> Callable[..., Array]:
+    """``loss(controlnet_params, batch, rng, base)`` of a ControlNet over a frozen base: the
+    batch's ``condition`` goes to the ControlNet at every noised input, its residuals into the
+    base, in one differentiated program (gradients for the ControlNet only)."""
+    from jdit.control.controlnet import Controlled
+
+    loss_fn = make_loss_fn(Controlled(module, controlnet, scale), diffusion, cond_dropout, null)
+
+    def loss(params: Any, batch: Batch, rng: Array, base: Any) -> Array:
+        both = {"base": jax.lax.stop_gradient(base), "controlnet": params}
+        return loss_fn(both, batch, rng, model_kwargs={"condition": batch["condition"]})
+
+    return loss
+
+
 def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, cfg: Mapping[str, Any],
-                    null: tuple[Array, Array] | None = None, teacher: Teacher | None = None
+                    null: tuple[Array, Array] | None = None, teacher: Teacher | None = None,
+                    controlnet: nn.Module | None = None
                     ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
     """``cfg`` is the whole config (``diffusion``, ``train``, ``distill`` and ``lora`` sections
     are read). With ``lora.rank > 0`` the state's parameters are LoRA adapters and the step is
@@ -209,6 +227,12 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
                              "lora.rank > 0 (and lora.dropout 0)")
         loss_fn = control_loss(loss_fn, module, float(control_cfg["scale"]),
                                bool(lora_cfg["merged"]))
+    elif control_cfg["method"] == "controlnet":
+        if controlnet is None or int(lora_cfg["rank"]) > 0:
+            raise ValueError("control.method='controlnet' trains a ControlNet (pass it) and no "
+                             "LoRA (lora.rank 0)")
+        loss_fn = controlnet_loss(module, controlnet, cfg["diffusion"],
+                                  float(train["cond_dropout"]), null, float(control_cfg["scale"]))
     elif int(lora_cfg["rank"]) > 0:
         loss_fn = lora_loss(loss_fn, float(lora_cfg["dropout"]), bool(lora_cfg["merged"]))
     grad_fn = jax.value_and_grad(loss_fn)

@@ -94,3 +94,34 @@ def test_two_condition_loras_trained_apart_compose(runs):
         evaluate_composition([runs / "silhouette", runs / "base"])
     assert jdit(["eval", "--workdir", str(runs / "silhouette"), "--compose",
                  str(runs / "outline")]) == 0
+
+
+@pytest.mark.slow
+def test_a_controlnet_run_trains_copies_of_the_base_blocks(tmp_path, runs):
+    """configs/shapes_controlnet.py: a PixArt-δ ControlNet over the frozen base; its copies
+    start as the base's first blocks, only it trains, and it changes the images."""
+    from jdit.weights.state_dict import flatten
+
+    train(load_config(str(ROOT / "configs" / "shapes_controlnet.py"), [
+        *SMALL, "train.steps=3", f"train.init_from={runs / 'base'}", "train.ema_decay=0.0",
+        "optim.warmup_steps=0", "control.controlnet_depth=1"]), tmp_path / "cn", quiet=True)
+    run, params, step = load_trained(tmp_path / "cn")
+    _, base, _ = load_trained(runs / "base")
+    assert step == 3 and isinstance(params, ControlledParams) and run.controlnet.depth == 1
+    cn = flatten(params.adapters)
+    assert any(k.startswith("after_proj_0") for k in cn) and float(np.abs(
+        cn["after_proj_0/kernel"]).max()) > 0  # trained away from zero
+    np.testing.assert_array_equal(flatten(params.base)["block_0/mlp/fc1/kernel"],
+                                  flatten(base)["block_0/mlp/fc1/kernel"])  # the base is frozen
+    from jdit.control.controlnet import from_base
+
+    fresh = flatten(from_base(run.init_state().params, base))  # how a run starts
+    np.testing.assert_array_equal(fresh["block_0/mlp/fc1/kernel"],
+                                  flatten(base)["block_0/mlp/fc1/kernel"])
+    assert not np.asarray(fresh["after_proj_0/kernel"]).any()
+    objs = [(run.task.shapes.Obj("red", "square", "center"),)] * 2
+    cond = run.task.encode(["", "a red square in the center"])
+    plain = run.generate(params, cond, seed=0, num_steps=3)
+    np.testing.assert_array_equal(plain, run.generate(base, cond, seed=0, num_steps=3))
+    cond["condition"] = render_conditions(objs, "silhouette", 32)
+    assert np.abs(run.generate(params, cond, seed=0, num_steps=3) - plain).max() > 1e-5

@@ -574,6 +574,8 @@ def load_adapters(workdir: str | Path, use_ema: bool = True) -> tuple[Run, Any, 
 
 def evaluate(workdir: str | Path, **kwargs: Any) -> dict[str, Any]:
     run, params, step = load_trained(workdir)
+    if run.controlnet is not None:  # it reads its condition at the latents' size only
+        kwargs = {"position_aware": False, **kwargs}
     result = run.task.evaluate(
         lambda cond, s, **kw: run.generate(params, cond, seed=1000 + s, **kw), **kwargs)
     return {"step": step, **result}

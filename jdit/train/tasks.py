@@ -113,10 +113,13 @@ class ShapesTask:
         return prompts, cond
 
     def evaluate(self, generate: Generate, batch_size: int = 64, num_pairs: int = 200,
-                 single_repeats: int = 4) -> dict[str, float]:
+                 single_repeats: int = 4, position_aware: bool = True) -> dict[str, float]:
+        """``position_aware=False``: no other condition sizes or target shapes (a ControlNet
+        reads its condition at the latents' size)."""
         if self.condition is not None:
             return shapes_control(generate, self.encode, self.condition, self.size, batch_size,
-                                  num_pairs, single_repeats, self.condition_size)
+                                  num_pairs, single_repeats, self.condition_size,
+                                  position_aware=position_aware)
         out = shapes_adherence(generate, self.encode, batch_size, num_pairs, single_repeats)
         if self.concepts == "new":
             out.update(shapes_adherence(generate, self.encode, batch_size, num_pairs,
@@ -168,7 +171,8 @@ def shapes_composition(generate: Generate, encode: Callable[[list[str]], dict[st
 def shapes_control(generate: Generate, encode: Callable[[list[str]], dict[str, np.ndarray]],
                    style: str, size: int, batch_size: int = 64, num_pairs: int = 200,
                    single_repeats: int = 4, condition_size: int | None = None,
-                   wide: tuple[int, int] | None = None) -> dict[str, float]:
+                   wide: tuple[int, int] | None = None, position_aware: bool = True
+                   ) -> dict[str, float]:
     """Control accuracy of a condition (``style``) read by :mod:`jdit.eval.shapes`, on the
     held-out prompts (as :func:`shapes_adherence`), each with the condition of its layout
     (drawn at ``size``, encoded at ``condition_size``, default ``size``):
@@ -181,7 +185,8 @@ def shapes_control(generate: Generate, encode: Callable[[list[str]], dict[str, n
       the model draws unguided);
     * position-aware interpolation: ``control_single_half``, the condition at half the image's
       side; ``control_single_wide``, the square condition with a target of another aspect
-      ratio (``wide``, default (size, 1.5 size)), read after resizing it back to the square.
+      ratio (``wide``, default (size, 1.5 size)), read after resizing it back to the square;
+      left out with ``position_aware=False``.
     """
     from jdit.data import shapes
     from jdit.eval import shapes as evaluator
@@ -197,6 +202,8 @@ def shapes_control(generate: Generate, encode: Callable[[list[str]], dict[str, n
             ("chance_single", singles, False, 0, None),
             ("control_single_half", singles, False, size // 2, None),
             ("control_single_wide", singles, False, condition_size, wide)):
+        if not position_aware and (hw is not None or name == "control_single_half"):
+            continue
         cond = encode([shapes.caption(o) if caption else "" for o in objs])
         if cond_size != 0:
             cond["condition"] = render_conditions(list(objs), style, size,
@@ -207,7 +214,9 @@ def shapes_control(generate: Generate, encode: Callable[[list[str]], dict[str, n
             images = shapes.resize(images, (size, size))
         out[name] = float(evaluator.adherence(images, list(objs), ignore_color=not caption))
     out["num_single_images"], out["num_pair_images"] = len(singles), len(pairs)
-    out["condition_size"], out["wide_hw"] = condition_size or size, list(wide)
+    out["condition_size"] = condition_size or size
+    if position_aware:
+        out["wide_hw"] = list(wide)
     return out
 
 

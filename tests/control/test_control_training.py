@@ -125,3 +125,7 @@ def test_a_controlnet_run_trains_copies_of_the_base_blocks(tmp_path, runs):
     np.testing.assert_array_equal(plain, run.generate(base, cond, seed=0, num_steps=3))
     cond["condition"] = render_conditions(objs, "silhouette", 32)
     assert np.abs(run.generate(params, cond, seed=0, num_steps=3) - plain).max() > 1e-5
+    from jdit.train.loop import evaluate
+
+    out = evaluate(tmp_path / "cn", num_pairs=2, single_repeats=1)  # no other sizes or shapes
+    assert "control_single" in out and "control_single_half" not in out

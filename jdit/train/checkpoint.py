@@ -98,15 +98,22 @@ class Checkpointer:
     """``save(step, state, meta)`` every ``every`` steps (or when forced), keep the last ``keep``."""
 
     def __init__(self, directory: str | Path, every: int, keep: int = 3,
-                 async_save: bool = True, read_only: bool = False) -> None:
+                 async_save: bool = True, read_only: bool = False,
+                 this_process_only: bool = False) -> None:
         """``read_only`` opens a run's checkpoints without touching them (sample, eval, or
         watching a run that is still training: a writer removes unfinished temporaries on open,
-        which would break a save in flight)."""
+        which would break a save in flight). ``this_process_only`` (read-only) lists the steps
+        without waiting for the other hosts: each host may look at a different moment."""
+        if this_process_only and not read_only:
+            raise ValueError("this_process_only=True needs read_only=True")
         self.every, self.read_only = every, read_only
+        here = jax.process_index()
+        processes = (ocp.options.MultiprocessingOptions(primary_host=here, active_processes={here})
+                     if this_process_only else ocp.options.MultiprocessingOptions())
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
             enable_async_checkpointing=async_save and not read_only,
-            cleanup_tmp_directories=not read_only)
+            cleanup_tmp_directories=not read_only, multiprocessing_options=processes)
         # A live run deletes its oldest step as it saves a new one; a reader listing the
         # directory at that moment finds a step gone before it could read it: list again.
         for attempt in range(_LIST_ATTEMPTS):

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jdit import lora
@@ -348,6 +349,9 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
             raise ValueError(f"train.steps={steps} is below step {reached}, which the run in "
                              f"{workdir} has reached; ask for at least that many steps, or use a "
                              "new workdir")
+        # every host has read the run directory before the primary writes into it
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("jdit.train: run directory checked")
         if primary:
             atomic_write(workdir / "config.json", _config_text(run.config))
         try:
@@ -481,7 +485,10 @@ def _with_prior(run: Run, workdir: Path | None) -> Any:
 def _reached_step(workdir: Path) -> int | None:
     if not (workdir / "checkpoints").is_dir():
         return None
-    return Checkpointer(workdir / "checkpoints", every=0, read_only=True).latest_step()
+    # each host reads on its own: a shared barrier here would pair with the primary's
+    # Checkpointer barriers if the primary has already created the folder
+    return Checkpointer(workdir / "checkpoints", every=0, read_only=True,
+                        this_process_only=True).latest_step()
 
 
 def init_from(state: TrainState, run: Run, path: str) -> TrainState:

@@ -72,6 +72,11 @@ def _official_family(sd: StateDict) -> str:
     """The one family whose official key markers are all present."""
     markers = {f: family_weights(f).OFFICIAL_MARKERS for f in registry.FAMILIES}
     found = [f for f, keys in markers.items() if all(k in sd for k in keys)]
+    # a file holding a base and its ControlNet (SANA's official) matches both: the ControlNet
+    whole = [f for f in found
+             if set(found) - {f} <= set(getattr(family_weights(f), "OFFICIAL_CONTAINS", ()))]
+    if len(found) > 1 and len(whole) == 1:
+        found = whole
     if len(found) != 1:
         what = "unrecognised" if not found else f"ambiguous ({found} all match)"
         raise ValueError(f"{sd.source}: {what} checkpoint layout; official layouts are known by "

@@ -108,8 +108,9 @@ def _common(sd: StateDict, m: nn.Module, names: Mapping[str, str]) -> Tree:
     put(t, "caption_projection/fc1", sd.linear(names["y1"], (m.caption_channels,), (d,)))
     put(t, "caption_projection/fc2", sd.linear(names["y2"], (d,), (d,)))
     put(t, "caption_norm", sd.rms_norm(names["y_norm"], d))
-    put(t, "final_layer/scale_shift_table", sd.take(names["final_table"], (2, d)))
-    put(t, "final_layer/linear", sd.linear(names["final"], (d,), (p * p * m.out_channels,)))
+    if "final" in names:  # (a ControlNet has none)
+        put(t, "final_layer/scale_shift_table", sd.take(names["final_table"], (2, d)))
+        put(t, "final_layer/linear", sd.linear(names["final"], (d,), (p * p * m.out_channels,)))
     return t
 
 
@@ -155,26 +156,32 @@ def convert_block_diffusers(sd: StateDict, t: Tree, s: str, o: str, m: nn.Module
     _mix_ffn(sd, t, o, (f"{s}.ff.conv_inverted", f"{s}.ff.conv_depth", f"{s}.ff.conv_point"), m)
 
 
+OFFICIAL_COMMON = dict(patch="x_embedder.proj", t1="t_embedder.mlp.0", t2="t_embedder.mlp.2",
+                       t_block="t_block.1", y1="y_embedder.y_proj.fc1", y2="y_embedder.y_proj.fc2",
+                       y_norm="attention_y_norm")
+
+
 def convert_official(sd: StateDict, m: nn.Module) -> Tree:
     d, heads, cheads = m.hidden_size, m.num_heads, m.cross_num_heads
     hd, chd = d // heads, d // cheads
-    t = _common(sd, m, dict(patch="x_embedder.proj", t1="t_embedder.mlp.0", t2="t_embedder.mlp.2",
-                            t_block="t_block.1", y1="y_embedder.y_proj.fc1",
-                            y2="y_embedder.y_proj.fc2", y_norm="attention_y_norm",
-                            final_table="final_layer.scale_shift_table",
+    t = _common(sd, m, dict(OFFICIAL_COMMON, final_table="final_layer.scale_shift_table",
                             final="final_layer.linear"))
     for i in range(m.depth):
-        s, o = f"blocks.{i}", f"block_{i}"
-        put(t, f"{o}/scale_shift_table", sd.take(f"{s}.scale_shift_table", (6, d)))
-        put(t, f"{o}/attn/qkv", sd.linear(f"{s}.attn.qkv", (d,), (3, heads, hd), bias=False))
-        put(t, f"{o}/attn/out", sd.linear(f"{s}.attn.proj", (heads, hd), (d,)))
-        put(t, f"{o}/cross_attn/q", sd.linear(f"{s}.cross_attn.q_linear", (d,), (cheads, chd)))
-        put(t, f"{o}/cross_attn/kv", sd.linear(f"{s}.cross_attn.kv_linear", (d,), (2, cheads, chd)))
-        put(t, f"{o}/cross_attn/out", sd.linear(f"{s}.cross_attn.proj", (cheads, chd), (d,)))
-        if m.qk_norm:
-            for a in ("attn", "cross_attn"):
-                put(t, f"{o}/{a}/q_norm", sd.rms_norm(f"{s}.{a}.q_norm", d))
-                put(t, f"{o}/{a}/k_norm", sd.rms_norm(f"{s}.{a}.k_norm", d))
-        _mix_ffn(sd, t, o, tuple(f"{s}.mlp.{n}_conv.conv" for n in ("inverted", "depth", "point")),
-                 m)
+        convert_block_official(sd, t, f"blocks.{i}", f"block_{i}", m, d, heads, hd, cheads, chd)
     return t
+
+
+def convert_block_official(sd: StateDict, t: Tree, s: str, o: str, m: nn.Module, d: int,
+                           heads: int, hd: int, cheads: int, chd: int) -> None:
+    """One official ``SanaMSBlock`` (prefix ``s``) into jdit's block ``o``."""
+    put(t, f"{o}/scale_shift_table", sd.take(f"{s}.scale_shift_table", (6, d)))
+    put(t, f"{o}/attn/qkv", sd.linear(f"{s}.attn.qkv", (d,), (3, heads, hd), bias=False))
+    put(t, f"{o}/attn/out", sd.linear(f"{s}.attn.proj", (heads, hd), (d,)))
+    put(t, f"{o}/cross_attn/q", sd.linear(f"{s}.cross_attn.q_linear", (d,), (cheads, chd)))
+    put(t, f"{o}/cross_attn/kv", sd.linear(f"{s}.cross_attn.kv_linear", (d,), (2, cheads, chd)))
+    put(t, f"{o}/cross_attn/out", sd.linear(f"{s}.cross_attn.proj", (cheads, chd), (d,)))
+    if m.qk_norm:
+        for a in ("attn", "cross_attn"):
+            put(t, f"{o}/{a}/q_norm", sd.rms_norm(f"{s}.{a}.q_norm", d))
+            put(t, f"{o}/{a}/k_norm", sd.rms_norm(f"{s}.{a}.k_norm", d))
+    _mix_ffn(sd, t, o, tuple(f"{s}.mlp.{n}_conv.conv" for n in ("inverted", "depth", "point")), m)

@@ -195,6 +195,42 @@ class TextToImage:
     def unload_control_loras(self) -> None:
         self._control_loras = {}
 
+    def load_controlnet(self, path: str | Path, dtype: Any = None) -> None:
+        """Attach a ControlNet-Transformer for this pipeline's transformer: a diffusers
+        ``SanaControlNetModel`` / ``PixArtControlNetAdapterModel`` folder, an official file
+        (SANA's ``SanaMSControlNet``, PixArt-δ's), or a jdit checkpoint. Dimensions a file does
+        not record (heads, the latent grid) are the transformer's; ``dtype``: the compute dtype
+        (default: the transformer's)."""
+        from jdit import models
+        from jdit.models.pixart import PixArt
+        from jdit.models.sana import Sana
+
+        t = self.transformer
+        if isinstance(t, Sana):
+            facts = dict(num_heads=t.num_heads, cross_num_heads=t.cross_num_heads,
+                         input_size=t.input_size)
+            want = "SanaControlNet"
+        elif isinstance(t, PixArt):
+            facts, want = dict(num_heads=t.num_heads), "PixArtControlNet"
+        else:
+            raise ValueError(f"{type(t).__name__} takes no ControlNet (PixArt and SANA do)")
+        module, params = models.from_pretrained(
+            path, dtype=t.dtype if dtype is None else dtype, param_dtype=t.param_dtype, **facts)
+        if type(module).__name__ != want:
+            raise ValueError(f"{path}: a {type(module).__name__}, not a ControlNet for this "
+                             f"{type(t).__name__} (a {want})")
+        if module.hidden_size != t.hidden_size:
+            raise ValueError(f"{path}: a ControlNet {module.hidden_size} wide for a transformer "
+                             f"{t.hidden_size} wide")
+        if self.mesh is not None:
+            params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+        self.controlnet, self.controlnet_params = module, params
+        self._compiled.clear()
+
+    def unload_controlnet(self) -> None:
+        self.controlnet, self.controlnet_params = None, None
+        self._compiled.clear()
+
     # -- LoRA (diffusers' method names and meanings) ----------------------------------------
 
     def load_lora_weights(self, path: str | Path, adapter_name: str | None = None,
@@ -430,7 +466,7 @@ class TextToImage:
                                   "scales": [jnp.float32(s) for s in scales_for(scale, 1)]}
         if not self._control_loras:
             raise ValueError("control_image needs a ControlNet pipeline or condition LoRAs "
-                             "(load_control_lora)")
+                             "(load_controlnet, load_control_lora)")
         h, w = (height, width) if size is None else size
         check_size(h, w, self.vae_scale_factor * int(self.transformer.patch_size))
         ims = control_images(images, batch, h, w)

@@ -40,6 +40,18 @@ def test_sana_controlnet_pipeline_matches_diffusers(sana_cn, scale):
     plain = pipe(PROMPTS, num_steps=6, guidance_scale=4.5, height=32, width=32,
                  latents=nchw.permute(0, 2, 3, 1).numpy(), use_resolution_binning=False)
     assert np.abs(plain - want).max() > 1e-2  # the ControlNet changed the images
+    if scale == 1.0:  # a ControlNet attached to a pipeline loaded without one
+        pipe.unload_controlnet()
+        with pytest.raises(ValueError, match="ControlNet pipeline or condition LoRAs"):
+            pipe(PROMPTS, num_steps=2, height=32, width=32, control_image=control,
+                 use_resolution_binning=False)
+        pipe.load_controlnet(folder / "controlnet")
+        again = pipe(PROMPTS, num_steps=6, guidance_scale=4.5, height=32, width=32,
+                     latents=nchw.permute(0, 2, 3, 1).numpy(), use_resolution_binning=False,
+                     control_image=control, control_scale=scale)
+        np.testing.assert_array_equal(again, got)
+        with pytest.raises(ValueError, match="not a ControlNet for this"):
+            pipe.load_controlnet(folder / "transformer")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@
     jdit cache data.jsonl cache/ --vae sdxl-vae/ --text-encoder t5/ --max-length 300 --buckets 512
     jdit cache tfds:imagenet2012/train cache/ --vae vae/ --labels --size 256
     jdit cache shapes_png/ cache/ --vae identity --text-encoder words:shapes --size 32
+    jdit cache photos/ cache/ --pretrained PixArt-alpha/PixArt-Sigma-XL-2-512-MS --buckets 512 \
+        --condition canny            # or --condition depth_maps/: control training data
 """
 
 from __future__ import annotations
@@ -64,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="SANA: encode captions without its instruction prefix")
     enc.add_argument("--tile", type=_positive(int), default=None,
                      help="encode with exact tiles of this many pixels (2K/4K images)")
+    ctl = parser.add_argument_group("control conditions (for control.method training)")
+    ctl.add_argument("--condition", default=None, metavar="canny|FOLDER",
+                     help="also store each image's condition, encoded by the same VAE: 'canny' "
+                          "(the edges of the resized image) or a folder of condition images "
+                          "named like the images (same relative path, any image extension)")
+    ctl.add_argument("--canny", nargs=2, type=float, default=(100.0, 200.0),
+                     metavar=("LOW", "HIGH"), help="--condition canny: the thresholds")
     geo = parser.add_argument_group("image sizes")
     geo.add_argument("--buckets", type=int, choices=sorted(TABLES), default=None,
                      help="aspect-ratio buckets of this base resolution (PixArt / SANA tables)")
@@ -152,6 +161,11 @@ def main(args: argparse.Namespace) -> int:
         else {}  # an image without its caption is skipped and counted, not an error
     source = open_source(args.source, label=args.labels, data_dir=args.data_dir,
                          caption_feature=args.caption_feature, **extra)
+    condition = None
+    if args.condition is not None:
+        from jdit.data.caching import ConditionSpec
+
+        condition = ConditionSpec.parse(args.condition, canny=tuple(args.canny))
     image, text = _encoders(args)
     factor = image.factor
     if args.size is not None and (args.size[0] % factor or args.size[1] % factor):
@@ -172,7 +186,7 @@ def main(args: argparse.Namespace) -> int:
                     dtype=args.dtype, threads=args.threads, process_index=index,
                     examples_per_shard=args.examples_per_shard,
                     process_count=count, wait_timeout=args.wait_timeout,
-                    progress=not args.no_progress, log=say)
+                    progress=not args.no_progress, log=say, condition=condition)
     if index == 0:
         from jdit.data.caching import summary_of
 

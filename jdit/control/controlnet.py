@@ -41,30 +41,49 @@ def residuals(controlnet: nn.Module, params: Any, base: nn.Module, base_params: 
 
 
 def for_base(base: nn.Module, depth: int = 0) -> nn.Module:
-    """A PixArt-δ ControlNet for a PixArt ``base``: ``depth`` copies of its first blocks (0:
-    half of them, as PixArt-δ's 13 of 28), the base's widths and runtime settings."""
+    """A ControlNet to train for ``base``, with its widths and runtime settings: PixArt-δ's for
+    a PixArt (``depth`` copies of its first blocks; 0: half of them, as PixArt-δ's 13 of 28),
+    SANA's for a SANA (0: about a third, as SANA's 7 of 20)."""
     from jdit.models.pixart import PixArt
     from jdit.models.pixart_controlnet import PixArtControlNet
+    from jdit.models.sana import Sana
+    from jdit.models.sana_controlnet import SanaControlNet
 
-    if not isinstance(base, PixArt) or base.kv_compress or base.self_attention != "softmax":
+    is_pixart = isinstance(base, PixArt) and not base.kv_compress and \
+        base.self_attention == "softmax"
+    if not (is_pixart or isinstance(base, Sana)):
         raise ValueError("a ControlNet is trained for a PixArt base without KV compression "
-                         f"(PixArt-δ's design), got {type(base).__name__}")
-    depth = int(depth) or max(base.depth // 2, 1)
+                         f"(PixArt-δ's design) or a SANA base, got {type(base).__name__}")
+    if base.scan_layers:
+        raise ValueError("ControlNet training copies the base's blocks one by one: set "
+                         "model.scan_layers=False")
+    default = max(base.depth // 2, 1) if is_pixart else max(round(base.depth * 7 / 20), 1)
+    depth = int(depth) or default
     if not 0 < depth < base.depth:
         raise ValueError(f"controlnet_depth must lie in [1, {base.depth - 1}], got {depth}")
-    return PixArtControlNet(hidden_size=base.hidden_size, depth=depth, num_heads=base.num_heads,
-                            mlp_ratio=base.mlp_ratio, qk_norm=base.qk_norm,
-                            attention_impl=base.attention_impl, remat_policy=base.remat_policy,
-                            dtype=base.dtype, param_dtype=base.param_dtype,
-                            precision=base.precision)
+    common = dict(hidden_size=base.hidden_size, depth=depth, num_heads=base.num_heads,
+                  mlp_ratio=base.mlp_ratio, qk_norm=base.qk_norm,
+                  attention_impl=base.attention_impl, remat_policy=base.remat_policy,
+                  dtype=base.dtype, param_dtype=base.param_dtype, precision=base.precision)
+    if is_pixart:
+        return PixArtControlNet(**common)
+    return SanaControlNet(input_size=base.input_size, patch_size=base.patch_size,
+                          in_channels=base.in_channels, cross_num_heads=base.cross_num_heads,
+                          caption_channels=base.caption_channels, pos_embed=base.pos_embed,
+                          pe_interpolation=base.pe_interpolation, linear_eps=base.linear_eps,
+                          **common)
 
 
 def from_base(controlnet_params: Any, base_params: Any) -> Any:
-    """ControlNet parameters whose copies start as the base's first blocks (its projections
-    keep their zero initialisation, so the controlled base starts as the base)."""
+    """ControlNet parameters whose copies start as the base's: every module the two share by
+    name (the copied blocks; SANA's also its embeddings and caption projection). The zero
+    projections keep their zero initialisation, so the controlled base starts as the base."""
     out = dict(controlnet_params)
     for name in controlnet_params:
-        if name.startswith("block_"):
+        if name in base_params:
+            if jax.tree.map(jnp.shape, controlnet_params[name]) != \
+                    jax.tree.map(jnp.shape, base_params[name]):
+                raise ValueError(f"the ControlNet's {name} differs in shape from the base's")
             # copies: the train state is donated, the base must outlive it
             out[name] = jax.tree.map(lambda a: jnp.array(a, copy=True), base_params[name])
     return out

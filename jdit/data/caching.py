@@ -15,6 +15,11 @@ size and its bucket's ratio key (PixArt's micro-conditions). Layout of the cache
     part-00000-of-00002/         # one feature cache per process, with its own skipped.jsonl
     part-00001-of-00002/
 
+With a ``condition`` (:class:`ConditionSpec`: Canny edges of each resized image, or a folder of
+condition images named like the examples), each example also holds ``condition``: the
+condition image resized and cropped exactly as its image and encoded by the same VAE, what
+control training (``control.method``) reads.
+
 Resumable: a killed run leaves each part's complete shards indexed; the same command continues,
 and every example ends up in the cache exactly once (ids already written or skipped are not
 redone). Multi-host: process ``i`` of ``n`` encodes every ``n``-th example and writes its own
@@ -103,6 +108,81 @@ class Geometry:
                 "max_upscale": self.max_upscale}
 
 
+@dataclasses.dataclass(frozen=True)
+class ConditionSpec:
+    """Where each example's control condition comes from. ``kind="canny"``: the Canny edges of
+    the example's image after it is resized to its bucket (``low``/``high`` thresholds, as
+    ``jdit sample --canny`` and :func:`jdit.control.extractors.canny_condition` make them).
+    ``kind="folder"``: an image in ``folder`` named like the example (its id, or its id with
+    another image extension: ``photos/a/cat.jpg`` -> ``depth/a/cat.png``), of the same aspect
+    ratio as the example's image (within ``ratio_tolerance``), resized and cropped as it is."""
+
+    kind: str
+    low: float = 100.0
+    high: float = 200.0
+    folder: str | None = None
+    ratio_tolerance: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("canny", "folder"):
+            raise ValueError(f"a condition is 'canny' or a folder of condition images, got "
+                             f"{self.kind!r}")
+        if self.kind == "folder" and not (self.folder and Path(self.folder).is_dir()):
+            raise ValueError(f"condition folder {self.folder!r} is not a directory")
+        if self.kind == "canny" and not 0 <= self.low <= self.high:
+            raise ValueError(f"Canny thresholds must satisfy 0 <= low <= high, got "
+                             f"{self.low}, {self.high}")
+
+    @classmethod
+    def parse(cls, text: str, canny: tuple[float, float] = (100.0, 200.0)) -> ConditionSpec:
+        """``"canny"`` or a folder path."""
+        if text == "canny":
+            return cls("canny", low=float(canny[0]), high=float(canny[1]))
+        return cls("folder", folder=str(Path(text).resolve()))
+
+    def describe(self) -> dict[str, Any]:
+        if self.kind == "canny":
+            return {"kind": "canny", "low": self.low, "high": self.high}
+        return {"kind": "folder", "source": self.folder}
+
+    def _path(self, example_id: str) -> Path:
+        from jdit.data.folders import IMAGE_EXTENSIONS
+
+        root = Path(str(self.folder))
+        exact = root / example_id
+        candidates = [exact, *(exact.with_suffix(e) for e in IMAGE_EXTENSIONS),
+                      *(root / f"{example_id}{e}" for e in IMAGE_EXTENSIONS)]
+        for path in candidates:
+            # ids come from the dataset: a condition must stay inside the folder
+            if path.is_file() and path.resolve().is_relative_to(root.resolve()):
+                return path
+        raise Skip("missing_condition", f"no condition image for {example_id!r} in {root} "
+                                        f"(looked for {exact.stem} with {IMAGE_EXTENSIONS})")
+
+    def pixels(self, example_id: str, image: np.ndarray, resized: np.ndarray,
+               geometry: Geometry) -> np.ndarray:
+        """The condition of one example as float32 [-1, 1] pixels of ``resized``'s size;
+        ``image`` is the original, ``resized`` the uint8 image at its bucket."""
+        if self.kind == "canny":
+            from jdit.control.extractors import canny
+
+            edges = canny(resized, self.low, self.high)
+            return to_unit_range(np.repeat(edges[..., None], 3, axis=-1))
+        from jdit.data.images import decode_image
+
+        path = self._path(example_id)
+        try:
+            cond = decode_image(path)
+        except ValueError as e:
+            raise Skip("unreadable_condition", str(e)) from None
+        (h, w), (ch, cw) = image.shape[:2], cond.shape[:2]
+        if abs(np.log((ch / cw) / (h / w))) > np.log1p(self.ratio_tolerance):
+            raise Skip("condition_mismatch", f"{path}: the condition is {ch}x{cw} (h x w), its "
+                                             f"image {h}x{w}: not the same aspect ratio")
+        return to_unit_range(resize_center_crop(cond, *resized.shape[:2],
+                                                resample=geometry.resample))
+
+
 @dataclasses.dataclass
 class Summary:
     written: int = 0
@@ -137,8 +217,8 @@ def _read_skipped(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _prepare(source: Any, index: int, example_id: str, kind: str, geometry: Geometry
-             ) -> dict[str, Any]:
+def _prepare(source: Any, index: int, example_id: str, kind: str, geometry: Geometry,
+             condition: ConditionSpec | None = None) -> dict[str, Any]:
     """Read, check and resize one example (runs in a worker thread)."""
     try:
         ex = source[index]
@@ -166,15 +246,18 @@ def _prepare(source: Any, index: int, example_id: str, kind: str, geometry: Geom
             raise Skip("bad_label", f"expected a class id >= 0, got {label!r}") from None
     h, w = image.shape[:2]
     target, key = geometry.bucket(h, w)
-    out["pixels"] = to_unit_range(resize_center_crop(image, *target,
-                                                     resample=geometry.resample))
+    resized = resize_center_crop(image, *target, resample=geometry.resample)
+    out["pixels"] = to_unit_range(resized)
+    if condition is not None:
+        out["condition_pixels"] = condition.pixels(example_id, image, resized, geometry)
     out["original_size"] = np.array([h, w], np.int32)
     out["aspect_ratio"] = key
     return out
 
 
 def _prepared(source: Any, todo: Sequence[tuple[int, str]], kind: str, geometry: Geometry,
-              threads: int) -> Iterator[tuple[str, dict[str, Any] | Skip]]:
+              threads: int, condition: ConditionSpec | None = None
+              ) -> Iterator[tuple[str, dict[str, Any] | Skip]]:
     """Examples of ``todo`` prepared by ``threads`` threads, in order, a bounded window ahead
     (decoding and resizing overlap the encoders, which run on the caller's thread)."""
     window = max(4 * threads, 16)
@@ -183,7 +266,7 @@ def _prepared(source: Any, todo: Sequence[tuple[int, str]], kind: str, geometry:
         it = iter(todo)
         for index, example_id in it:
             pending.append((example_id, pool.submit(_prepare, source, index, example_id, kind,
-                                                    geometry)))
+                                                    geometry, condition)))
             if len(pending) >= window:
                 break
         while pending:
@@ -191,7 +274,7 @@ def _prepared(source: Any, todo: Sequence[tuple[int, str]], kind: str, geometry:
             nxt = next(it, None)
             if nxt is not None:
                 pending.append((nxt[1], pool.submit(_prepare, source, nxt[0], nxt[1], kind,
-                                                    geometry)))
+                                                    geometry, condition)))
             try:
                 yield example_id, future.result()
             except Skip as e:
@@ -248,14 +331,16 @@ def build_cache(source: Any, directory: str | Path, image: Any, text: Any | None
                 batch_size: int = 8, dtype: str = "float16", threads: int = 4,
                 process_index: int = 0, process_count: int = 1, resume: bool = True,
                 examples_per_shard: int = 256, wait_timeout: float | None = None,
-                progress: bool = True, log: Callable[[str], None] | None = None) -> Summary:
+                progress: bool = True, log: Callable[[str], None] | None = None,
+                condition: ConditionSpec | None = None) -> Summary:
     """Encode ``source`` into a feature cache at ``directory``; returns this process's counts.
 
     ``source``: ``len`` and ``__getitem__`` giving ``{"image": uint8 (H, W, 3), "caption": str}``
     (or ``"label"``: class-labelled data, then ``text`` is None), and ideally a cheap
     ``example_id(i)``. ``image`` / ``text``: :mod:`jdit.pipelines.encoders`. ``dtype``: how latents
     and text features are stored (identity pixels stay float32). ``metadata``: extra facts to
-    record (e.g. the source). Every process of a multi-host run calls this with its
+    record (e.g. the source). ``condition``: also store each example's control condition
+    (:class:`ConditionSpec`), encoded by ``image``. Every process of a multi-host run calls this with its
     ``process_index``; process 0 merges the parts once all are complete.
     """
     from jdit.data.sources import require  # noqa: F401 (Pillow is needed to resize)
@@ -277,7 +362,8 @@ def build_cache(source: Any, directory: str | Path, image: Any, text: Any | None
     meta = {"jdit_cache": FORMAT_VERSION, "kind": kind, "autoencoder": image.identity,
             "text_encoder": None if text is None else text.identity,
             "geometry": geometry.describe(), "dtype": np.dtype(stored).name,
-            "null_caption": None if text is None else NULL_CAPTION, **(metadata or {})}
+            "null_caption": None if text is None else NULL_CAPTION,
+            "condition": None if condition is None else condition.describe(), **(metadata or {})}
     meta = json.loads(json.dumps(meta))
     if (directory / "index.json").exists():
         raise FileExistsError(f"{directory} already holds a complete feature cache; pass "
@@ -302,7 +388,7 @@ def build_cache(source: Any, directory: str | Path, image: Any, text: Any | None
     if not (part / "index.json").exists():
         summary = _encode_part(source, part, ids, mine, duplicates, kind, image, text, geometry,
                                meta, batch_size, stored, threads, resume, examples_per_shard,
-                               progress)
+                               progress, condition)
     summary.seconds = time.perf_counter() - start
     log(f"{part.name}: {summary.line()}")
     if process_index == 0:
@@ -318,7 +404,8 @@ def build_cache(source: Any, directory: str | Path, image: Any, text: Any | None
 def _encode_part(source: Any, part: Path, ids: list[str], mine: list[int],
                  duplicates: list[int], kind: str, image: Any, text: Any, geometry: Geometry,
                  meta: dict[str, Any], batch_size: int, stored: np.dtype, threads: int,
-                 resume: bool, examples_per_shard: int, progress: bool) -> Summary:
+                 resume: bool, examples_per_shard: int, progress: bool,
+                 condition: ConditionSpec | None = None) -> Summary:
     summary = Summary()
     skipped_path = part / SKIPPED
     writer = FeatureCacheWriter(part, metadata=meta, resume=resume,
@@ -353,21 +440,29 @@ def _encode_part(source: Any, part: Path, ids: list[str], mine: list[int],
                 features, mask, examples = _encode_text(text, examples, batch_size, skip)
             if examples:
                 m = len(examples)
-                pixels = np.stack([e["pixels"] for e in examples])
-                if m < batch_size:  # one compiled shape per bucket: pad the last batch
-                    pixels = np.concatenate(
-                        [pixels, np.zeros((batch_size - m, *pixels.shape[1:]), pixels.dtype)])
-                latents = image.encode(pixels)[:m]
+
+                def encoded(name: str) -> np.ndarray:
+                    pixels = np.stack([e[name] for e in examples])
+                    if m < batch_size:  # one compiled shape per bucket: pad the last batch
+                        pixels = np.concatenate(
+                            [pixels, np.zeros((batch_size - m, *pixels.shape[1:]), pixels.dtype)])
+                    return image.encode(pixels)[:m]
+
+                latents = encoded("pixels")
+                conditions = encoded("condition_pixels") if condition is not None else None
                 for j, e in enumerate(examples):
                     fields: dict[str, Any] = {"latent": latents[j].astype(stored),
                                               "original_size": e["original_size"],
                                               "aspect_ratio": e["aspect_ratio"]}
+                    if conditions is not None:
+                        fields["condition"] = conditions[j].astype(stored)
                     if kind == "text":
                         fields.update(text=features[j].astype(stored), text_mask=mask[j],
                                       caption=e["caption"])
                     else:
                         fields["label"] = e["label"]
-                    if not all(np.isfinite(fields[k]).all() for k in ("latent", "text")
+                    if not all(np.isfinite(fields[k]).all() for k in ("latent", "text",
+                                                                     "condition")
                                if k in fields):  # float16 overflow, a broken encoder
                         skip(e["id"], "non_finite", "the encoders gave non-finite values")
                         continue
@@ -376,7 +471,7 @@ def _encode_part(source: Any, part: Path, ids: list[str], mine: list[int],
             if bar is not None:
                 bar.update(n)
 
-        for example_id, prepared in _prepared(source, todo, kind, geometry, threads):
+        for example_id, prepared in _prepared(source, todo, kind, geometry, threads, condition):
             if isinstance(prepared, Skip):
                 skip(example_id, prepared.reason, str(prepared))
                 if bar is not None:

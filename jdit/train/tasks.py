@@ -304,7 +304,9 @@ class FeatureCacheTask:
     encoders: a ``latent_scale`` or ``vae_factor`` other than its autoencoder's, or a model whose
     input channels or caption width differ from its features, is refused. Such a cache also
     gives sample grids during training (its preview captions, decoded with its VAE) and, for the
-    embedded shapes data in pixel space, the prompt-adherence evaluation.
+    embedded shapes data in pixel space, the prompt-adherence evaluation. A cache made with
+    ``jdit cache --condition`` also holds each example's control ``condition`` (latents of the
+    same VAE, scaled like the images): the data of a control run (``control.method``).
     """
 
     def __init__(self, cfg: Mapping[str, Any], batch_size: int, seed: int) -> None:
@@ -334,6 +336,11 @@ class FeatureCacheTask:
         if self.autoencoder is not None:  # written by jdit cache: its facts must agree
             self._check_encoders()
         self.micro_condition = bool(cfg["micro_condition"])
+        # control conditions (jdit cache --condition): what kind, for messages and previews
+        self.condition = None
+        if "condition" in fields:
+            self.condition = str((self.meta.get("condition") or {}).get("kind", "condition"))
+        self.condition_size = None  # stored at each image's own size
         self.null_path = cfg["null_caption"] or f"{cfg['path']}/null_caption.safetensors"
         self.batch_size = batch_size
         self.sampler = BucketBatchSampler(self.cache.sizes("latent"), batch_size, table=None,
@@ -376,8 +383,9 @@ class FeatureCacheTask:
         chosen = self.sampler.batch(index)  # the global batch's plan; read only our rows
         examples = [self.cache[int(i)] for i in chosen.indices[_rows(rows, self.batch_size)]]
         latents = np.stack([e["latent"] for e in examples]).astype(np.float32)
-        shift = float((self.autoencoder or {}).get("shift_factor", 0.0))
-        out = {"images": (latents - np.float32(shift)) * np.float32(self.latent_scale)}
+        out = {"images": self._scaled(latents)}
+        if self.condition is not None:
+            out["condition"] = self._scaled(np.stack([e["condition"] for e in examples]))
         if self.kind == "text":
             out["context"] = np.stack([e["text"] for e in examples]).astype(np.float32)
             out["context_mask"] = np.stack([e["text_mask"] for e in examples]).astype(np.int32)
@@ -394,6 +402,11 @@ class FeatureCacheTask:
                 out["resolution"] = np.tile(np.float32([h, w]), (len(examples), 1))
                 out["aspect_ratio"] = np.full((len(examples), 1), h / w, np.float32)
         return out
+
+    def _scaled(self, latents: np.ndarray) -> np.ndarray:
+        """Cached latents (the VAE's) as the model sees them."""
+        shift = float((self.autoencoder or {}).get("shift_factor", 0.0))
+        return (latents.astype(np.float32) - np.float32(shift)) * np.float32(self.latent_scale)
 
     def null(self) -> dict[str, np.ndarray] | None:
         if self.kind == "class":
@@ -444,7 +457,22 @@ class FeatureCacheTask:
         if not (self.path / PREVIEW).is_file():
             return None
         prompts, ctx, mask = read_preview(self.path / PREVIEW)
-        return prompts, {"context": ctx, "context_mask": mask}
+        cond = {"context": ctx, "context_mask": mask}
+        if self.condition is None:
+            return prompts, cond
+        # a control run previews each caption with its example's condition, in the commonest
+        # bucket (the grid's size); captions of other buckets are left out
+        first: dict[str, int] = {}
+        for i in range(len(self.cache)):
+            first.setdefault(self.cache._strings["caption"][i], i)
+        rows = [j for j, p in enumerate(prompts) if p in first and
+                tuple(self.cache.shape(first[p], "latent")[:2]) == self.sample_hw]
+        if not rows:
+            return None
+        cond = {k: v[rows] for k, v in cond.items()}
+        cond["condition"] = self._scaled(np.stack([self.cache[first[prompts[j]]]["condition"]
+                                                   for j in rows]))
+        return [f"[{self.condition}] {prompts[j]}" for j in rows], cond
 
     def to_images(self, samples: np.ndarray) -> np.ndarray:
         """Sampled latents (as the model sees them) -> images in [-1, 1], with the cache's VAE."""

@@ -22,13 +22,14 @@ def test_sample_benchmark_runs_without_recompiling():
     assert result["sample_s"] > 0 and result["forwards_s"] > 0
 
 
-def test_control_benchmark_times_the_same_step_three_ways():
+def test_control_benchmark_times_the_same_step_three_ways_and_the_base():
     from jdit.benchmarks import control
 
     result = control.run(repeats=1, calls=1, config=TINY, condition_latent=4,
                          log=lambda s: None)
     assert result["max_abs_diff"] <= 1e-4  # cached, uncached and once-per-step agree
     assert result["cached_vs_uncached"] > 0 and result["cached_vs_once_per_step"] > 0
+    assert result["no_condition_step_s"] > 0 and result["cached_vs_no_condition"] > 0
 
 
 def test_compile_benchmark_runs():

@@ -7,6 +7,8 @@ with the condition's cache against without it, measured in the same run.
   through every block in every forward (both halves of the guidance).
 * **uncached, once per step**: the cheapest way without a cache: the branch once per step for
   the batch, shared by both halves.
+* **no condition** (reference): the base model's guided step, what the cache's overhead is
+  measured against.
 
 All three compute the same output (checked); the figures are medians of per-step times.
 """
@@ -60,11 +62,13 @@ def run(repeats: int = 5, calls: int = 5, config: dict[str, int] | None = None,
         "cached": jax.jit(lambda cache: image(cache)),
         "uncached": jax.jit(lambda z: image(branch(jnp.concatenate([z, z])))),
         "uncached_once_per_step": jax.jit(lambda z: image(control.repeat(branch(z), 2))),
+        "no_condition": jax.jit(lambda _: image(None)),
     }
-    inputs = {"cached": cache2, "uncached": latents, "uncached_once_per_step": latents}
-    log("compiling the three steps ...")
+    inputs = {"cached": cache2, "uncached": latents, "uncached_once_per_step": latents,
+              "no_condition": latents}
+    log("compiling the four steps ...")
     outs = {k: np.asarray(f(inputs[k])) for k, f in steps.items()}
-    err = max(float(np.abs(outs[k] - outs["cached"]).max()) for k in outs)
+    err = max(float(np.abs(outs[k] - outs["cached"]).max()) for k in outs if k != "no_condition")
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(repeats):  # interleaved, so that machine noise hits all three alike
         log(f"repeat {r + 1}/{repeats} ...")
@@ -82,6 +86,7 @@ def run(repeats: int = 5, calls: int = 5, config: dict[str, int] | None = None,
         **{f"{k}_step_s": v for k, v in med.items()},
         "cached_vs_uncached": med["cached"] / med["uncached"],
         "cached_vs_once_per_step": med["cached"] / med["uncached_once_per_step"],
+        "cached_vs_no_condition": med["cached"] / med["no_condition"],
         "step_s_all": times,
     }
 
@@ -99,6 +104,8 @@ def main(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> in
     print(f"step with the cache {result['cached_step_s'] * 1e3:.0f} ms; without: "
           f"{result['uncached_step_s'] * 1e3:.0f} ms (ratio {result['cached_vs_uncached']:.3f}),"
           f" branch once per step {result['uncached_once_per_step_step_s'] * 1e3:.0f} ms "
-          f"(ratio {result['cached_vs_once_per_step']:.3f}); outputs agree to "
+          f"(ratio {result['cached_vs_once_per_step']:.3f}); no condition "
+          f"{result['no_condition_step_s'] * 1e3:.0f} ms (the cache's overhead "
+          f"{result['cached_vs_no_condition']:.3f}x); outputs agree to "
           f"{result['max_abs_diff']:.1e}", file=sys.stderr)
     return 0

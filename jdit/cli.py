@@ -333,6 +333,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "compile": ("compile_time", "compile time of a full-size model, scan vs not"),
     "cache": ("cache", "jdit cache images/s against its encoders alone"),
     "control": ("control", "EasyControl sampling step: with the condition cache vs without"),
+    "lit": ("lit", "LiT: a distilled linear-attention student against its PixArt teacher"),
 }
 
 

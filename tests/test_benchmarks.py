@@ -73,6 +73,21 @@ def test_bars_benchmark_trains_evaluates_and_judges(tmp_path):
         bars.run(["imagenet"])
 
 
+def test_lit_benchmark_distils_and_judges_at_a_toy_size(tmp_path):
+    """`jdit bench lit` (the LiT adherence comparison, minutes long) on a toy model: the
+    student inherits every weight but attention's, trains, and both are evaluated alike."""
+    from jdit.benchmarks import lit
+
+    r = lit.run(teacher_steps=3, student_steps=2, batch_size=8, single_repeats=1,
+                overrides=["model.hidden_size=32", "model.depth=1", "model.num_heads=2",
+                           "sample.steps=2"], workdir=tmp_path, log=lambda s: None)
+    assert r["inherited"]["initialised"] and r["inherited"]["inherited"]
+    assert all(p.split("/")[1] == "attn" for p in r["inherited"]["initialised"])
+    assert not r["inherited"]["unused"]
+    assert 0.0 <= r["student_adherence_single"] <= 1.0
+    assert r["passed"]["teacher_learned"] is False and r["all_passed"] is False  # 3 steps
+
+
 def test_attention_benchmark_runs_and_reports_growth():
     from jdit.benchmarks import attention
 

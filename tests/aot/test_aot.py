@@ -30,11 +30,19 @@ def jdit_aot(*args: str) -> tuple[int, dict]:
     return proc.returncode, json.loads(proc.stdout[start:])
 
 
+SMALL_PIXART = ("--config", str(ROOT / "configs" / "pixart_sigma_xl2_256.py"), "--topology",
+                "v5e:2x2", "--batch", "2", "--caption-length", "32", *SMALL)
+
+
+@pytest.fixture(scope="module")
+def small_pixart():
+    """The small PixArt's train step and sampler compiled once, for the tests that read it."""
+    return jdit_aot(*SMALL_PIXART, "--sampler")
+
+
 @pytest.mark.slow
-def test_small_pixart_compiles_for_v5e_and_reports_a_roofline():
-    code, r = jdit_aot("--config", str(ROOT / "configs" / "pixart_sigma_xl2_256.py"),
-                       "--topology", "v5e:2x2", "--batch", "2", "--caption-length", "32",
-                       "--sampler", *SMALL)
+def test_small_pixart_compiles_for_v5e_and_reports_a_roofline(small_pixart):
+    code, r = small_pixart
     assert code == 0 and r["fits"]
     for key in ("topology", "mesh", "per_device_batch", "hbm_per_device_bytes",
                 "hbm_capacity_bytes", "fits", "flops_per_step", "bytes_per_step",
@@ -58,6 +66,19 @@ def test_small_pixart_compiles_for_v5e_and_reports_a_roofline():
     # be 20 times less
     forwards = 20 * 2 * 2 * r["parameters"] * tokens
     assert forwards / 2 <= s["flops_per_image_batch"] <= 2 * forwards
+
+
+@pytest.mark.slow
+def test_a_lora_train_step_compiles_with_the_base_frozen(small_pixart):
+    """LoRA for a pod: only the adapters, their moments and EMA are state; the base is an
+    input. Less memory per chip and fewer FLOPs (no weight gradients of the base)."""
+    code, full = small_pixart  # (its train step: the same program with or without --sampler)
+    code_lora, r = jdit_aot(*SMALL_PIXART, "--config.lora.rank=8")
+    assert code == code_lora == 0 and r["fits"]
+    assert r["lora"]["rank"] == 8 and r["parameters"] == full["parameters"]
+    assert 0 < r["lora"]["trainable_parameters"] < r["parameters"] / 20
+    assert r["hbm_per_device_bytes"] < full["hbm_per_device_bytes"]
+    assert r["flops_per_step"] < full["flops_per_step"]
 
 
 @pytest.mark.slow
@@ -186,21 +207,6 @@ def test_command_line_overrides_win_over_what_aot_assumes():
     assert sana["diffusion"]["objective"] == "flow" and sana["diffusion"]["flow_shift"] == 6.0
     with pytest.raises(ValueError, match="unknown config key 'train.stepz'"):
         aot.load(path, ["train.stepz=3"])
-
-
-@pytest.mark.slow
-def test_a_lora_train_step_compiles_with_the_base_frozen():
-    """LoRA for a pod: only the adapters, their moments and EMA are state; the base is an
-    input. Less memory per chip and fewer FLOPs (no weight gradients of the base)."""
-    args = ("--config", str(ROOT / "configs" / "pixart_sigma_xl2_256.py"), "--topology",
-            "v5e:2x2", "--batch", "2", "--caption-length", "32", *SMALL)
-    code, full = jdit_aot(*args)
-    code_lora, r = jdit_aot(*args, "--config.lora.rank=8")
-    assert code == code_lora == 0 and r["fits"]
-    assert r["lora"]["rank"] == 8 and r["parameters"] == full["parameters"]
-    assert 0 < r["lora"]["trainable_parameters"] < r["parameters"] / 20
-    assert r["hbm_per_device_bytes"] < full["hbm_per_device_bytes"]
-    assert r["flops_per_step"] < full["flops_per_step"]
 
 
 @pytest.mark.slow

@@ -288,6 +288,19 @@ run tpu aot_lora_sana_1600m_v5e4 aot --config configs/sana_1600m_1024.py --topol
 run tpu aot_full_sana_1600m_v5e4 aot --config configs/sana_1600m_1024.py --topology v5e:2x2 \
   --max-batch --scan-layers on --batch 2
 
+# ## LiT: a linear student distilled from a short PixArt run (issue 7)
+section "LiT: a linear student distilled from a short PixArt run (issue 7)"
+run cpu bench_lit bench lit
+
+# ## EasyControl's cache (issue 20): a sampling step with it and without, and the TPU memory
+section "EasyControl's cache: a sampling step with it and without (issue 20)"
+run cpu bench_control bench control
+run cpu bench_control_half bench control --condition-latent 16
+run tpu aot_pipeline_sigma_1024_control_cached aot --pipeline pixart_sigma_1024 \
+  --topology v5e:2x4 --batch 1 --control cached
+run tpu aot_pipeline_sigma_1024_control_uncached aot --pipeline pixart_sigma_1024 \
+  --topology v5e:2x4 --batch 1 --control uncached
+
 if [[ $SELECTED -eq 0 ]]; then
   echo "$0: no command matches --only '$ONLY'" >&2
   exit 2

@@ -115,7 +115,7 @@ class Gemma2Layer(nn.Module):
 
 class Gemma2Encoder(nn.Module):
     """``apply(params, input_ids (B, L) int, attention_mask (B, L)) -> (B, L, hidden)`` float32,
-    Gemma-2's last hidden state after the final norm."""
+    Gemma-2's last hidden state after the final norm (or hidden state ``hidden_layer``)."""
 
     vocab_size: int = 256000
     hidden_size: int = 2304
@@ -130,6 +130,7 @@ class Gemma2Encoder(nn.Module):
     attn_logit_softcapping: float | None = 50.0
     sliding_window: int | None = 4096
     layer_types: tuple[str, ...] | None = None  # default: sliding on even layers, full on odd
+    hidden_layer: int = -1  # transformers' hidden_states index (see jdit.text.llama)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -149,7 +150,7 @@ class Gemma2Encoder(nn.Module):
             if cfg.get(key):
                 raise ValueError(f"Gemma-2 {key}=True is not supported")
         names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype",
-                                                              "param_dtype"}
+                                                              "param_dtype", "hidden_layer"}
         fields = {k: cfg[k] for k in names if k in cfg}
         theta = rope.get("rope_theta", cfg.get("rope_theta"))
         if theta is not None:
@@ -159,6 +160,13 @@ class Gemma2Encoder(nn.Module):
         if fields.get("layer_types") is not None:
             fields["layer_types"] = tuple(fields["layer_types"])
         return cls(**fields, **overrides)
+
+    @property
+    def layers_run(self) -> int:
+        """How many layers the features need (``num_hidden_layers``: all, and the final norm)."""
+        from jdit.text.llama import layer_index
+
+        return layer_index(self.hidden_layer, self.num_hidden_layers)
 
     def kinds(self) -> tuple[str, ...]:
         if self.layer_types is not None:
@@ -190,7 +198,8 @@ class Gemma2Encoder(nn.Module):
         keys = (jnp.ones_like(input_ids) if attention_mask is None else attention_mask)
         keys = keys.astype(bool)[:, None, :]  # (B, 1, L): padded keys get no weight
         masks = {"full_attention": causal[None] & keys, "sliding_attention": window[None] & keys}
-        for i, kind in enumerate(self.kinds()):
+        run = self.layers_run
+        for i, kind in enumerate(self.kinds()[:run]):
             if kind not in masks:
                 raise ValueError(f"Gemma-2 layer type {kind!r} is not supported")
             x = Gemma2Layer(self.num_attention_heads, self.num_key_value_heads, self.head_dim,
@@ -198,5 +207,6 @@ class Gemma2Encoder(nn.Module):
                             self.query_pre_attn_scalar ** -0.5, self.attn_logit_softcapping,
                             self.rope_theta, self.dtype, self.param_dtype,
                             name=f"layer_{i}")(x, masks[kind])
-        return GemmaRMSNorm(self.rms_norm_eps, self.param_dtype,
-                            name="final_norm")(x).astype(jnp.float32)
+        if run == self.num_hidden_layers:
+            x = GemmaRMSNorm(self.rms_norm_eps, self.param_dtype, name="final_norm")(x)
+        return x.astype(jnp.float32)

@@ -23,7 +23,7 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32, *,
     sharded ``model-0000i-of-0000n.safetensors`` with their index); a pipeline folder's
     ``text_encoder/`` works, and so does the pipeline folder itself. ``dtype`` is the compute
     dtype (norms and softmax stay float32); weights are cast to ``param_dtype``.
-    ``hidden_layer`` (decoders: Llama, Qwen2): which hidden state the encoder returns, as
+    ``hidden_layer`` (decoders: Gemma-2, Llama, Qwen2): which hidden state the encoder returns, as
     transformers' ``hidden_states[hidden_layer]`` (default -1, the final norm's output; LI-DiT
     takes -3); the layers past it are not loaded."""
     path = Path(path)
@@ -34,13 +34,11 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32, *,
         raise FileNotFoundError(f"{path}: no config.json (not a transformers T5 folder)")
     cfg = read_json_object(cfg_file)
     if cfg.get("model_type") == "gemma2":
-        if hidden_layer not in (None, -1):
-            raise ValueError("hidden_layer is not supported for Gemma-2 yet (its last one only)")
-        return _gemma2(path, cfg, dtype, param_dtype)
+        return _gemma2(path, cfg, dtype, param_dtype, -1 if hidden_layer is None else hidden_layer)
     if cfg.get("model_type") in ("llama", "qwen2"):
         return _llama(path, cfg, dtype, param_dtype, -1 if hidden_layer is None else hidden_layer)
     if hidden_layer is not None:
-        raise ValueError(f"{path}: hidden_layer is for decoder encoders (Llama, Qwen2)")
+        raise ValueError(f"{path}: hidden_layer is for decoder encoders (Gemma-2, Llama, Qwen2)")
     if cfg.get("model_type") == "umt5":  # one relative bias per layer, not T5's shared one
         raise ValueError(f"{path}: UMT5 is not supported (expected model_type 't5' or 'mt5')")
     if cfg.get("model_type") not in (None, "t5", "mt5"):
@@ -62,11 +60,13 @@ def _checked(path: Path, module: Any, tree: Any, param_dtype: Any) -> tuple[Any,
     return module, jax.tree.map(lambda a: jnp.asarray(a, param_dtype), tree)
 
 
-def _gemma2(path: Path, cfg: dict[str, Any], dtype: Any, param_dtype: Any) -> tuple[Any, Any]:
+def _gemma2(path: Path, cfg: dict[str, Any], dtype: Any, param_dtype: Any,
+            hidden_layer: int = -1) -> tuple[Any, Any]:
     from jdit.text.gemma2 import Gemma2Encoder
     from jdit.weights.gemma2 import convert, decoder_tensors
 
-    module = Gemma2Encoder.from_config(cfg, dtype=dtype, param_dtype=param_dtype)
+    module = Gemma2Encoder.from_config(cfg, dtype=dtype, param_dtype=param_dtype,
+                                       hidden_layer=hidden_layer)
     return _checked(path, module, convert(StateDict(
         decoder_tensors(read_safetensors_folder(path, "model")), str(path)), module), param_dtype)
 

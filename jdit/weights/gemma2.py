@@ -26,7 +26,8 @@ def convert(sd: StateDict, gemma: nn.Module) -> Tree:
     h, kv, ff = gemma.num_attention_heads, gemma.num_key_value_heads, gemma.intermediate_size
     tree: Tree = {}
     put(tree, "embed", sd.take("embed_tokens.weight", (gemma.vocab_size, d)))
-    for i in range(gemma.num_hidden_layers):
+    run = gemma.layers_run
+    for i in range(run):
         src, dst = f"layers.{i}", f"layer_{i}"
         for name, heads in (("q", h), ("k", kv), ("v", kv)):
             put(tree, f"{dst}/attn/{name}",
@@ -42,6 +43,11 @@ def convert(sd: StateDict, gemma: nn.Module) -> Tree:
                              ("pre_mlp_norm", "pre_feedforward_layernorm"),
                              ("post_mlp_norm", "post_feedforward_layernorm")):
             put(tree, f"{dst}/{ours}", sd.rms_norm(f"{src}.{theirs}", d))
-    put(tree, "final_norm", sd.rms_norm("norm", d))
+    if run == gemma.num_hidden_layers:
+        put(tree, "final_norm", sd.rms_norm("norm", d))
+    # the layers the features do not reach (hidden_layer): present, deliberately not read
+    sd.used.update(k for k in sd.tensors if (k.startswith("layers.") and
+                                             int(k.split(".")[1]) >= run)
+                   or (k.startswith("norm.") and run < gemma.num_hidden_layers))
     sd.finish()
     return tree

@@ -104,3 +104,21 @@ def test_gemma_tokenizer_matches_transformers(tmp_path):
         assert ours.encode(text) == reference.encode(text)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         jdit.text.GemmaTokenizer.from_pretrained(tmp_path / "spm")
+
+
+@pytest.mark.parametrize("hidden_layer", [-3, 2])
+def test_an_intermediate_hidden_state_matches_transformers(tmp_path, hidden_layer):
+    """LI-DiT's features: ``hidden_states[hidden_layer]`` (embeddings, each layer's output, the
+    final norm's); the layers past it are neither loaded nor run."""
+    cfg = config()
+    reference = random_model(Gemma2Model, cfg)
+    reference.save_pretrained(tmp_path, safe_serialization=True)
+    ids, mask = batch(cfg.vocab_size)
+    with torch.no_grad():
+        want = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True
+                         ).hidden_states[hidden_layer].numpy()
+    module, params = jdit.text.from_pretrained(tmp_path, hidden_layer=hidden_layer)
+    got = jax.jit(module.apply)({"params": params}, jnp.asarray(ids.numpy()),
+                                jnp.asarray(mask.numpy()))
+    assert rel_err(got, want) <= 1e-4
+    assert "final_norm" not in params and f"layer_{hidden_layer % 4}" not in params

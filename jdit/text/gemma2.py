@@ -50,6 +50,22 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
     return x * cos + half * sin
 
 
+def grouped_query_attention(q: Array, k: Array, v: Array, allowed: Array, scale: float,
+                            softcap: float | None = None) -> Array:
+    """Causal decoder attention with key/value heads shared by groups of query heads: q (B, L,
+    H, D), k and v (B, L, H_kv, D), ``allowed`` (B, L, L) which keys each query sees; logits
+    (optionally soft-capped, ``cap · tanh(x / cap)``) and softmax in float32."""
+    b, n, heads, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, n, kv_heads, heads // kv_heads, d)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhgqk,bkhd->bqhgd", weights, v).reshape(b, n, heads, d)
+
+
 class Gemma2Attention(nn.Module):
     num_heads: int
     num_kv_heads: int
@@ -69,17 +85,7 @@ class Gemma2Attention(nn.Module):
         v = Dense(kvd, ("embed",), ("heads", "kv"), name="v", **common)(x)
         pos = jnp.arange(x.shape[1])
         q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
-        b, n = x.shape[:2]
-        group = self.num_heads // self.num_kv_heads  # query heads sharing one key/value head
-        q = q.reshape(b, n, self.num_kv_heads, group, self.head_dim)
-        logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k,
-                            preferred_element_type=jnp.float32) * self.query_scale
-        if self.softcap is not None:
-            logits = self.softcap * jnp.tanh(logits / self.softcap)
-        logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v).reshape(b, n, self.num_heads,
-                                                                  self.head_dim)
+        out = grouped_query_attention(q, k, v, allowed, self.query_scale, self.softcap)
         return Dense(x.shape[-1], ("heads", "kv"), ("embed",), name="o", **common)(out)
 
 

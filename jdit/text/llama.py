@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jdit.nn.layers import Dense, constrain
-from jdit.text.gemma2 import rotary
+from jdit.text.gemma2 import grouped_query_attention, rotary
 
 Array = jax.Array
 FAMILIES = ("llama", "qwen2")
@@ -76,15 +76,7 @@ class LlamaAttention(nn.Module):
         v = Dense(kvd, ("embed",), ("heads", "kv"), use_bias=self.qkv_bias, name="v", **common)(x)
         pos = jnp.arange(x.shape[1])
         q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
-        b, n = x.shape[:2]
-        group = self.num_heads // self.num_kv_heads  # query heads sharing one key/value head
-        q = q.reshape(b, n, self.num_kv_heads, group, self.head_dim)
-        logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k,
-                            preferred_element_type=jnp.float32) * self.head_dim ** -0.5
-        logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v).reshape(b, n, self.num_heads,
-                                                                  self.head_dim)
+        out = grouped_query_attention(q, k, v, allowed, self.head_dim ** -0.5)
         return Dense(x.shape[-1], ("heads", "kv"), ("embed",), use_bias=self.out_bias, name="o",
                      **common)(out)
 

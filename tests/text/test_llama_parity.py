@@ -12,27 +12,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, Qwen2Config,
 import jdit
 from jdit.weights.state_dict import CheckpointMismatchError
 from tests.helpers import rel_err
+from tests.text.test_gemma2_parity import batch, random_model
 
 SMALL = dict(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, rope_theta=500.0,
              rms_norm_eps=1e-5)
-
-
-def random_model(cls, cfg, seed=0):
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # norms off their unit init, sharper attention
-            p.add_(0.3 * torch.randn_like(p))
-    return model
-
-
-def batch(vocab, seed=1):
-    ids = torch.randint(1, vocab, (2, 12), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0  # right padding
-    ids[1, 7:] = 0
-    return ids, mask
 
 
 CASES = [(LlamaModel, LlamaConfig(**SMALL)),

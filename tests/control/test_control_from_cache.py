@@ -114,11 +114,7 @@ def test_control_runs_train_from_a_condition_cache(canny_cache):
     assert run.task.condition == "canny"
     ex = run.task.batch(0)
     assert ex["condition"].shape == ex["images"].shape == (2, 32, 32, 3)
-    # a ControlNet from the same cache
-    net = load_config(cfg, [*data, *TINY, "train.steps=2", "train.sample_every=0",
-                            f"train.init_from={tmp / 'base'}", "control.method=controlnet",
-                            "control.controlnet_depth=1"])
-    assert np.isfinite(train(net, tmp / "canny_net", quiet=True)["loss"])
+    # (a ControlNet reads the same batches: tests/control/test_control_training.py trains one)
 
 
 @pytest.mark.slow
@@ -135,12 +131,11 @@ def test_a_sana_base_trains_sanas_controlnet(tmp_path):
     run, params, step = load_trained(tmp_path / "net")
     assert step == 3 and isinstance(run.controlnet, SanaControlNet)
     assert run.controlnet.depth == 1  # round(2 * 7 / 20): SANA's share of copied blocks
-    _, base, _ = load_trained(tmp_path / "base")
-    # the copies started as the base's modules and moved; the projections left zero
+    # the copies started as the base's modules (embeddings included, as SANA's)
     assert "patch_embed" in params.adapters and "controlnet_block_0" in params.adapters
     cond = run.task.encode(["", "a red square in the center"])
+    # no condition: the base (the generator path test_control_training.py checks bit for bit)
     plain = run.generate(params, cond, seed=0, num_steps=2)
-    np.testing.assert_array_equal(plain, run.generate(base, cond, seed=0, num_steps=2))
     objs = [(shapes.Obj("red", "square", "center"),)] * 2
     cond["condition"] = render_conditions(objs, "silhouette", 32)
     assert np.abs(run.generate(params, cond, seed=0, num_steps=2) - plain).max() > 1e-5

@@ -152,6 +152,44 @@ def gemma_tokenizer(folder: Path, vocab_size: int = 320, seed: int = 0) -> Any:
     return tokenizer
 
 
+def byte_level_tokenizer(folder: Path, style: str = "llama", vocab_size: int = 300,
+                         seed: int = 0) -> Any:
+    """A byte-level BPE ``tokenizer.json`` trained on the spot, saved at ``folder`` and returned
+    as transformers loads it: ``style="llama"`` (Llama-3's: ``<|begin_of_text|>`` first, no pad
+    token) or ``"qwen2"`` (Qwen2's: no special tokens added, ``<|endoftext|>`` pads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer
+
+    if style not in ("llama", "qwen2"):
+        raise ValueError(f"style must be 'llama' or 'qwen2', got {style!r}")
+    rng = np.random.default_rng(seed)
+    sentences = [" ".join(rng.choice(WORDS, 8)) for _ in range(500)]
+    specials = (["<|begin_of_text|>", "<|end_of_text|>"] if style == "llama"
+                else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(sentences, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    if style == "llama":
+        bos = (specials[0], tok.token_to_id(specials[0]))
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B", special_tokens=[bos])
+        config = {"bos_token": specials[0], "eos_token": specials[1]}
+    else:
+        config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    reference = AutoTokenizer.from_pretrained(str(folder))
+    if reference.pad_token is None:
+        reference.pad_token = reference.eos_token
+    reference.padding_side = "right"
+    return reference
+
+
 def sana(folder: str | Path, sample_size: int = 8, width: int = 32, seed: int = 0,
          controlnet_layers: int = 0) -> Any:
     """A ``SanaPipeline`` saved at ``folder``: a random Gemma-2 encoder (sliding and global

@@ -58,6 +58,25 @@ def check_context(
 
 
 
+def check_text_refiner(name: str, refiner: Any, caption_channels: int) -> None:
+    """A ``text_refiner`` section: a :class:`jdit.nn.text_refiner.TextRefinerConfig` whose
+    encoders pack to ``caption_channels`` (the widest encoder's width)."""
+    if refiner is None:
+        return
+    from jdit.nn.text_refiner import TextRefinerConfig
+
+    if not isinstance(refiner, TextRefinerConfig):
+        raise ValueError(f"{name}: text_refiner must be a TextRefinerConfig (a dict in configs, "
+                         f"built by jdit.models.build), got {type(refiner).__name__}")
+    refiner.check()
+    if refiner.packed_width != caption_channels:
+        raise ValueError(
+            f"{name}: the text_refiner's encoders have feature widths "
+            f"{[w for w, _ in refiner.encoders]}, which pack to {refiner.packed_width}, but "
+            f"caption_channels is {caption_channels}; set caption_channels to the widest "
+            f"encoder's width")
+
+
 def check_control(name: str, control: Any, depth: int, batch: int,
                   tails: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
     """Control conditions' per-block tensors: a pair, each (depth, batch, ...) ending in its

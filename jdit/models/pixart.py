@@ -18,6 +18,7 @@ from jdit.models.checks import (
     check_context,
     check_control,
     check_latents,
+    check_text_refiner,
     check_vector,
     layer_inputs,
 )
@@ -38,6 +39,7 @@ from jdit.nn.layers import (
 from jdit.nn.linear_attention import LinearSelfAttention
 from jdit.nn.modulation import AdaLNModulation, FinalLayer, block_modulations
 from jdit.nn.stack import run_blocks
+from jdit.nn.text_refiner import TextRefiner, TextRefinerConfig
 
 
 class PixArtBlock(nn.Module):
@@ -144,6 +146,8 @@ class PixArt(nn.Module):
     self_attention: str = "softmax"  # "softmax" | "linear"
     linear_heads: int | None = None
     linear_v_conv: int = 0
+    # LI-DiT's refiner of LLM prompt features (jdit.nn.text_refiner); a dict in configs
+    text_refiner: TextRefinerConfig | None = None
     scan_layers: bool = False
     remat_policy: str = "none"
     attention_impl: str = "xla"
@@ -166,6 +170,8 @@ class PixArt(nn.Module):
     def example_inputs(self, batch: int = 1, caption_length: int = 8) -> dict[str, Array]:
         """Zero inputs of the training shape, for ``init`` and ``jax.eval_shape``."""
         s = self.input_size
+        if self.text_refiner is not None:
+            caption_length = self.text_refiner.packed_length(caption_length)
         inputs = dict(
             x=jnp.zeros((batch, s, s, self.in_channels)),
             t=jnp.zeros((batch,)),
@@ -179,6 +185,7 @@ class PixArt(nn.Module):
 
     def check_config(self) -> None:
         check_config("PixArt", self.hidden_size, self.num_heads, self.depth, self.patch_size)
+        check_text_refiner("PixArt", self.text_refiner, self.caption_channels)
         if self.micro_condition and self.hidden_size % 3:
             raise ValueError("PixArt: micro_condition needs hidden_size divisible by 3")
         if self.self_attention not in ("softmax", "linear"):
@@ -303,6 +310,9 @@ class PixArt(nn.Module):
                                layer_inputs=layer_inputs(control, None, self.depth, b, d))
             return kv
 
+        if self.text_refiner is not None:
+            context, context_mask = TextRefiner(self.text_refiner, name="text_refiner", **common)(
+                context, context_mask, temb)
         y = Mlp(
             d, d, in_axis="caption", fc1_init=normal(0.02), fc2_init=normal(0.02),
             name="caption_projection", **common,

@@ -193,6 +193,10 @@ def build(spec: str | Mapping[str, Any], **overrides: Any) -> nn.Module:
     for key in ("kv_compress_layers",):
         if key in fields:
             fields[key] = tuple(fields[key])
+    if fields.get("text_refiner") is not None:
+        from jdit.nn.text_refiner import TextRefinerConfig
+
+        fields["text_refiner"] = TextRefinerConfig.from_dict(fields["text_refiner"])
     _check_types(family, fields)
     module = cls(**fields)
     module.check_config()
@@ -213,5 +217,7 @@ def architecture(module: nn.Module) -> dict[str, Any]:
     for name in field_names(family):
         if name not in RUNTIME_FIELDS:
             value = getattr(module, name)
+            if hasattr(value, "to_dict"):  # a config section (text_refiner)
+                value = value.to_dict()
             out[name] = list(value) if isinstance(value, tuple) else value
     return out

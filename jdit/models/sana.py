@@ -20,6 +20,7 @@ from jdit.models.checks import (
     check_context,
     check_control,
     check_latents,
+    check_text_refiner,
     check_vector,
     layer_inputs,
 )
@@ -41,6 +42,7 @@ from jdit.nn.linear_attention import LinearSelfAttention
 from jdit.nn.mix_ffn import MixFFN
 from jdit.nn.modulation import AdaLNModulation, FinalLayer, block_modulations
 from jdit.nn.stack import run_blocks
+from jdit.nn.text_refiner import TextRefiner, TextRefinerConfig
 
 
 class SanaBlock(nn.Module):
@@ -130,6 +132,8 @@ class Sana(nn.Module):
     qk_norm: bool = False
     linear_eps: float = 1e-15  # diffusers; the official blocks use 1e-8
     caption_norm_init: float = 1.0  # the official training init is 0.01 (loaded weights set it)
+    # LI-DiT's refiner of LLM prompt features (jdit.nn.text_refiner); a dict in configs
+    text_refiner: TextRefinerConfig | None = None
     scan_layers: bool = False
     remat_policy: str = "none"
     attention_impl: str = "xla"
@@ -142,6 +146,8 @@ class Sana(nn.Module):
 
     def example_inputs(self, batch: int = 1, caption_length: int = 8) -> dict[str, Array]:
         s = self.input_size
+        if self.text_refiner is not None:
+            caption_length = self.text_refiner.packed_length(caption_length)
         return dict(
             x=jnp.zeros((batch, s, s, self.in_channels)),
             t=jnp.zeros((batch,)),
@@ -151,6 +157,7 @@ class Sana(nn.Module):
 
     def check_config(self) -> None:
         check_config("Sana", self.hidden_size, self.num_heads, self.depth, self.patch_size)
+        check_text_refiner("Sana", self.text_refiner, self.caption_channels)
         if self.cross_num_heads < 1 or self.hidden_size % self.cross_num_heads:
             raise ValueError(
                 f"Sana: hidden_size {self.hidden_size} must be divisible by cross_num_heads "
@@ -205,6 +212,9 @@ class Sana(nn.Module):
             _, state = run_blocks(SanaBlock, self.per_layer(), shared, tokens, None, None, t0,
                                   scan=self.scan_layers, remat=self.remat_policy)
             return state
+        if self.text_refiner is not None:
+            context, context_mask = TextRefiner(self.text_refiner, name="text_refiner", **common)(
+                context, context_mask, temb)
         y = Mlp(d, d, in_axis="caption", fc1_init=normal(0.02), fc2_init=normal(0.02),
                 name="caption_projection", **common)(context)
         y = RMSNorm(1e-5, self.caption_norm_init, param_dtype=self.param_dtype,

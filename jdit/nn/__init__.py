@@ -26,12 +26,19 @@ from jdit.nn.linear_attention import LinearSelfAttention, linear_attention
 from jdit.nn.mix_ffn import DepthwiseConv, MixFFN
 from jdit.nn.modulation import AdaLNModulation, FinalLayer, scale_shift_table
 from jdit.nn.stack import REMAT_POLICIES, run_blocks, stack_params, unstack_params
+from jdit.nn.text_refiner import (
+    TextRefiner,
+    TextRefinerConfig,
+    TokenRefiner,
+    pack_contexts,
+)
 
 __all__ = [
     "ATTENTION_IMPLS", "KV_COMPRESS_MODES", "LOGICAL_AXES", "REMAT_POLICIES",
     "AdaLNModulation", "abstract_params", "init_params", "perturbed", "AffineLayerNorm", "CrossAttention", "Dense", "DepthwiseConv",
     "FinalLayer", "KVCompress", "LabelEmbedder", "LinearSelfAttention", "Mlp", "MixFFN",
-    "PatchEmbed", "RMSNorm", "SelfAttention", "TimestepEmbedder",
+    "PatchEmbed", "RMSNorm", "SelfAttention", "TextRefiner", "TextRefinerConfig",
+    "TimestepEmbedder", "TokenRefiner", "pack_contexts",
     "compressed_length", "dot_product_attention", "layer_norm", "linear_attention", "modulate",
     "register_attention_impl", "run_blocks", "scale_shift_table", "sincos_pos_embed_2d",
     "sincos_pos_embed_factors", "stack_params", "timestep_sinusoid", "unpatchify",

@@ -192,3 +192,11 @@ class LlamaEncoder(nn.Module):
         if run == self.num_hidden_layers:
             x = RMSNorm(self.rms_norm_eps, self.param_dtype, name="final_norm")(x)
         return x.astype(jnp.float32)
+
+
+def lm_logits(params: Any, hidden: Array) -> Array:
+    """Next-token logits of a decoder whose LM head is tied to its embeddings (the final
+    norm's output (B, L, hidden) against ``embed``): float32 (B, L, vocab)."""
+    table = params["embed"]
+    return jnp.einsum("bld,vd->blv", hidden.astype(jnp.float32), table.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)

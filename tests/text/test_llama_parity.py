@@ -61,3 +61,35 @@ def test_a_causal_lm_folder_loads_and_bad_input_is_refused(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointMismatchError, match="layers.0.mlp.up_proj.weight"):
         jdit.text.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_a_jdit_decoder_saves_a_folder_transformers_reads(tmp_path, model_type):
+    """``jdit.weights.llama.save_pretrained``: a decoder trained in jdit (the toy LM prompt
+    encoders of ``jdit bench llm``) is a causal-LM folder transformers runs to the same hidden
+    states and, through the tied embeddings, the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from jdit.text.llama import lm_logits
+    from jdit.weights.llama import save_pretrained
+
+    fields = {k: v for k, v in SMALL.items() if k != "pad_token_id"}
+    module = jdit.text.LlamaEncoder(model_type=model_type, **fields)
+    params = jdit.nn.perturbed(jdit.nn.init_params(module, jax.random.key(0)),
+                               jax.random.key(1), 0.3)
+    save_pretrained(tmp_path, params, module)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids, mask = batch(SMALL["vocab_size"])
+    with torch.no_grad():
+        out = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    hidden = jax.jit(module.apply)({"params": params}, jnp.asarray(ids.numpy()),
+                                   jnp.asarray(mask.numpy()))
+    assert rel_err(hidden, out.hidden_states[-1].numpy()) <= 1e-4
+    assert rel_err(lm_logits(params, hidden), out.logits.numpy()) <= 1e-4
+    loaded, again = jdit.text.from_pretrained(tmp_path)
+    assert loaded == module
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params), strict=True):
+        assert bool(jnp.all(a == b))
+    short = jdit.text.LlamaEncoder(model_type=model_type, hidden_layer=-2, **fields)
+    with pytest.raises(ValueError, match="export needs every layer"):
+        save_pretrained(tmp_path / "short", params, short)

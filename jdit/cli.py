@@ -334,6 +334,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "cache": ("cache", "jdit cache images/s against its encoders alone"),
     "control": ("control", "EasyControl sampling step: with the condition cache vs without"),
     "lit": ("lit", "LiT: a distilled linear-attention student against its PixArt teacher"),
+    "llm": ("llm", "LI-DiT at toy scale: LLM prompt features, raw vs refined (shapes)"),
 }
 
 

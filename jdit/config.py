@@ -96,9 +96,12 @@ DATA: dict[str, dict[str, Any]] = {
     # ``partial_condition``: the share of two-object images whose condition shows one object
     # (their captions are kept: what lets condition LoRAs trained apart compose);
     # ``condition_size``: the conditions' side (0: the image's), area-averaged from the image's.
+    # ``text_encoders``: LLM prompt encoders instead of the word-level one (LI-DiT): a list of
+    # dicts with ``path`` (a transformers folder with its tokenizer.json), ``max_length``,
+    # ``hidden_layer``, ``instruction`` (jdit.pipelines.encoders.text_encoders).
     "shapes": dict(name="shapes", size=32, pair_fraction=0.5, text_dim=64, max_length=16,
                    concepts="base", new_fraction=0.5, condition=None,
-                   partial_condition=0.0, condition_size=0),
+                   partial_condition=0.0, condition_size=0, text_encoders=None),
     # Embedded handwritten digits, class-conditional.
     "digits": dict(name="digits", size=32),
     # Pre-computed VAE latents + text features (jdit.data.cache). ``latent_scale``: SD VAE

@@ -397,3 +397,27 @@ def adherence(
     if len(objects_list) == 0:
         raise ValueError("adherence of an empty batch")
     return float(scores(images, objects_list, **kwargs).mean())
+
+
+def objects_found(
+    images: np.ndarray, objects_list: Sequence[Sequence[Obj] | str], **kwargs: Any
+) -> np.ndarray:
+    """For each image and each of its prompt's objects (in the caption's order), whether an
+    object of that colour and shape was detected in that cell: bool (N, objects). Extra objects
+    are not counted against it (:func:`scores` is the exact match). All prompts must name the
+    same number of objects."""
+    images = np.asarray(images)
+    expected = [parse_caption(e) if isinstance(e, str) else canonical(e) for e in objects_list]
+    if images.ndim != 4 or len(images) != len(expected) or not expected:
+        raise ValueError(f"expected images (N, H, W, 3) and N >= 1 prompts, got {images.shape} "
+                         f"and {len(expected)} prompts")
+    counts = {len(e) for e in expected}
+    if len(counts) != 1:
+        raise ValueError(f"prompts name different numbers of objects: {sorted(counts)}")
+    out = np.zeros((len(images), counts.pop()), bool)
+    for s in range(0, len(images), 512):
+        found = detect_batch(images[s : s + 512], **kwargs)
+        for i, (f, e) in enumerate(zip(found, expected[s : s + 512], strict=True)):
+            have = {_key(o) for o in f}
+            out[s + i] = [_key(o) in have for o in e]
+    return out

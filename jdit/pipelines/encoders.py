@@ -14,6 +14,7 @@ training can refuse a cache made for another model and rebuild the text encoder 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -129,32 +130,57 @@ class WordTextEncoder:
         return np.asarray(features, np.float32), np.asarray(mask, np.int32)
 
 
+def _encoder_kind(module: Any) -> str:
+    name = type(module).__name__
+    return "gemma2" if name.startswith("Gemma") else "llama" if name.startswith("Llama") else "t5"
+
+
 class PretrainedTextEncoder:
-    """T5 (PixArt) or Gemma-2 (SANA) with its tokenizer, encoding captions as
-    :class:`jdit.pipelines.TextToImage` encodes prompts: lower-cased and stripped, padded to
-    ``max_length`` tokens; with SANA's instruction prefixed, the first and the last
-    ``max_length - 1`` positions kept."""
+    """T5 (PixArt), Gemma-2 (SANA) or a Llama / Qwen2 decoder (LI-DiT) with its tokenizer,
+    encoding captions as :class:`jdit.pipelines.TextToImage` encodes prompts: lower-cased and
+    stripped, padded to ``max_length`` tokens.
+
+    An instruction goes before each caption in one of two ways: ``instruction_style="sana"``
+    (SANA's pipeline: encoded with the caption, then the first and the last ``max_length - 1``
+    positions kept) or ``"drop"`` (LI-DiT's usage guidance: tokenized apart, its positions
+    dropped after encoding, ``max_length`` caption tokens kept). ``hidden_layer`` (decoders):
+    which hidden state is the feature (LI-DiT: -3)."""
 
     def __init__(self, module: Any, params: Any, tokenizer: Any, max_length: int,
-                 instruction: str | None, source: str, fingerprint: str = "") -> None:
+                 instruction: str | None, source: str, fingerprint: str = "", *,
+                 instruction_style: str = "sana") -> None:
         import jax
 
+        if instruction_style not in ("sana", "drop"):
+            raise ValueError(f"instruction_style must be 'sana' or 'drop', got "
+                             f"{instruction_style!r}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.module, self.params, self.tokenizer = module, params, tokenizer
         self.max_length, self.instruction = int(max_length), instruction
-        kind = "gemma2" if type(module).__name__.startswith("Gemma") else "t5"
+        self.instruction_style = instruction_style
+        kind = _encoder_kind(module)
         self.identity = {"kind": kind, "source": source, "config_sha256": fingerprint,
                          "max_length": self.max_length,
                          "instruction_sha256": None if instruction is None else
                          hashlib.sha256(instruction.encode()).hexdigest()[:16]}
+        hidden_layer = getattr(module, "hidden_layer", -1)
+        if hidden_layer != -1:  # only what differs from the defaults: older identities match
+            self.identity["hidden_layer"] = int(hidden_layer)
+        if instruction is not None and instruction_style != "sana":
+            self.identity["instruction_style"] = instruction_style
         self._apply = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, max_length: int | None = None,
-                        instruction: str | None | bool = True) -> PretrainedTextEncoder:
+                        instruction: str | None | bool = True, hidden_layer: int | None = None,
+                        instruction_style: str | None = None) -> PretrainedTextEncoder:
         """A pipeline folder (or hub id) with ``text_encoder/`` and ``tokenizer/``, or a text
-        encoder folder with its tokenizer files beside the weights. The pipeline's class gives
-        the default ``max_length`` (120 PixArt-α, 300 PixArt-Σ and SANA) and, for SANA, the
-        instruction (``instruction=False`` drops it, a string replaces it)."""
+        encoder folder with its tokenizer files beside the weights (a transformers Llama /
+        Qwen2 causal-LM folder with its ``tokenizer.json`` works). The pipeline's class gives
+        the default ``max_length`` (120 PixArt-α, 300 PixArt-Σ, SANA and decoders) and, for
+        SANA, the instruction (``instruction=False`` drops it, a string replaces it) and its
+        style ("sana"; "drop" for any other instruction)."""
         from jdit import text
         from jdit.pipelines import hub
         from jdit.pipelines.text_to_image import PIPELINE_CLASSES
@@ -167,21 +193,38 @@ class PretrainedTextEncoder:
             spec = PIPELINE_CLASSES.get(hub.model_index(folder)["_class_name"], {})
         encoder_dir = folder / "text_encoder" if (folder / "text_encoder").is_dir() else folder
         tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else encoder_dir
-        module, params = text.from_pretrained(encoder_dir)
-        kind = "gemma2" if type(module).__name__.startswith("Gemma") else "t5"
-        tokenizer_cls = text.GemmaTokenizer if kind == "gemma2" else text.T5Tokenizer
+        module, params = text.from_pretrained(encoder_dir, hidden_layer=hidden_layer)
+        kind = _encoder_kind(module)
+        tokenizer_cls = text.T5Tokenizer if kind == "t5" else text.JsonTokenizer
         tokenizer = tokenizer_cls.from_pretrained(tokenizer_dir)
         if max_length is None:
-            max_length = int(spec.get("max_sequence_length", 300 if kind == "gemma2" else 120))
+            max_length = int(spec.get("max_sequence_length", 120 if kind == "t5" else 300))
+        from_spec = instruction is True
         if instruction is True:
             instruction = spec.get("instruction")
         elif instruction is False:
             instruction = None
+        if instruction_style is None:
+            instruction_style = "sana" if from_spec and kind == "gemma2" else "drop"
+        if instruction is not None and instruction_style == "drop" and kind == "t5":
+            raise ValueError(f"{path}: an instruction is for decoder encoders (Gemma-2, Llama, "
+                             f"Qwen2), not T5")
         return cls(module, params, tokenizer, max_length, instruction, str(path),
-                   _fingerprint(encoder_dir / "config.json"))
+                   _fingerprint(encoder_dir / "config.json"), instruction_style=instruction_style)
+
+    @functools.cached_property
+    def width(self) -> int:
+        """The features' width (the model's ``caption_channels``, or a refiner encoder's)."""
+        return int(self.encode([""])[0].shape[-1])
 
     def encode(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         texts = [c.lower().strip() for c in captions]
+        if self.instruction is not None and self.instruction_style == "drop":
+            tokens, n = self.tokenizer.with_instruction(texts, self.instruction, self.max_length)
+            ids = np.asarray(tokens["input_ids"], np.int32)
+            mask = np.asarray(tokens["attention_mask"], np.int32)
+            features = np.asarray(self._apply(self.params, ids, mask), np.float32)
+            return features[:, n:], mask[:, n:]
         length = self.max_length
         if self.instruction is not None:
             texts = [self.instruction + t for t in texts]
@@ -194,6 +237,53 @@ class PretrainedTextEncoder:
             keep = [0, *range(ids.shape[1] - self.max_length + 1, ids.shape[1])]
             features, mask = features[:, keep], mask[:, keep]
         return features, mask
+
+
+class MultiTextEncoder:
+    """Several prompt encoders (LI-DiT's collaborative setting): each encodes every caption,
+    and their features are packed as a model with a ``text_refiner`` takes them
+    (:func:`jdit.nn.pack_contexts`: along the sequence, widths zero-padded to the widest)."""
+
+    def __init__(self, encoders: list[PretrainedTextEncoder]) -> None:
+        if len(encoders) < 2:
+            raise ValueError("MultiTextEncoder needs at least two encoders")
+        self.encoders = encoders
+        self.identity = {"kind": "multi", "encoders": [e.identity for e in encoders]}
+
+    @property
+    def layout(self) -> list[tuple[int, int]]:
+        """``(width, tokens)`` of each encoder: the ``text_refiner.encoders`` it needs."""
+        return [(e.width, e.max_length) for e in self.encoders]
+
+    @property
+    def width(self) -> int:
+        return max(w for w, _ in self.layout)
+
+    def encode(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        parts = [e.encode(captions) for e in self.encoders]
+        width = max(f.shape[-1] for f, _ in parts)
+        features = np.concatenate(
+            [np.pad(f, ((0, 0), (0, 0), (0, width - f.shape[-1]))) for f, _ in parts], axis=1)
+        return features, np.concatenate([m for _, m in parts], axis=1)
+
+
+def text_encoders(specs: list[dict[str, Any]]) -> PretrainedTextEncoder | MultiTextEncoder:
+    """One encoder, or several packed, from dicts with ``path`` and optionally ``max_length``,
+    ``hidden_layer``, ``instruction`` and ``instruction_style`` (a config's
+    ``data.text_encoders``)."""
+    keys = {"path", "max_length", "hidden_layer", "instruction", "instruction_style"}
+    built = []
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        unknown = sorted(set(spec) - keys)
+        if unknown or "path" not in spec:
+            raise ValueError(f"text encoder {i}: expected a dict with 'path' and optionally "
+                             f"{sorted(keys - {'path'})}, got keys {sorted(spec)}")
+        built.append(PretrainedTextEncoder.from_pretrained(
+            spec.pop("path"), instruction=spec.pop("instruction", False) or False, **spec))
+    if not built:
+        raise ValueError("no text encoders given")
+    return built[0] if len(built) == 1 else MultiTextEncoder(built)
 
 
 def image_encoder(spec: str, *, tile: int | None = None) -> PixelIdentity | VaeEncoder:

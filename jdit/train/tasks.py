@@ -74,11 +74,19 @@ class ShapesTask:
         # words, which keep their vectors: a base model reads base prompts as it learned them.
         self.encoder = WordEncoder(tuple(shapes.vocabulary(extended=self.concepts == "new")),
                                    dim=int(cfg["text_dim"]), max_length=int(cfg["max_length"]))
+        if cfg.get("text_encoders"):  # LLM prompt encoders instead (LI-DiT, jdit bench llm)
+            from jdit.pipelines.encoders import text_encoders
+
+            self.encoder = text_encoders([dict(e) for e in cfg["text_encoders"]])
         self.channels = 3
 
     def encode(self, captions: list[str]) -> dict[str, np.ndarray]:
         ctx, mask = self.encoder.encode(captions)
         return {"context": ctx, "context_mask": mask}
+
+    def check_model(self, module: Any) -> None:
+        """Refuse a model whose caption width (or text refiner) does not fit the encoders."""
+        check_text_encoders(module, self.encoder)
 
     def batch(self, index: int, rows: Rows = None) -> dict[str, np.ndarray]:
         # Rendering a whole 32-pixel batch costs little; each host keeps its rows.
@@ -220,13 +228,40 @@ def shapes_control(generate: Generate, encode: Callable[[list[str]], dict[str, n
     return out
 
 
+def check_text_encoders(module: Any, encoder: Any) -> None:
+    """The model's ``caption_channels`` and ``text_refiner`` against what ``encoder`` gives:
+    clear errors for encoders whose feature widths (or token counts) the config does not
+    match."""
+    width = getattr(module, "caption_channels", None)
+    refiner = getattr(module, "text_refiner", None)
+    layout = getattr(encoder, "layout", None)  # several encoders, packed
+    if layout is None:
+        have = int(getattr(encoder, "width", None) or encoder.dim)
+        layout = [(have, getattr(encoder, "max_length", None))]
+    widths = [w for w, _ in layout]
+    if len(layout) > 1 and refiner is None:
+        raise ValueError(f"{len(layout)} text encoders (widths {widths}) need the model's "
+                         f"text_refiner to split their packed features; set model.text_refiner")
+    if width is not None and int(width) != max(widths):
+        raise ValueError(f"the text encoders' features are {max(widths)} wide, the model "
+                         f"expects {width} (model.caption_channels)")
+    if refiner is not None:
+        want = [(w, n) for w, n in refiner.encoders]
+        if [w for w, _ in want] != widths or any(
+                n is not None and n != g for (_, n), (_, g) in zip(want, layout, strict=True)):
+            raise ValueError(f"model.text_refiner.encoders {want} do not match the text "
+                             f"encoders' (width, tokens) {layout}")
+
+
 def shapes_adherence(generate: Generate, encode: Callable[[list[str]], dict[str, np.ndarray]],
                      batch_size: int = 64, num_pairs: int = 200, single_repeats: int = 4,
                      concepts: str = "base") -> dict[str, float]:
     """Prompt adherence read by :mod:`jdit.eval.shapes`. adherence_single: every held-out single
     prompt ``single_repeats`` times, seeds differing (54 prompts, 216 images at the defaults: the
     whole single-object space has 8 x 3 x 9 = 216 prompts, a quarter held out); adherence_pair:
-    ``num_pairs`` distinct held-out pair prompts, one image each (0: no pairs).
+    ``num_pairs`` distinct held-out pair prompts, one image each (0: no pairs), with
+    ``adherence_pair_first`` / ``_second``: how often the caption's first / second object is
+    among those found in its cell.
 
     ``concepts="new"``: the same over the held-out prompts with a new colour or shape (27
     singles, 108 images; pairs as above), read by the extended evaluator, reported as
@@ -245,6 +280,9 @@ def shapes_adherence(generate: Generate, encode: Callable[[list[str]], dict[str,
         cond = encode([shapes.caption(o) for o in objs])
         images = generate_in_chunks(generate, cond, batch_size)
         out[name] = float(evaluator.adherence(images, list(objs), extended=concepts == "new"))
+        if kind == "pair":  # each object on its own, in the caption's order (LI-DiT's causal bias)
+            found = evaluator.objects_found(images, list(objs), extended=concepts == "new")
+            out[f"{name}_first"], out[f"{name}_second"] = (float(v) for v in found.mean(0))
         tag = kind if concepts == "base" else f"new_{kind}"
         out[f"num_{tag}_prompts"] = len(set(objs))
         out[f"num_{tag}_images"] = len(objs)

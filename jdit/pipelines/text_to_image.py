@@ -85,11 +85,31 @@ def _check_scale(scale: Any) -> None:
         raise ValueError(f"a LoRA scale must be a finite number, got {scale!r}")
 
 
-def _texts(prompts: str | Sequence[str]) -> list[str]:
+def _texts(prompts: str | Sequence[str], lower: bool = True) -> list[str]:
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
-    return [t.lower().strip() for t in texts]
+    return [t.lower().strip() for t in texts] if lower else texts
+
+
+def guidance_interval(spec: SamplerSpec, solver: str, num_steps: int, ratio: float
+                      ) -> tuple[float, float] | None:
+    """Lumina-Image 2.0's ``cfg_trunc_ratio`` as a timestep interval of
+    :class:`jdit.sampling.ClassifierFreeGuidance`: guided while ``(i + 1) / num_steps <= ratio``
+    (step index ``i``), i.e. at the timesteps down to that of the last guided step; None: every
+    step. Exact for solvers that call the model once per step at the grid's timesteps."""
+    if ratio >= 1.0:
+        return None
+    from jdit.sampling.solvers import _grid
+
+    if solver != "euler":
+        raise ValueError(f"cfg_trunc_ratio < 1 is defined for the euler solver (Lumina-Image "
+                         f"2.0's scheduler), got {solver!r}")
+    guided = sum((i + 1) / num_steps <= ratio for i in range(num_steps))  # steps 0..guided-1
+    if guided == 0:
+        return (np.inf, np.inf)
+    ts = np.asarray(_grid(spec.schedule, num_steps)[0], np.float32)
+    return (float(ts[guided - 1]), np.inf)
 
 
 @dataclasses.dataclass(eq=False)
@@ -111,6 +131,14 @@ class TextToImage:
     instruction: str | None = None  # SANA's prompt prefix (see the module docstring)
     controlnet: nn.Module | None = None  # a ControlNet-Transformer (jdit.control.controlnet)
     controlnet_params: Any = None
+    # LLM prompt encoders (jdit.pipelines.prompts.PromptEncoder), one or several (packed for the
+    # transformer's text_refiner): when given they replace text_encoder/tokenizer, and prompts
+    # are used as written (not lower-cased)
+    text_encoders: list[Any] | None = None
+    # guidance as Lumina-Image 2.0's pipeline does it (defaults of __call__): rescale the guided
+    # prediction to the conditional one's norm; guide only the first cfg_trunc_ratio of steps
+    cfg_normalization: bool = False
+    cfg_trunc_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         self._compiled: dict[Any, Any] = {}
@@ -119,10 +147,15 @@ class TextToImage:
         self._active: dict[str, float] = {}  # the adapters applied (unmerged) and their weights
         self._enabled = True
         self._unfused: Any = None  # the transformer's weights before fuse_lora
+        if self.text_encoders is not None and not self.text_encoders:
+            raise ValueError("text_encoders is an empty list; give one or more PromptEncoders "
+                             "(or None for the pipeline's own text_encoder)")
         if self.mesh is not None:
             replicated = NamedSharding(self.mesh, PartitionSpec())
             for name in ("transformer_params", "text_encoder_params", "vae_params"):
                 setattr(self, name, jax.device_put(getattr(self, name), replicated))
+            for enc in self.text_encoders or ():
+                enc.params = jax.device_put(enc.params, replicated)
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -343,6 +376,15 @@ class TextToImage:
     def latent_channels(self) -> int:
         return int(self.transformer.in_channels)
 
+    def _prompt_tokens(self, texts: list[str], negs: list[str]) -> tuple[Any, ...]:
+        """``text_encoders``' tokens of the prompts and negative prompts (tuples, one entry per
+        encoder) and each one's instruction positions."""
+        pos = [e.tokens(texts) for e in self.text_encoders or []]
+        neg = [e.tokens(negs, negative=True) for e in self.text_encoders or []]
+        return (tuple(i for i, _, _ in pos), tuple(m for _, m, _ in pos),
+                tuple(i for i, _, _ in neg), tuple(m for _, m, _ in neg),
+                tuple((a, b) for (_, _, a), (_, _, b) in zip(pos, neg, strict=True)))
+
     def tokenize(self, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
         tokens = self.tokenizer(texts, max_length=max_length)
         return (np.asarray(tokens["input_ids"], np.int32),
@@ -368,27 +410,44 @@ class TextToImage:
                                       **kwargs)
 
     def _program(self, solver: str, num_steps: int, guided: bool, spec: SamplerSpec,
-                 decode: bool, tiling: tuple[str, int] | None = None, control: str = "") -> Any:
+                 decode: bool, tiling: tuple[str, int] | None = None, control: str = "",
+                 drops: tuple[tuple[int, int], ...] = (), cfg: tuple[bool, float] = (False, 1.0)
+                 ) -> Any:
         """encode → sample → decode, jitted once per static signature. ``control``:
         ``"easycontrol"`` (condition branches run once, their cache carried into the sampler),
-        ``"controlnet"`` (the ControlNet runs at every step) or ``""``."""
-        sig = (solver, num_steps, guided, spec, decode, tiling, control)
+        ``"controlnet"`` (the ControlNet runs at every step) or ``""``. ``drops``: with
+        ``text_encoders``, each one's instruction positions (prompt, negative prompt);
+        ``cfg``: (normalisation, truncation ratio) of the guidance."""
+        sig = (solver, num_steps, guided, spec, decode, tiling, control, drops, cfg)
         if sig in self._compiled:
             return self._compiled[sig]
-        model_fn = ClassifierFreeGuidance(self._denoise_fn) if guided else self._denoise_fn
+        model_fn: Any = self._denoise_fn
+        if guided:
+            model_fn = ClassifierFreeGuidance(
+                self._denoise_fn, interval=guidance_interval(spec, solver, num_steps, cfg[1]),
+                rescale_axis=2 if cfg[0] else None)  # NHWC's W: the last axis of diffusers' NCHW
 
-        def run(params: dict[str, Any], ids: Array, mask: Array, neg_ids: Array,
-                neg_mask: Array, noise: Array, scale: Array, micro: tuple[Array, ...],
+        def run(params: dict[str, Any], ids: Any, mask: Any, neg_ids: Any,
+                neg_mask: Any, noise: Array, scale: Array, micro: tuple[Array, ...],
                 key: Array, conditions: dict[str, Any]) -> Array:
             extra = self._control_inputs(params, conditions, control, micro, guided)
-            encode = self.text_encoder.apply
-            ctx = encode({"params": params["text_encoder"]}, ids, mask)
-            if self.instruction is not None:  # keep the first and the last L - 1 positions
+            if self.text_encoders is not None:
+                ctx, mask = self._encode_prompts(params["text_encoders"], ids, mask,
+                                                 [d for d, _ in drops])
+            else:
+                encode = self.text_encoder.apply
+                ctx = encode({"params": params["text_encoder"]}, ids, mask)
+            if self.text_encoders is None and self.instruction is not None:
+                # SANA: keep the first and the last L - 1 positions
                 keep = jnp.asarray([0] + list(range(ids.shape[1] - neg_ids.shape[1] + 1,
                                                     ids.shape[1])))
                 ctx, mask = ctx[:, keep], mask[:, keep]
             if guided:
-                neg = encode({"params": params["text_encoder"]}, neg_ids, neg_mask)
+                if self.text_encoders is not None:
+                    neg, neg_mask = self._encode_prompts(params["text_encoders"], neg_ids,
+                                                         neg_mask, [d for _, d in drops])
+                else:
+                    neg = encode({"params": params["text_encoder"]}, neg_ids, neg_mask)
                 ctx, mask = jnp.concatenate([neg, ctx]), jnp.concatenate([neg_mask, mask])
                 micro = tuple(jnp.concatenate([m, m]) for m in micro)
                 args: tuple[Any, ...] = (scale, params["transformer"], ctx, mask, extra, *micro)
@@ -404,6 +463,14 @@ class TextToImage:
 
         self._compiled[sig] = jax.jit(run)
         return self._compiled[sig]
+
+    def _encode_prompts(self, params: list[Any], ids: tuple[Array, ...], mask: tuple[Array, ...],
+                        drops: list[int]) -> tuple[Array, Array]:
+        """``text_encoders``' features of one set of prompts, packed when there are several."""
+        from jdit.pipelines.prompts import pack
+
+        return pack([enc.features(p, i, m, d) for enc, p, i, m, d in
+                     zip(self.text_encoders or [], params, ids, mask, drops, strict=True)])
 
     def _control_inputs(self, params: dict[str, Any], conditions: dict[str, Any], control: str,
                         micro: tuple[Array, ...], guided: bool) -> dict[str, Any]:
@@ -495,7 +562,8 @@ class TextToImage:
                  vae_tiling: str | None = None, vae_tile: int = 64, control_image: Any = None,
                  control_scale: float | Sequence[float] = 1.0,
                  control_adapters: str | Sequence[str] | None = None,
-                 control_size: tuple[int, int] | None = None
+                 control_size: tuple[int, int] | None = None,
+                 cfg_normalization: bool | None = None, cfg_trunc_ratio: float | None = None
                  ) -> np.ndarray | list[Any]:
         """Images for ``prompts``: ``np`` (B, H, W, 3) float32 in [0, 1], ``pil`` a list of
         PIL images, or ``latent`` the final latents (B, h, w, C), NHWC. ``height``/``width``
@@ -514,7 +582,12 @@ class TextToImage:
         (:meth:`load_control_lora`) one condition per LoRA (``control_adapters`` names them,
         default: load order), ``control_scale`` one weight or one per condition, each encoded
         at ``control_size`` (height, width; default the generated size: EasyControl's
-        position-aware interpolation places a smaller condition on the whole image)."""
+        position-aware interpolation places a smaller condition on the whole image).
+
+        ``cfg_normalization`` (default: the pipeline's; Lumina-Image 2.0's True) rescales the
+        guided prediction to the conditional one's norm over the latent width, as diffusers'
+        ``Lumina2Pipeline``; ``cfg_trunc_ratio`` guides only the steps ``i`` with
+        ``(i + 1) / num_steps <= ratio`` (the high-noise ones; 1.0: all)."""
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r}")
         if vae_tiling not in (None, "blended", "exact"):
@@ -527,6 +600,15 @@ class TextToImage:
         negs = [t for t in negs for _ in range(num_images_per_prompt)]
         if len(negs) != len(texts):
             raise ValueError(f"{len(negs)} negative prompts for {len(texts)} images")
+        raw_texts = [t for t in _texts(prompts, lower=False) for _ in range(num_images_per_prompt)]
+        raw_negs = [t for t in (_texts(negative_prompt, lower=False) if not isinstance(
+            negative_prompt, str) else [negative_prompt] * len(_texts(prompts)))
+            for _ in range(num_images_per_prompt)]
+        cfg_normalization = (self.cfg_normalization if cfg_normalization is None
+                             else bool(cfg_normalization))
+        cfg_trunc_ratio = self.cfg_trunc_ratio if cfg_trunc_ratio is None else cfg_trunc_ratio
+        if not 0.0 <= float(cfg_trunc_ratio) <= 1.0:
+            raise ValueError(f"cfg_trunc_ratio must lie in [0, 1], got {cfg_trunc_ratio}")
         f = self.vae_scale_factor
         native = int(self.transformer.input_size) * f
         height = native if height is None else height
@@ -547,12 +629,19 @@ class TextToImage:
         else:
             noise = jnp.asarray(check_latents(latents, shape))
         length = int(max_sequence_length or self.max_sequence_length)
-        if self.instruction is None:
+        drops: tuple[tuple[int, int], ...] = ()
+        if self.text_encoders is not None:  # LLM encoders: prompts as written
+            if max_sequence_length is not None:
+                raise ValueError("max_sequence_length is each PromptEncoder's max_length in a "
+                                 "pipeline with text_encoders")
+            ids, mask, neg_ids, neg_mask, drops = self._prompt_tokens(raw_texts, raw_negs)
+        elif self.instruction is None:
             ids, mask = self.tokenize(texts, length)
+            neg_ids, neg_mask = self.tokenize(negs, length)
         else:  # SANA: the instruction's tokens plus length - 2, reduced to length in the program
             extra = len(self.tokenizer.encode(self.instruction))
             ids, mask = self.tokenize([self.instruction + t for t in texts], extra + length - 2)
-        neg_ids, neg_mask = self.tokenize(negs, length)
+            neg_ids, neg_mask = self.tokenize(negs, length)
         micro: tuple[Array, ...] = ()
         if getattr(self.transformer, "micro_condition", False):
             micro = (jnp.tile(jnp.asarray([[height, width]], jnp.float32), (len(texts), 1)),
@@ -564,13 +653,16 @@ class TextToImage:
         kind, conditions = self._conditions(control_image, control_scale, control_adapters,
                                             control_size, len(texts), height, width)
         run = self._program(chosen, int(num_steps), guided, spec, output_type != "latent", tiling,
-                            kind)
+                            kind, drops, (cfg_normalization, float(cfg_trunc_ratio)))
         params = {"transformer": self._transformer_params(),
                   "text_encoder": self.text_encoder_params,
                   "vae": self.vae_params}
+        if self.text_encoders is not None:
+            params["text_encoders"] = [e.params for e in self.text_encoders]
         if kind == "controlnet":
             params["controlnet"] = self.controlnet_params
-        batch = [self._batch_sharded(a) for a in (ids, mask, neg_ids, neg_mask, noise)]
+        batch = [jax.tree.map(self._batch_sharded, a)
+                 for a in (ids, mask, neg_ids, neg_mask, noise)]
         out = run(params, *batch, jnp.float32(guidance_scale),
                   tuple(self._batch_sharded(m) for m in micro),
                   jax.random.fold_in(jax.random.key(seed), 1),  # the stochastic solvers' noise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -22,12 +23,15 @@ class ClassifierFreeGuidance:
     those of ``x``, so a learned-sigma model's variance channels come from the conditional pass).
     ``scale`` is a scalar or one value per sample. With ``interval=(lo, hi)`` guidance applies
     only where ``lo <= t <= hi`` (model timestep units); elsewhere the conditional prediction is
-    used. Frozen and hashable: rebuilding it with the same function does not recompile.
+    used. ``rescale_axis``: the guided prediction is rescaled to the conditional one's L2 norm
+    along that axis (Lumina-Image 2.0's ``cfg_normalization``). Frozen and hashable: rebuilding
+    it with the same function does not recompile.
     """
 
     model_fn: Callable[..., Array]
     interval: tuple[float, float] | None = None
     guided_channels: int | None = None
+    rescale_axis: int | None = None
 
     def __call__(self, x: Array, t: Array, scale: Array | float, *args: Any) -> Array:
         b = x.shape[0]
@@ -40,4 +44,8 @@ class ClassifierFreeGuidance:
         g = g.reshape((b,) + (1,) * (x.ndim - 1))
         c = x.shape[-1] if self.guided_channels is None else self.guided_channels
         guided = uncond[..., :c] + g * (cond[..., :c] - uncond[..., :c])
+        if self.rescale_axis is not None:  # Lumina-Image 2.0's cfg_normalization
+            norm = functools.partial(jnp.linalg.norm, axis=self.rescale_axis, keepdims=True)
+            rescaled = guided * (norm(cond[..., :c]) / norm(guided))
+            guided = jnp.where(g == 1.0, guided, rescaled)  # unguided steps stay the cond's
         return jnp.concatenate([guided, cond[..., c:]], axis=-1)

@@ -147,3 +147,19 @@ def test_adherence_without_pairs_reports_singles_only():
     out = shapes_adherence(perfect, lambda caps: {"context": np.zeros((len(caps), 1))},
                            batch_size=54, num_pairs=0, single_repeats=1)
     assert out["adherence_single"] == 1.0 and "adherence_pair" not in out
+
+
+def test_objects_found_scores_each_object_of_a_pair_on_its_own():
+    rng = np.random.default_rng(0)
+    pairs = shapes.prompts("pair", "heldout")[:6]
+    images = np.stack([shapes.render(p, 32, rng) for p in pairs])
+    np.testing.assert_array_equal(evaluator.objects_found(images, pairs), np.ones((6, 2), bool))
+    # the second object drawn in another colour: the first still counts, the second does not
+    recoloured = []
+    for a, b in pairs:
+        other = next(c for c in shapes.COLORS if c not in (a.color, b.color))
+        recoloured.append(shapes.render((a, dataclasses.replace(b, color=other)), 32, rng))
+    found = evaluator.objects_found(np.stack(recoloured), pairs)
+    assert found[:, 0].all() and not found[:, 1].any()
+    with pytest.raises(ValueError, match="different numbers of objects"):
+        evaluator.objects_found(images[:2], [pairs[0], pairs[1][:1]])

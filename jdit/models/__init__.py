@@ -2,6 +2,7 @@
 
 from jdit.models.dit import DiT, DiTBlock
 from jdit.models.loading import from_pretrained, param_shapes, save_pretrained
+from jdit.models.lumina2 import Lumina2, Lumina2Block
 from jdit.models.pixart import PixArt, PixArtBlock
 from jdit.models.pixart_controlnet import PixArtControlNet
 from jdit.models.registry import FAMILIES, PRESETS, architecture, build, preset
@@ -10,7 +11,7 @@ from jdit.models.sana_controlnet import SanaControlNet
 from jdit.nn.init import init_params
 
 __all__ = [
-    "FAMILIES", "PRESETS", "DiT", "DiTBlock", "PixArt", "PixArtBlock", "PixArtControlNet", "architecture", "build",
+    "FAMILIES", "PRESETS", "DiT", "DiTBlock", "Lumina2", "Lumina2Block", "PixArt", "PixArtBlock", "PixArtControlNet", "architecture", "build",
     "Sana", "SanaBlock", "SanaControlNet", "from_pretrained", "init_params", "param_shapes", "preset",
     "save_pretrained",
 ]

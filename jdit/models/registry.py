@@ -16,6 +16,7 @@ import ml_collections
 from flax import linen as nn
 
 from jdit.models.dit import DiT
+from jdit.models.lumina2 import Lumina2
 from jdit.models.pixart import PixArt
 from jdit.models.pixart_controlnet import PixArtControlNet
 from jdit.models.sana import Sana
@@ -23,7 +24,8 @@ from jdit.models.sana_controlnet import SanaControlNet
 
 FAMILIES: dict[str, type[nn.Module]] = {"dit": DiT, "pixart": PixArt, "sana": Sana,
                                         "sana_controlnet": SanaControlNet,
-                                        "pixart_controlnet": PixArtControlNet}
+                                        "pixart_controlnet": PixArtControlNet,
+                                        "lumina2": Lumina2}
 
 # Fields that choose how a model runs, not what it computes: not stored in checkpoints.
 RUNTIME_FIELDS = ("scan_layers", "remat_policy", "attention_impl", "dtype", "param_dtype", "precision")
@@ -59,6 +61,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                           **_SANA_1600M),
     "sana_1600m_4k": dict(family="sana", input_size=128, pos_embed=True, pe_interpolation=2.0,
                           **_SANA_1600M),
+    # Lumina-Image 2.0 (2.6B): FLUX VAE latents (16 channels), Gemma-2-2B captions
+    "lumina2_2b_1024": dict(family="lumina2", input_size=128, patch_size=2, in_channels=16,
+                            out_channels=16, hidden_size=2304, depth=26, refiner_depth=2,
+                            num_heads=24, num_kv_heads=8, multiple_of=256, norm_eps=1e-5,
+                            axes_dim_rope=(32, 32, 32), axes_lens=(300, 512, 512),
+                            caption_channels=2304),
 }
 
 # What a published architecture's pipeline feeds it: image size, the VAE's downsampling factor
@@ -85,6 +93,10 @@ PIPELINE_FACTS: dict[str, dict[str, Any]] = {
     "sana_1600m_1024": dict(resolution=1024, flow_shift=3.0, **_DC_AE),
     "sana_1600m_2k": dict(resolution=2048, flow_shift=3.0, **_DC_AE),
     "sana_1600m_4k": dict(resolution=4096, flow_shift=6.0, **_DC_AE),
+    # FLUX VAE: latents are (z - 0.1159) * 0.3611; the pipeline section has no shift key, so
+    # the 0.1159 shift_factor lives with the autoencoder (its config.json), not here.
+    "lumina2_2b_1024": dict(resolution=1024, vae_factor=8, latent_scale=0.3611,
+                            caption_length=256, flow_shift=6.0),
 }
 
 
@@ -190,7 +202,7 @@ def build(spec: str | Mapping[str, Any], **overrides: Any) -> nn.Module:
             if fields[key] not in _DTYPES:
                 raise ValueError(f"{key} must be one of {sorted(_DTYPES)}, got {fields[key]!r}")
             fields[key] = _DTYPES[fields[key]]
-    for key in ("kv_compress_layers",):
+    for key in ("kv_compress_layers", "axes_dim_rope", "axes_lens"):
         if key in fields:
             fields[key] = tuple(fields[key])
     if fields.get("text_refiner") is not None:

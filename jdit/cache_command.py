@@ -54,8 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     enc.add_argument("--pretrained", default=None,
                      help="a diffusers pipeline folder or hub id: its VAE and text encoder")
     enc.add_argument("--vae", default=None, help="a VAE folder, or 'identity' (pixel space)")
-    enc.add_argument("--text-encoder", default=None,
-                     help="a T5 / Gemma-2 folder (tokenizer beside it), or words:shapes")
+    enc.add_argument("--text-encoder", action="append", default=None,
+                     help="a T5 / Gemma-2 / Llama / Qwen2 folder (tokenizer beside it), or "
+                          "words:shapes; repeat it for several LLM encoders, whose features are "
+                          "stored packed (a model's text_refiner splits them)")
+    enc.add_argument("--hidden-layer", type=int, default=None,
+                     help="decoder encoders: which hidden state is the feature (LI-DiT: -3)")
+    enc.add_argument("--instruction", default=None,
+                     help="decoder encoders: LI-DiT's instruction before each caption, "
+                          "tokenized apart and dropped after encoding")
     enc.add_argument("--labels", action="store_true",
                      help="class-labelled data (a label per image instead of a caption)")
     enc.add_argument("--max-length", type=_positive(int), default=None,
@@ -122,13 +129,24 @@ def _encoders(args: argparse.Namespace) -> tuple[Any, Any]:
         if args.text_encoder:
             raise ValueError("--labels takes no text encoder")
         return image, None
-    text_spec = args.text_encoder or args.pretrained
-    if text_spec is None:
+    specs = args.text_encoder or ([args.pretrained] if args.pretrained else [])
+    if not specs:
         raise ValueError("name the text encoder: --pretrained PIPELINE or --text-encoder "
                          "(or --labels for class-labelled data)")
-    text = text_encoder(text_spec, max_length=args.max_length, dim=args.text_dim,
-                        instruction=False if args.no_instruction else True)
-    return image, text
+    if args.instruction is not None and args.no_instruction:
+        raise ValueError("--instruction and --no-instruction contradict each other")
+    instruction: str | bool = False if args.no_instruction else True
+    if args.instruction is not None:
+        instruction = args.instruction
+    kwargs = dict(max_length=args.max_length, dim=args.text_dim, instruction=instruction,
+                  hidden_layer=args.hidden_layer)
+    if len(specs) == 1:
+        return image, text_encoder(specs[0], **kwargs)
+    if any(s.startswith("words:") for s in specs):
+        raise ValueError("several --text-encoder are LLM / T5 folders, not words: encoders")
+    from jdit.pipelines.encoders import MultiTextEncoder
+
+    return image, MultiTextEncoder([text_encoder(s, **kwargs) for s in specs])
 
 
 def _source_name(spec: str) -> str:

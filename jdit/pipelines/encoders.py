@@ -301,11 +301,14 @@ def image_encoder(spec: str, *, tile: int | None = None) -> PixelIdentity | VaeE
 
 
 def text_encoder(spec: str, *, max_length: int | None = None, dim: int = 64,
-                 instruction: str | None | bool = True
-                 ) -> WordTextEncoder | PretrainedTextEncoder:
-    """``"words:shapes"`` / ``"words:FILE"``, or a T5 / Gemma-2 folder, pipeline folder or
-    hub id."""
+                 instruction: str | None | bool = True, hidden_layer: int | None = None
+                 ) -> Any:
+    """``"words:shapes"`` / ``"words:FILE"``, or a T5 / Gemma-2 / Llama / Qwen2 folder,
+    pipeline folder or hub id (an instruction string: LI-DiT's, dropped after encoding)."""
     if spec.startswith("words:"):
+        if hidden_layer is not None or isinstance(instruction, str):
+            raise ValueError("a words: encoder takes no hidden layer or instruction")
         return WordTextEncoder.from_spec(spec, dim=dim, max_length=max_length or 16)
     return PretrainedTextEncoder.from_pretrained(spec, max_length=max_length,
-                                                 instruction=instruction)
+                                                 instruction=instruction,
+                                                 hidden_layer=hidden_layer)

@@ -464,3 +464,52 @@ def test_an_exported_cache_read_in_order_trains_exactly_as_in_memory(tmp_path):
     train(shuffled, tmp_path / "shuffled", quiet=True)
     lines = (tmp_path / "shuffled" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["loss"] for line in lines if '"loss"' in line] != losses["memory"]
+
+
+def test_several_llm_encoders_cache_packed_features_a_text_refiner_trains_on(tmp_path):
+    """``--text-encoder A --text-encoder B --hidden-layer -2 --instruction ...``: each caption's
+    features from both LLMs (instruction dropped), packed; a PixArt with a text_refiner
+    describing the two trains from the cache."""
+    from jdit.pipelines.encoders import MultiTextEncoder, PretrainedTextEncoder
+    from tests.pipelines.test_prompt_encoders import _llm
+
+    llms = [_llm(tmp_path / "llm_a", 32, 0), _llm(tmp_path / "llm_b", 24, 2)]
+    src = _folder(tmp_path / "photos", 4)
+    out = tmp_path / "cache"
+    instruction = "Describe the image:"
+    args = ["cache", str(src), str(out), "--vae", "identity", "--no-progress",
+            "--text-encoder", str(llms[0]), "--text-encoder", str(llms[1]), "--max-length", "12",
+            "--hidden-layer", "-2", "--instruction", instruction, "--size", "32"]
+    assert jdit(args) == 0
+    cache = FeatureCache(out)
+    identity = cache.metadata["text_encoder"]
+    assert identity["kind"] == "multi" and [e["kind"] for e in identity["encoders"]] == ["llama"] * 2
+    assert all(e["hidden_layer"] == -2 and e["instruction_style"] == "drop"
+               for e in identity["encoders"])
+    want = MultiTextEncoder([PretrainedTextEncoder.from_pretrained(
+        f, max_length=12, hidden_layer=-2, instruction=instruction) for f in llms])
+    ex = cache.get("002.png")
+    features, mask = want.encode([ex["caption"]])
+    from tests.helpers import rel_err
+
+    assert rel_err(ex["text"], features[0]) <= 1e-5  # a batch of 4 against one: float32 sums
+    np.testing.assert_array_equal(ex["text_mask"], mask[0])
+    from jdit.config import load_config
+    from jdit.train.loop import train
+
+    config = load_config(str(ROOT / "configs" / "shapes_tiny.py") + ":cache", [
+        f"data.path={out}", "model.input_size=32", "model.hidden_size=32", "model.depth=1",
+        "model.num_heads=2", "model.caption_channels=32", "train.batch_size=2",
+        "train.steps=2", "train.sample_every=0", "train.checkpoint_every=0", "sample.steps=2"])
+    config.model.text_refiner = dict(encoders=[[32, 12], [24, 12]], width=16, depth=1,
+                                     num_heads=2)
+    assert np.isfinite(train(config, tmp_path / "run", quiet=True)["loss"])
+    import argparse
+
+    from jdit.cache_command import _encoders
+
+    with pytest.raises(ValueError, match="contradict"):
+        _encoders(argparse.Namespace(vae="identity", pretrained=None, tile=None, labels=False,
+                                     text_encoder=[str(llms[0])], instruction=instruction,
+                                     no_instruction=True, max_length=12, text_dim=64,
+                                     hidden_layer=-2))

@@ -122,15 +122,22 @@ class FlowSchedule:
 
     ``dynamic=True`` marks a shift that came from the image token count (Flux); diffusers then
     leaves the smallest training σ unshifted, which changes the sampling grid slightly.
+    ``grid``: the sampling grid, ``"scheduler"`` (the scheduler's own ``set_timesteps``) or
+    ``"linspace"`` (σ = linspace(1, 1/N, N) shifted: what pipelines that pass their own sigmas
+    use, e.g. Lumina-Image 2.0's).
     """
 
     shift: float = 1.0
     num_train_timesteps: int = 1000
     dynamic: bool = False
+    grid: str = "scheduler"
 
     def __post_init__(self) -> None:
         if not self.shift > 0:
             raise ValueError(f"FlowSchedule shift must be > 0, got {self.shift}")
+        if self.grid not in ("scheduler", "linspace"):
+            raise ValueError(f"FlowSchedule grid must be 'scheduler' or 'linspace', got "
+                             f"{self.grid!r}")
 
     @classmethod
     def for_resolution(cls, num_pixels: float, base_pixels: float, base_shift: float = 1.0,

@@ -32,6 +32,10 @@ def _check(solver: str, num_steps: int, schedule: Any, prediction: str, eta: flo
         raise ValueError(f"schedule must be a DDPMSchedule or a FlowSchedule, got {type(schedule).__name__}")
     if solver not in names:
         raise ValueError(f"unknown solver {solver!r} for a {kind}; valid: {', '.join(names)}")
+    if getattr(schedule, "grid", "scheduler") != "scheduler" and solver not in ("euler", "heun"):
+        raise ValueError(f"a FlowSchedule with grid={schedule.grid!r} samples with the euler or "
+                         f"heun solver (the grid of the scheduler that takes sigmas), not "
+                         f"{solver!r}")
     if prediction not in preds:
         raise ValueError(f"a {kind} serves predictions {preds}, not {prediction!r}")
     if not isinstance(num_steps, int) or num_steps < 1:

@@ -57,9 +57,13 @@ def flow_match(flow: FlowSchedule, num_steps: int) -> tuple[np.ndarray, np.ndarr
 
     The grid runs from the largest to the smallest *training* σ, then is shifted; with a static
     shift the smallest training σ is already shifted, so it is shifted twice (a diffusers quirk
-    kept for parity).
+    kept for parity). ``grid="linspace"``: the pipeline's σ = linspace(1, 1/N, N), shifted.
     """
     n_train = flow.num_train_timesteps
+    if flow.grid == "linspace":  # a pipeline's sigmas, cast to float32 and shifted as diffusers
+        sigmas = flow.shift_sigma(np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32))
+        sigmas = sigmas.astype(np.float32)
+        return sigmas * np.float32(n_train), np.concatenate([sigmas, [0.0]]).astype(np.float32)
     train = (np.linspace(1, n_train, n_train, dtype=np.float32)[::-1] / n_train).astype(np.float32)
     if not flow.dynamic:
         train = flow.shift_sigma(train).astype(np.float32)

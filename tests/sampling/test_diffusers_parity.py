@@ -65,7 +65,7 @@ def to_torch(x):
 
 
 def run_diffusers(scheduler, steps, learned_sigma=False, step_kwargs=None, set_kwargs=None):
-    scheduler.set_timesteps(steps, **(set_kwargs or {}))
+    scheduler.set_timesteps(steps, **(set_kwargs or {}))  # steps None: the sigmas given
     x = to_torch(start_noise()) * getattr(scheduler, "init_noise_sigma", 1.0)
     x0_prediction = getattr(scheduler.config, "prediction_type", None) in ("sample", "original_sample")
     path = []
@@ -208,3 +208,16 @@ def test_sa_solver(monkeypatch, prediction, steps):
     ref = run_diffusers(SASolverScheduler(prediction_type=DIFFUSERS_PREDICTION[prediction], **cfg),
                         steps)
     assert_same_path(run_jdit("sa-solver", steps, sched, prediction, key=key), ref, ref[-1])
+
+
+@pytest.mark.parametrize("steps", [6, 30])
+def test_flow_with_a_pipelines_linspace_sigmas(steps):
+    """Lumina-Image 2.0's (and Flux's) pipelines pass σ = linspace(1, 1/N, N) to a statically
+    shifted FlowMatchEulerDiscreteScheduler: ``FlowSchedule(grid="linspace")``."""
+    sigmas = np.linspace(1.0, 1.0 / steps, steps)
+    ref = run_diffusers(FlowMatchEulerDiscreteScheduler(shift=6.0), None,
+                        set_kwargs=dict(sigmas=sigmas))
+    ours = run_jdit("euler", steps, FlowSchedule(6.0, grid="linspace"), "flow")
+    assert_same_path(ours, ref, ref[-1])
+    with pytest.raises(ValueError, match="euler or heun"):
+        run_jdit("dpm++2m", steps, FlowSchedule(6.0, grid="linspace"), "flow")

@@ -25,6 +25,7 @@ from jdit.nn.layers import LOGICAL_AXES, AffineLayerNorm, Dense, Mlp, RMSNorm, l
 from jdit.nn.linear_attention import LinearSelfAttention, linear_attention
 from jdit.nn.mix_ffn import DepthwiseConv, MixFFN
 from jdit.nn.modulation import AdaLNModulation, FinalLayer, scale_shift_table
+from jdit.nn.rotary import apply_rotary_interleaved, rotary_cos_sin
 from jdit.nn.stack import REMAT_POLICIES, run_blocks, stack_params, unstack_params
 from jdit.nn.text_refiner import (
     TextRefiner,
@@ -35,7 +36,7 @@ from jdit.nn.text_refiner import (
 
 __all__ = [
     "ATTENTION_IMPLS", "KV_COMPRESS_MODES", "LOGICAL_AXES", "REMAT_POLICIES",
-    "AdaLNModulation", "abstract_params", "init_params", "perturbed", "AffineLayerNorm", "CrossAttention", "Dense", "DepthwiseConv",
+    "AdaLNModulation", "abstract_params", "apply_rotary_interleaved", "rotary_cos_sin", "init_params", "perturbed", "AffineLayerNorm", "CrossAttention", "Dense", "DepthwiseConv",
     "FinalLayer", "KVCompress", "LabelEmbedder", "LinearSelfAttention", "Mlp", "MixFFN",
     "PatchEmbed", "RMSNorm", "SelfAttention", "TextRefiner", "TextRefinerConfig",
     "TimestepEmbedder", "TokenRefiner", "pack_contexts",

@@ -144,11 +144,13 @@ class PretrainedTextEncoder:
     (SANA's pipeline: encoded with the caption, then the first and the last ``max_length - 1``
     positions kept) or ``"drop"`` (LI-DiT's usage guidance: tokenized apart, its positions
     dropped after encoding, ``max_length`` caption tokens kept). ``hidden_layer`` (decoders):
-    which hidden state is the feature (LI-DiT: -3)."""
+    which hidden state is the feature (LI-DiT: -3). ``rms_norm``: each token's features divided
+    by their root mean square (parameter-free; an intermediate hidden state has no final norm,
+    and its scale varies by layer and model)."""
 
     def __init__(self, module: Any, params: Any, tokenizer: Any, max_length: int,
                  instruction: str | None, source: str, fingerprint: str = "", *,
-                 instruction_style: str = "sana") -> None:
+                 instruction_style: str = "sana", rms_norm: bool = False) -> None:
         import jax
 
         if instruction_style not in ("sana", "drop"):
@@ -169,12 +171,22 @@ class PretrainedTextEncoder:
             self.identity["hidden_layer"] = int(hidden_layer)
         if instruction is not None and instruction_style != "sana":
             self.identity["instruction_style"] = instruction_style
-        self._apply = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask))
+        self.rms_norm = bool(rms_norm)
+        if self.rms_norm:
+            self.identity["rms_norm"] = True
+        from jdit.pipelines.prompts import token_rms_norm
+
+        def apply(p: Any, ids: Any, mask: Any) -> Any:
+            out = module.apply({"params": p}, ids, mask)
+            return token_rms_norm(out) if self.rms_norm else out
+
+        self._apply = jax.jit(apply)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, max_length: int | None = None,
                         instruction: str | None | bool = True, hidden_layer: int | None = None,
-                        instruction_style: str | None = None) -> PretrainedTextEncoder:
+                        instruction_style: str | None = None, rms_norm: bool = False
+                        ) -> PretrainedTextEncoder:
         """A pipeline folder (or hub id) with ``text_encoder/`` and ``tokenizer/``, or a text
         encoder folder with its tokenizer files beside the weights (a transformers Llama /
         Qwen2 causal-LM folder with its ``tokenizer.json`` works). The pipeline's class gives
@@ -191,6 +203,9 @@ class PretrainedTextEncoder:
         spec: dict[str, Any] = {}
         if (folder / "model_index.json").is_file():
             spec = PIPELINE_CLASSES.get(hub.model_index(folder)["_class_name"], {})
+            if "template" in spec:  # its negative prompt is encoded without the template
+                raise ValueError(f"{path}: caching a {hub.model_index(folder)['_class_name']}'s "
+                                 f"prompt features (a system-prompt template) is not supported")
         encoder_dir = folder / "text_encoder" if (folder / "text_encoder").is_dir() else folder
         tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else encoder_dir
         module, params = text.from_pretrained(encoder_dir, hidden_layer=hidden_layer)
@@ -210,7 +225,8 @@ class PretrainedTextEncoder:
             raise ValueError(f"{path}: an instruction is for decoder encoders (Gemma-2, Llama, "
                              f"Qwen2), not T5")
         return cls(module, params, tokenizer, max_length, instruction, str(path),
-                   _fingerprint(encoder_dir / "config.json"), instruction_style=instruction_style)
+                   _fingerprint(encoder_dir / "config.json"), instruction_style=instruction_style,
+                   rms_norm=rms_norm)
 
     @functools.cached_property
     def width(self) -> int:
@@ -269,9 +285,9 @@ class MultiTextEncoder:
 
 def text_encoders(specs: list[dict[str, Any]]) -> PretrainedTextEncoder | MultiTextEncoder:
     """One encoder, or several packed, from dicts with ``path`` and optionally ``max_length``,
-    ``hidden_layer``, ``instruction`` and ``instruction_style`` (a config's
+    ``hidden_layer``, ``instruction``, ``instruction_style`` and ``rms_norm`` (a config's
     ``data.text_encoders``)."""
-    keys = {"path", "max_length", "hidden_layer", "instruction", "instruction_style"}
+    keys = {"path", "max_length", "hidden_layer", "instruction", "instruction_style", "rms_norm"}
     built = []
     for i, spec in enumerate(specs):
         spec = dict(spec)

@@ -43,6 +43,7 @@ class PromptEncoder:
     max_length: int
     instruction: str | None = None
     template: str | None = None
+    rms_norm: bool = False  # each token's features over their RMS (as the training data had)
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
@@ -59,8 +60,9 @@ class PromptEncoder:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, max_length: int = 300,
                         hidden_layer: int | None = None, instruction: str | None = None,
-                        template: str | None = None, dtype: Any = jnp.float32,
-                        param_dtype: Any = jnp.float32) -> PromptEncoder:
+                        template: str | None = None, rms_norm: bool = False,
+                        dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+                        ) -> PromptEncoder:
         """A transformers folder (Gemma-2, Llama, Qwen2 or T5; a pipeline's ``text_encoder/``
         works) with its tokenizer beside it or in ``../tokenizer``."""
         from jdit import text
@@ -74,7 +76,7 @@ class PromptEncoder:
             not (folder / "tokenizer.json").exists() else folder
         is_t5 = type(module).__name__.startswith("T5")
         tokenizer = (text.T5Tokenizer if is_t5 else text.JsonTokenizer).from_pretrained(tok_dir)
-        return cls(module, params, tokenizer, max_length, instruction, template)
+        return cls(module, params, tokenizer, max_length, instruction, template, rms_norm)
 
     @property
     def width(self) -> int:
@@ -90,7 +92,7 @@ class PromptEncoder:
             tokens, n = self.tokenizer.with_instruction(texts, self.instruction, self.max_length)
         else:
             if self.template is not None and not negative:
-                texts = [self.template.format(prompt=t) for t in texts]
+                texts = [self.template.replace("{prompt}", t) for t in texts]
             tokens, n = self.tokenizer(texts, max_length=self.max_length), 0
         return (np.asarray(tokens["input_ids"], np.int32),
                 np.asarray(tokens["attention_mask"], np.int32), n)
@@ -98,8 +100,16 @@ class PromptEncoder:
     def features(self, params: Any, ids: Array, mask: Array, n: int) -> tuple[Array, Array]:
         """Inside the program: ``(features (B, L, width) float32, mask (B, L))`` with the
         instruction's ``n`` positions dropped."""
-        out = self.module.apply({"params": params}, ids, mask)
-        return out[:, n:].astype(jnp.float32), mask[:, n:]
+        out = self.module.apply({"params": params}, ids, mask).astype(jnp.float32)
+        if self.rms_norm:
+            out = token_rms_norm(out)
+        return out[:, n:], mask[:, n:]
+
+
+def token_rms_norm(x: Array, eps: float = 1e-6) -> Array:
+    """Each token's features over their root mean square (float32, no parameters)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
 def pack(parts: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:

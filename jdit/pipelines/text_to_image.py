@@ -72,6 +72,16 @@ PIPELINE_CLASSES: dict[str, dict[str, Any]] = {
     "SanaPipeline": {"max_sequence_length": 300, "bins": {16: 512, 32: 1024, 64: 2048},
                      "text": "gemma2", "instruction": SANA_INSTRUCTION},
 }
+# Lumina-Image 2.0 (diffusers' Lumina2Pipeline defaults): Gemma-2's second-to-last hidden state
+# of the system prompt + prompt (the negative prompt bare), no resolution binning, guidance
+# rescaled to the conditional prediction's norm, the scheduler given σ = linspace(1, 1/N, N)
+LUMINA2_SYSTEM_PROMPT = ("You are an assistant designed to generate superior images with the "
+                         "superior degree of image-text alignment based on textual prompts or "
+                         "user prompts.")
+PIPELINE_CLASSES["Lumina2Pipeline"] = {
+    "max_sequence_length": 256, "bins": None, "text": "gemma2", "instruction": None,
+    "template": LUMINA2_SYSTEM_PROMPT + " <Prompt Start> {prompt}", "hidden_layer": -2,
+    "cfg_normalization": True, "cfg_trunc_ratio": 1.0, "sigmas": "linspace"}
 # ControlNet pipelines: the base pipeline's settings plus a controlnet/ folder (SANA's in
 # diffusers; PixArt-δ's in diffusers' research project, examples/research_projects/pixart)
 CONTROLNET_PIPELINES = {"SanaControlNetPipeline": "SanaPipeline",
@@ -126,7 +136,7 @@ class TextToImage:
     vae_params: Any
     scheduler: SamplerSpec
     max_sequence_length: int = 300
-    bins: dict[int, int] = dataclasses.field(default_factory=dict)
+    bins: dict[int, int] | None = dataclasses.field(default_factory=dict)  # None: no binning
     mesh: Mesh | None = None
     instruction: str | None = None  # SANA's prompt prefix (see the module docstring)
     controlnet: nn.Module | None = None  # a ControlNet-Transformer (jdit.control.controlnet)
@@ -186,13 +196,28 @@ class TextToImage:
         transformer, t_params = models.from_pretrained(folder / "transformer", dtype=dtype,
                                                        param_dtype=param_dtype,
                                                        **transformer_overrides)
-        encoder, e_params = text.from_pretrained(folder / "text_encoder", dtype=text_dtype,
-                                                 param_dtype=param_dtype)
         spec = PIPELINE_CLASSES[name]
+        encoder, e_params = text.from_pretrained(folder / "text_encoder", dtype=text_dtype,
+                                                 param_dtype=param_dtype,
+                                                 hidden_layer=spec.get("hidden_layer"))
         tokenizers = {"t5": text.T5Tokenizer, "gemma2": text.GemmaTokenizer}
         tokenizer = tokenizers[spec["text"]].from_pretrained(folder / "tokenizer")
         vae, v_params = autoencoders.from_pretrained(folder / "vae", dtype=vae_dtype)
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        scheduler = from_diffusers_config(sched)
+        if spec.get("sigmas") == "linspace":  # the pipeline passes its own sigmas
+            scheduler = dataclasses.replace(scheduler, schedule=dataclasses.replace(
+                scheduler.schedule, grid="linspace"))
+        if "template" in spec:  # an LLM prompt encoder with its template (Lumina-Image 2.0)
+            from jdit.pipelines.prompts import PromptEncoder
+
+            prompt_encoder = PromptEncoder(encoder, e_params, tokenizer,
+                                           spec["max_sequence_length"], template=spec["template"])
+            return cls(transformer, t_params, encoder, e_params, tokenizer, vae, v_params,
+                       scheduler, spec["max_sequence_length"], spec["bins"], mesh,
+                       text_encoders=[prompt_encoder],
+                       cfg_normalization=spec["cfg_normalization"],
+                       cfg_trunc_ratio=spec["cfg_trunc_ratio"])
         controlnet, c_params = None, None
         if name in CONTROLNET_PIPELINES:
             if not (folder / "controlnet").is_dir():
@@ -203,7 +228,7 @@ class TextToImage:
             controlnet, c_params = models.from_pretrained(folder / "controlnet", dtype=dtype,
                                                           param_dtype=param_dtype, **heads)
         return cls(transformer, t_params, encoder, e_params, tokenizer, vae, v_params,
-                   from_diffusers_config(sched), spec["max_sequence_length"], spec["bins"], mesh,
+                   scheduler, spec["max_sequence_length"], spec["bins"], mesh,
                    spec["instruction"], controlnet, c_params)
 
     # -- control (jdit.control) -------------------------------------------------------------
@@ -616,7 +641,7 @@ class TextToImage:
         check_size(height, width, 1)
         orig = (height, width)
         sample_size = int(self.transformer.input_size)
-        if use_resolution_binning:
+        if use_resolution_binning and self.bins is not None:  # None: the pipeline never bins
             if sample_size not in self.bins:
                 raise ValueError(f"no aspect-ratio bins for a transformer of sample size "
                                  f"{sample_size} (known: {sorted(self.bins)}); pass "

@@ -246,6 +246,36 @@ def sana(folder: str | Path, sample_size: int = 8, width: int = 32, seed: int = 
     return pipe
 
 
+def lumina2(folder: str | Path, sample_size: int = 16, seed: int = 0) -> Any:
+    """A ``Lumina2Pipeline`` saved at ``folder``: a random Gemma-2 encoder, a random Lumina-Image
+    2.0 transformer (3-D rotary positions, refiners, GQA), a random AutoencoderKL with a FLUX-like
+    scale and shift, and a statically shifted flow Euler scheduler (shift 6, as published);
+    returns the diffusers pipeline."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline
+    from diffusers import Lumina2Transformer2DModel as Lumina2
+    from transformers import Gemma2Config, Gemma2Model
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = gemma_tokenizer(folder / "_spm", seed=seed)
+    encoder = _perturb(Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2)), seed)
+    transformer = _perturb(Lumina2(
+        sample_size=sample_size, patch_size=2, in_channels=4, hidden_size=48, num_layers=2,
+        num_refiner_layers=1, num_attention_heads=4, num_kv_heads=2, multiple_of=16,
+        axes_dim_rope=(4, 4, 4), axes_lens=(300, 64, 64), cap_feat_dim=32), seed + 1)
+    autoencoder = vae(seed + 2)
+    autoencoder.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)
+    pipe = Lumina2Pipeline(transformer=transformer, vae=autoencoder, text_encoder=encoder,
+                           tokenizer=tokenizer,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=6.0))
+    pipe.save_pretrained(folder)
+    return pipe
+
+
 def class_to_image(folder: str | Path, seed: int = 0, num_classes: int = 1000) -> Any:
     """A ``DiTPipeline`` (learned sigma) saved at ``folder``; diffusers hard-codes the null
     class id 1000, so ``num_classes`` stays 1000 for a parity comparison."""

@@ -240,3 +240,25 @@ def test_batch_split_over_a_data_mesh_gives_the_same_images(sigma):
     assert done.returncode == 0, done.stderr[-3000:]
     line = [x for x in done.stdout.splitlines() if x.startswith("max_abs_difference")][-1]
     assert float(line.split()[1]) <= 1e-5
+
+
+@pytest.mark.slow  # the whole pipeline against diffusers; its parts have quick parity tests
+def test_lumina2_pipeline_matches_diffusers(tmp_path):
+    """Lumina-Image 2.0: the system prompt before the prompt (not the negative prompt), Gemma-2's
+    second-to-last hidden state, guidance rescaled to the conditional norm and truncated,
+    σ = linspace(1, 1/N, N) shifted by 6, the VAE's scale and shift."""
+    reference = tiny_pipelines.lumina2(tmp_path)
+    pipe = TextToImage.from_pretrained(tmp_path)
+    assert pipe.text_encoders is not None and pipe.cfg_normalization and pipe.bins is None
+    nchw, nhwc = _latents((2, 4, 16, 16))
+    for kwargs in (dict(guidance_scale=4.0), dict(guidance_scale=1.0),
+                   dict(guidance_scale=3.0, negative_prompt="blurry photo of a dog",
+                        cfg_trunc_ratio=0.5),
+                   dict(guidance_scale=4.0, cfg_normalization=False)):
+        want = reference(PROMPTS, latents=nchw, num_inference_steps=6, height=32, width=32,
+                         output_type="np", **kwargs).images
+        got = pipe(PROMPTS, num_steps=6, latents=nhwc, height=32, width=32, solver=None,
+                   **kwargs)
+        assert got.shape == want.shape == (2, 32, 32, 3)
+        assert 0.02 < float(want.std()), "a degenerate reference image proves nothing"
+        assert np.abs(got - want).max() <= TOL, kwargs

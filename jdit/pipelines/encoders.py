@@ -172,6 +172,7 @@ class PretrainedTextEncoder:
         if instruction is not None and instruction_style != "sana":
             self.identity["instruction_style"] = instruction_style
         self.rms_norm = bool(rms_norm)
+        self.limit: int | None = None  # the encoder's maximum length (from_pretrained reads it)
         if self.rms_norm:
             self.identity["rms_norm"] = True
         from jdit.pipelines.prompts import token_rms_norm
@@ -224,9 +225,13 @@ class PretrainedTextEncoder:
         if instruction is not None and instruction_style == "drop" and kind == "t5":
             raise ValueError(f"{path}: an instruction is for decoder encoders (Gemma-2, Llama, "
                              f"Qwen2), not T5")
-        return cls(module, params, tokenizer, max_length, instruction, str(path),
-                   _fingerprint(encoder_dir / "config.json"), instruction_style=instruction_style,
-                   rms_norm=rms_norm)
+        from jdit.pipelines.prompts import max_positions
+
+        out = cls(module, params, tokenizer, max_length, instruction, str(path),
+                  _fingerprint(encoder_dir / "config.json"), instruction_style=instruction_style,
+                  rms_norm=rms_norm)
+        out.limit = max_positions(encoder_dir)
+        return out
 
     @functools.cached_property
     def width(self) -> int:
@@ -236,7 +241,8 @@ class PretrainedTextEncoder:
     def encode(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         texts = [c.lower().strip() for c in captions]
         if self.instruction is not None and self.instruction_style == "drop":
-            tokens, n = self.tokenizer.with_instruction(texts, self.instruction, self.max_length)
+            tokens, n = self.tokenizer.with_instruction(texts, self.instruction, self.max_length,
+                                                        limit=self.limit)
             ids = np.asarray(tokens["input_ids"], np.int32)
             mask = np.asarray(tokens["attention_mask"], np.int32)
             features = np.asarray(self._apply(self.params, ids, mask), np.float32)

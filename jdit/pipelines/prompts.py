@@ -44,6 +44,7 @@ class PromptEncoder:
     instruction: str | None = None
     template: str | None = None
     rms_norm: bool = False  # each token's features over their RMS (as the training data had)
+    limit: int | None = None  # the encoder's maximum length (config's max_position_embeddings)
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
@@ -76,7 +77,8 @@ class PromptEncoder:
             not (folder / "tokenizer.json").exists() else folder
         is_t5 = type(module).__name__.startswith("T5")
         tokenizer = (text.T5Tokenizer if is_t5 else text.JsonTokenizer).from_pretrained(tok_dir)
-        return cls(module, params, tokenizer, max_length, instruction, template, rms_norm)
+        return cls(module, params, tokenizer, max_length, instruction, template, rms_norm,
+                   max_positions(folder))
 
     @property
     def width(self) -> int:
@@ -89,7 +91,8 @@ class PromptEncoder:
         positions (the instruction's) to drop."""
         texts = list(texts)
         if self.instruction is not None:
-            tokens, n = self.tokenizer.with_instruction(texts, self.instruction, self.max_length)
+            tokens, n = self.tokenizer.with_instruction(texts, self.instruction, self.max_length,
+                                                        limit=self.limit)
         else:
             if self.template is not None and not negative:
                 texts = [self.template.replace("{prompt}", t) for t in texts]
@@ -110,6 +113,17 @@ def token_rms_norm(x: Array, eps: float = 1e-6) -> Array:
     """Each token's features over their root mean square (float32, no parameters)."""
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+def max_positions(folder: Path) -> int | None:
+    """A transformers folder's ``max_position_embeddings`` (None when it records none)."""
+    import json
+
+    for cfg in (folder / "config.json", folder / "text_encoder" / "config.json"):
+        if cfg.is_file():
+            value = json.loads(cfg.read_text()).get("max_position_embeddings")
+            return int(value) if isinstance(value, int) else None
+    return None
 
 
 def pack(parts: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:

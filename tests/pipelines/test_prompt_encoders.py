@@ -100,6 +100,9 @@ def test_prompts_are_not_lower_cased_and_bad_input_is_refused(setup):
         dataclasses.replace(enc, template="{prompt}")
     with pytest.raises(ValueError, match="must contain"):
         dataclasses.replace(enc, instruction=None, template="no placeholder")
+    assert enc.limit == 2048  # the saved folder's max_position_embeddings
+    with pytest.raises(ValueError, match=f"instruction is {n} tokens.*maximum length {n + 5}"):
+        dataclasses.replace(enc, limit=n + 5).tokens(["a red circle"])
     with pytest.raises(ValueError, match="cfg_trunc_ratio must lie in"):
         pipe(PROMPTS, num_steps=1, cfg_trunc_ratio=1.5, height=64, width=64,
              use_resolution_binning=False)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
+import jax
 import pytest
 
+import jdit
 from jdit.benchmarks import compile_time, forward, sample, train
 
 TINY = dict(depth=2, width=48, heads=4, latent=8, batch=2, caption_tokens=5, caption_channels=16)
@@ -152,3 +156,57 @@ def test_cache_benchmark_compares_the_cache_with_its_encoders():
     assert result["encoders_images_per_s"] > 0 and result["cache_images_per_s"] > 0
     assert result["cache_over_encoders"] == pytest.approx(
         result["cache_images_per_s"] / result["encoders_images_per_s"], rel=0.01)
+
+
+@pytest.mark.slow  # two LMs and a DiT run trained, then evaluated
+def test_llm_benchmark_trains_lms_and_a_collaborative_refiner_run_at_a_toy_size(tmp_path):
+    """`jdit bench llm` (LI-DiT's claim, ~20 minutes) on a toy model: two tiny LMs trained and
+    saved as transformers folders, a DiT run reading both through the collaborative refiner,
+    evaluated with each pair object scored."""
+    from jdit.benchmarks import llm
+
+    r = llm.run(steps=2, lm_steps=3, batch_size=4, variants=["e_collaborative"], num_pairs=2,
+                single_repeats=1, overrides=["model.hidden_size=32", "model.depth=1",
+                                             "model.num_heads=2", "sample.steps=2"],
+                workdir=tmp_path, log=lambda s: None)
+    assert sorted(r["lms"]) == ["seed0", "seed1"]
+    assert all(0 < m["heldout_loss"] < 10 for m in r["lms"].values())
+    run = r["variants"]["e_collaborative"]
+    assert {"adherence_single", "adherence_pair", "adherence_pair_first",
+            "adherence_pair_second"} <= set(run)
+    assert "claim_holds" not in r  # (b), (c) and (d) were not run
+    config = json.loads((tmp_path / "e_collaborative" / "config.json").read_text())
+    assert len(config["data"]["text_encoders"]) == 2
+    assert config["model"]["text_refiner"]["encoders"] == [[64, 16], [64, 16]]
+    with pytest.raises(ValueError, match="unknown variants"):
+        llm.run(variants=["f_t5"])
+
+
+def test_shapes_data_refuses_llm_encoders_the_model_does_not_fit(tmp_path):
+    from jdit.benchmarks import llm
+    from jdit.config import load_config
+    from jdit.train.loop import Run
+
+    llm.word_tokenizer(tmp_path / "lm")
+    from jdit.text import LlamaEncoder
+    from jdit.weights.llama import save_pretrained
+
+    module = LlamaEncoder(vocab_size=60, **llm.LM)
+    save_pretrained(tmp_path / "lm", jdit.nn.init_params(module, jax.random.key(0)), module)
+    base = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.batch_size=2"]
+    config = str(llm.CONFIG)
+    one = [dict(path=str(tmp_path / "lm"), max_length=16, hidden_layer=-3)]
+
+    def run_with(caption_channels, refiner, encoders):
+        cfg = load_config(config, base + [f"model.caption_channels={caption_channels}"])
+        cfg.data.text_encoders = encoders
+        cfg.model.text_refiner = refiner
+        return Run(cfg)
+
+    run_with(64, None, one)  # the LM's 64-wide features fit the default model
+    with pytest.raises(ValueError, match="features are 64 wide, the model expects 32"):
+        run_with(32, None, one)
+    with pytest.raises(ValueError, match="need the model's text_refiner"):
+        run_with(64, None, one * 2)
+    with pytest.raises(ValueError, match=r"text_refiner.encoders \[\(64, 16\), \(64, 12\)\] do"):
+        run_with(64, dict(encoders=[[64, 16], [64, 12]], width=32), one * 2)

@@ -466,6 +466,7 @@ def test_an_exported_cache_read_in_order_trains_exactly_as_in_memory(tmp_path):
     assert [json.loads(line)["loss"] for line in lines if '"loss"' in line] != losses["memory"]
 
 
+@pytest.mark.slow  # two LLMs encode a folder, then a refiner model trains from the cache
 def test_several_llm_encoders_cache_packed_features_a_text_refiner_trains_on(tmp_path):
     """``--text-encoder A --text-encoder B --hidden-layer -2 --instruction ...``: each caption's
     features from both LLMs (instruction dropped), packed; a PixArt with a text_refiner

@@ -42,6 +42,10 @@ ASSUMED: dict[str, Any] = {
 DEFAULT_CAPTION_LENGTH = 300  # PixArt-Σ's and SANA's text length, when a config does not say
 
 
+# families published as rectified-flow models: a model-only config trains with the flow objective
+FLOW_FAMILIES = ("sana", "lumina2")
+
+
 def with_defaults(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A training config from ``config`` as its file wrote it; the second value lists what was
     assumed (:data:`ASSUMED`). Flow models (SANA) are assumed to train with rectified flow at
@@ -59,7 +63,7 @@ def with_defaults(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
             continue
         if name not in c:
             c[name] = dict(values)
-            if name == "diffusion" and c["model"].get("family") == "sana":
+            if name == "diffusion" and c["model"].get("family") in FLOW_FAMILIES:
                 shift = (c.get("pipeline") or {}).get("flow_shift") or 3.0
                 c[name] = {"objective": "flow", "flow_shift": float(shift),
                            "timestep_sampler": "logit_normal"}

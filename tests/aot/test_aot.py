@@ -165,6 +165,9 @@ def test_clear_errors_for_unknown_topologies_and_configs():
         aot.with_defaults({"train": {}})
     c, assumed = aot.with_defaults({"model": {"family": "pixart"}})
     assert c["model"]["dtype"] == "bfloat16" and "optim" in assumed
+    assert c["diffusion"].get("objective") != "flow"
+    c, _ = aot.with_defaults({"model": {"family": "lumina2"}, "pipeline": {"flow_shift": 6.0}})
+    assert c["diffusion"]["objective"] == "flow" and c["diffusion"]["flow_shift"] == 6.0
 
 
 @pytest.mark.slow

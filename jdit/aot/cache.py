@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -59,7 +58,14 @@ import jax
 import jax.numpy as jnp
 
 from jdit.aot.pipeline import SDXL_VAE, T5_XXL
-from jdit.aot.roofline import GiB, analyse, chip_of, oom_figures, topology_devices
+from jdit.aot.roofline import (
+    GiB,
+    analyse,
+    chip_of,
+    loop_free_analysis,
+    oom_figures,
+    topology_devices,
+)
 
 # Real sizes, and a toy of the same code for tests. ``text_dtype``: what the program hands the
 # cache writer (the pipeline's context dtype); latents are the VAE's float32 posterior mean.
@@ -73,10 +79,6 @@ CACHE_VARIANTS: dict[str, dict[str, Any]] = {
 DEFAULT_VARIANT = "sdxl_t5xxl_1024"
 DEFAULT_MESH = {"data": 1, "fsdp": -1, "tensor": 1}
 ENCODER_PARAMS = ("enc_", "quant_conv")  # what AutoencoderKL.encode reads (no decoder)
-# XLA flags of the costs-only recompile of a program that loops (see program_costs)
-NO_WINDOWED_EINSUM = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
-                      "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
-_WHILE = re.compile(r"\swhile\(")
 
 
 def _modules(variant: str) -> tuple[Any, Any, dict[str, Any]]:
@@ -210,11 +212,6 @@ def compile_report(topology: str, per_device_batch: int = 1, variant: str = DEFA
     return out
 
 
-def while_loops(compiled: Any) -> int:
-    """``while`` loops in a compiled program (XLA's cost analysis counts their bodies once)."""
-    return len(_WHILE.findall(compiled.as_text()))
-
-
 def program_costs(lowered: Any, compiled: Any | None, device: Any, batch: int,
            chips: float) -> dict[str, Any]:
     """Costs and roofline of a program; if the compiled program loops (the TPU compiler turns
@@ -222,22 +219,7 @@ def program_costs(lowered: Any, compiled: Any | None, device: Any, batch: int,
     enough), from a recompile without those loops instead: the same products, the same weights
     over the ICI, every step counted."""
     compiled = lowered.compile() if compiled is None else compiled
-    figures, loops = analyse(compiled, device), while_loops(compiled)
-    costs_from = "as compiled"
-    if loops:
-        try:
-            loop_free = lowered.compile(compiler_options=NO_WINDOWED_EINSUM)
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            costs_from = "as compiled: loop bodies counted once (an undercount)"
-        else:
-            if not while_loops(loop_free):
-                figures = {**analyse(loop_free, device), "hbm_per_device_bytes":
-                           figures["hbm_per_device_bytes"]}
-                costs_from = "recompiled without windowed einsums (loop-free)"
-            else:
-                costs_from = "as compiled: loop bodies counted once (an undercount)"
+    figures, loops, costs_from = loop_free_analysis(lowered, compiled, device)
     seconds = figures["roofline_step_seconds"]
     return {
         "while_loops": loops, "costs_from": costs_from,

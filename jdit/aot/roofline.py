@@ -4,7 +4,8 @@
 minus outputs that reuse donated arguments) and ``cost_analysis()`` (FLOPs and HBM bytes per
 device) and turns them into a roofline: ``max(flops / peak, bytes / HBM bandwidth, collective
 bytes / ICI bandwidth)``. XLA's cost analysis counts a ``while`` loop's body once, so costs are
-per step only when the program has no loop over layers (compile with ``scan_layers=False``).
+per step only when the program has no loop over layers (compile with ``scan_layers=False``)
+and no collective matmul loops: :func:`loop_free_analysis` recompiles without the latter.
 """
 
 from __future__ import annotations
@@ -144,3 +145,42 @@ def oom_figures(error: str, device: Any) -> dict[str, Any]:
     return {"chip": chip.name, "hbm_per_device_bytes": needed,
             "hbm_capacity_bytes": int(chip.hbm_bytes * fraction),
             "hbm_available_per_compiler_bytes": int(float(m.group(2)) * GiB) if m else None}
+
+
+# XLA flags of the costs-only recompile of a program that loops (see loop_free_analysis)
+NO_WINDOWED_EINSUM = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                      "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+_WHILE = re.compile(r"\swhile\(")
+UNDERCOUNT = "as compiled: loop bodies counted once (an undercount)"
+
+
+def while_loops(compiled: Any) -> int:
+    """``while`` loops in a compiled program (XLA's cost analysis counts their bodies once)."""
+    return len(_WHILE.findall(compiled.as_text()))
+
+
+def loop_free_analysis(lowered: Any, compiled: Any, device: Any
+                       ) -> tuple[dict[str, Any], int, str]:
+    """:func:`analyse` of ``compiled``, its ``while`` loops, and where its costs come from.
+
+    Once the batch is large enough, the TPU compiler turns FSDP weight gathers and gradient
+    reductions into collective matmuls (windowed einsums: a loop over the ring) whose bodies
+    the cost analysis counts once. A program that loops is then recompiled without them (the
+    same products and the same bytes over the ICI, every step counted) for its costs; memory
+    stays that of the program as compiled. A recompile that still loops, or that the compiler
+    refuses, leaves the costs as compiled (and says so)."""
+    figures, loops = analyse(compiled, device), while_loops(compiled)
+    if not loops:
+        return figures, 0, "as compiled"
+    try:
+        loop_free = lowered.compile(compiler_options=NO_WINDOWED_EINSUM)
+    except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is expected
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return figures, loops, UNDERCOUNT
+    if while_loops(loop_free):
+        return figures, loops, UNDERCOUNT
+    memory = {k: figures[k] for k in ("hbm_per_device_bytes", "hbm_capacity_bytes", "fits",
+                                      "memory")}
+    return ({**analyse(loop_free, device), **memory}, loops,
+            "recompiled without windowed einsums (loop-free)")

@@ -9,6 +9,9 @@ shardings and compiled for those devices (and optionally the sampler), and
 
 The report compiles the blocks unrolled (``scan_layers=False``) unless told otherwise, so that
 XLA's cost analysis counts every layer. The memory figures are those of the program as compiled.
+Its costs are too, unless the TPU compiler turned FSDP gathers into collective matmul loops
+(large batches): then they come from a recompile without them (``costs_from`` says which;
+:func:`jdit.aot.roofline.loop_free_analysis`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jdit.aot.roofline import GiB, analyse, oom_figures, topology_devices
+from jdit.aot.roofline import GiB, analyse, loop_free_analysis, oom_figures, topology_devices
 from jdit.config import apply_overrides, complete, load_config, section
 
 # What a config that holds only a model (e.g. configs/pixart_sigma_xl2_1024.py) is assumed to
@@ -139,7 +142,8 @@ def report(config: Mapping[str, Any], topology: str, per_device_batch: int | Non
     t0 = time.perf_counter()
     try:
         with part.activate():
-            compiled = step.lower(abstract_state, abstract_batch, *frozen).compile()
+            lowered = step.lower(abstract_state, abstract_batch, *frozen)
+            compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -150,17 +154,32 @@ def report(config: Mapping[str, Any], topology: str, per_device_batch: int | Non
         return {"topology": topology, "devices": len(devices), "per_device_batch": per_device_batch,
                 "global_batch": global_batch, "fits": False, **oom_figures(error, devices[0]),
                 "compile_seconds": round(compile_seconds, 1), "error": error.splitlines()[0][:500]}
+    scanned = bool(c["model"].get("scan_layers"))
+    if scanned:  # the scan over blocks is a loop whatever the compiler does: no recompile
+        figures, loops = analyse(compiled, devices[0]), None
+        costs_from = "as compiled: the scanned blocks counted once (scan_layers off counts all)"
+    else:
+        with part.activate():
+            figures, loops, costs_from = loop_free_analysis(lowered, compiled, devices[0])
+    image_tokens = _tokens(module)
     out = {
         "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
         "mesh": {k: int(v) for k, v in part.mesh.shape.items()}, "rules": c["parallel"]["rules"],
         "per_device_batch": per_device_batch, "global_batch": global_batch,
-        "tokens_per_example": _tokens(module),
+        "tokens_per_example": image_tokens,
         "parameters": int(sum(math.prod(a.shape) for a in jax.tree.leaves(
             frozen[0] if frozen else abstract_state.params))),
         "dtype": str(c["model"]["dtype"]), "remat_policy": c["model"]["remat_policy"],
         "scan_layers": bool(c["model"]["scan_layers"]), "optimizer": c["optim"]["name"],
-        **analyse(compiled, devices[0]), "compile_seconds": round(compile_seconds, 1),
+        **figures, "costs_from": costs_from, "compile_seconds": round(compile_seconds, 1),
     }
+    if loops is not None:
+        out["while_loops"] = loops
+    if "context" in batch:
+        out["caption_tokens_per_example"] = int(batch["context"].shape[1])
+        if getattr(type(module), "JOINT_ATTENTION", False) and image_tokens is not None:
+            # caption and image tokens attend as one sequence (Lumina2)
+            out["sequence_tokens_per_example"] = image_tokens + out["caption_tokens_per_example"]
     if setup.lora is not None:  # what trains: the adapters, their moments and EMA
         out["lora"] = {**setup.lora.to_dict(), "trainable_parameters": int(sum(
             math.prod(a.shape) for a in jax.tree.leaves(abstract_state.params)))}

@@ -23,7 +23,7 @@ jdit's conventions, not Lumina's:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -197,6 +197,7 @@ class Lumina2(nn.Module):
     (B, H, W, out_channels) float32: the flow velocity ε − x0.
     """
 
+    JOINT_ATTENTION: ClassVar[bool] = True  # caption and image tokens are one sequence
     input_size: int = 128  # latent side at the training resolution (1024 px); not in the math
     patch_size: int = 2
     in_channels: int = 16

@@ -59,6 +59,9 @@ def test_small_pixart_compiles_for_v5e_and_reports_a_roofline(small_pixart):
     assert model_flops <= r["flops_per_step"] <= 4 * model_flops, (model_flops, r["flops_per_step"])
     assert 0 < r["roofline_mfu_bound"] <= 1
     assert r["roofline_step_seconds"] == max(r["roofline_seconds"].values())
+    # a small batch: no collective matmul loops, so the costs are the program's own
+    assert r["while_loops"] == 0 and r["costs_from"] == "as compiled"
+    assert r["caption_tokens_per_example"] == 32 and "sequence_tokens_per_example" not in r
     s = r["sampler"]  # the 20-step CFG sampler for the same mesh
     assert s["fits"] and s["num_steps"] == 20 and s["batch"] == 8
     # 20 steps x 2 (CFG) forwards of about 2 FLOPs per parameter and image token (less for the
@@ -101,11 +104,30 @@ def test_pixart_sigma_xl_1024_compiles_and_fits_on_v5p_2x2x2():
     assert r["devices"] == 8 and r["chip"] == "v5p" and r["mesh"]["fsdp"] == 8
     assert 600e6 < r["parameters"] < 620e6  # PixArt-XL/2: 611M
     assert r["tokens_per_example"] == 4096 and r["dtype"] == "bfloat16"
+    assert r["costs_from"].startswith("as compiled: the scanned blocks counted once")
     # Parameters, EMA and AdamW moments are split 8 ways: 1/8 of 4 float32 copies, plus TPU
     # tile padding (head_dim 72 is padded to 128 lanes in the q/k/v kernels: about +40 %).
     # Replicated, the arguments would be 8 times larger.
     state_bytes = 4 * 4 * r["parameters"]
     assert state_bytes / 8 < r["memory"]["arguments"] < state_bytes / 8 * 1.5
+
+
+@pytest.mark.slow
+def test_a_small_lumina2_compiles_for_v5e_with_flash_attention_over_the_joint_sequence():
+    """Lumina2's caption and image tokens attend as one sequence: the report counts both."""
+    code, r = jdit_aot("--config", str(ROOT / "configs" / "lumina2_2b_1024.py"),
+                       "--topology", "v5e:2x2", "--batch", "2", "--caption-length", "32",
+                       "--config.model.depth=1", "--config.model.refiner_depth=1",
+                       "--config.model.hidden_size=256", "--config.model.num_heads=2",
+                       "--config.model.num_kv_heads=1", "--config.model.axes_dim_rope=(32,48,48)",
+                       "--config.model.input_size=32", "--config.model.caption_channels=64")
+    assert code == 0 and r["fits"], r
+    assert r["assumed"]["model"]["attention_impl"] == "pallas"
+    assert r["assumed"]["diffusion"] == {"objective": "flow", "flow_shift": 6.0,
+                                         "timestep_sampler": "logit_normal"}
+    assert r["tokens_per_example"] == 256 and r["caption_tokens_per_example"] == 32
+    assert r["sequence_tokens_per_example"] == 288
+    assert r["costs_from"] == "as compiled" and r["roofline_mfu_bound"] > 0
 
 
 @pytest.mark.parametrize("fixed, per_example, start, expected", [

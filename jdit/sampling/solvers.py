@@ -18,6 +18,8 @@ from jdit.sampling import tables
 
 Array = jax.Array
 Model = Callable[[Array, Array], Array]
+# The standard-normal draw of step i, shaped like x: from a key, or from given draws (step_noise)
+Noise = Callable[[Array, Array], Array]
 
 
 def _f32(*arrays: np.ndarray) -> tuple[Array, ...]:
@@ -28,8 +30,14 @@ def _tvec(x: Array, t: Array) -> Array:
     return jnp.full((x.shape[0],), t, jnp.float32)
 
 
-def _noise(key: Array, i: Array, x: Array) -> Array:
-    return jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+def key_noise(key: Array) -> Noise:
+    """Step i draws from ``fold_in(key, i)``."""
+    return lambda i, x: jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+
+
+def given_noise(step_noise: Array) -> Noise:
+    """Step i takes ``step_noise[i]`` (shape (num_steps, *x.shape))."""
+    return lambda i, x: step_noise[i].astype(jnp.float32)
 
 
 def _split(out: Array, x: Array) -> tuple[Array, Array | None]:
@@ -54,9 +62,14 @@ def vp_x0_eps(out: Array, x: Array, alpha: Array, sigma: Array, prediction: str
 # --- DDPM ancestral and DDIM (DDPMScheduler / DDIMScheduler, "leading" spacing) -------------
 
 def ddpm(model: Model, x: Array, schedule: DDPMSchedule, num_steps: int, prediction: str,
-         key: Array, variance: str = "fixed_small") -> tuple[Array, Array]:
+         noise: Noise, variance: str = "fixed_small", timesteps: tuple[int, ...] | None = None,
+         clip_sample: bool = False, clip_sample_range: float = 1.0) -> tuple[Array, Array]:
+    """Ancestral DDPM. ``timesteps``: a custom descending grid (diffusers' ``timesteps=``;
+    PixArt-DMD's one step at t = 400); ``clip_sample``: the clean estimate clipped to
+    ``±clip_sample_range`` (DDPMScheduler's default for pixel models)."""
     ac = schedule.alphas_cumprod
-    ts = tables.leading_timesteps(schedule.num_train_timesteps, num_steps)
+    ts = (tables.leading_timesteps(schedule.num_train_timesteps, num_steps) if timesteps is None
+          else np.asarray(timesteps, np.int64))
     prev = np.append(ts[1:], -1)
     a_t, a_prev = ac[ts], np.where(prev >= 0, ac[np.maximum(prev, 0)], 1.0)
     beta = 1.0 - a_t / a_prev
@@ -71,6 +84,8 @@ def ddpm(model: Model, x: Array, schedule: DDPMSchedule, num_steps: int, predict
         t, alpha, sigma, cx0, cxt, log_small, log_beta, noisy, i = s
         pred, var = _split(model(x, _tvec(x, t)), x)
         x0, _ = vp_x0_eps(pred, x, alpha, sigma, prediction)
+        if clip_sample:
+            x0 = jnp.clip(x0, -clip_sample_range, clip_sample_range)
         if variance == "learned_range":
             if var is None:
                 raise ValueError("variance='learned_range' needs a model with 2C output channels")
@@ -80,14 +95,14 @@ def ddpm(model: Model, x: Array, schedule: DDPMSchedule, num_steps: int, predict
             std = jnp.exp(0.5 * log_beta)
         else:
             std = jnp.exp(0.5 * log_small)
-        x = cx0 * x0 + cxt * x + noisy * std * _noise(key, i, x)
+        x = cx0 * x0 + cxt * x + noisy * std * noise(i, x)
         return x, x
 
     return jax.lax.scan(step, x, xs)
 
 
 def ddim(model: Model, x: Array, schedule: DDPMSchedule, num_steps: int, prediction: str,
-         key: Array | None, eta: float = 0.0) -> tuple[Array, Array]:
+         noise: Noise | None, eta: float = 0.0) -> tuple[Array, Array]:
     ac = schedule.alphas_cumprod
     n_train = schedule.num_train_timesteps
     ts = tables.leading_timesteps(n_train, num_steps)
@@ -103,7 +118,7 @@ def ddim(model: Model, x: Array, schedule: DDPMSchedule, num_steps: int, predict
         x0, eps = vp_x0_eps(pred, x, alpha, sigma, prediction)
         x = alpha_prev * x0 + dir_coef * eps
         if eta > 0:
-            x = x + sd * _noise(key, i, x)
+            x = x + sd * noise(i, x)
         return x, x
 
     return jax.lax.scan(step, x, xs)
@@ -305,7 +320,7 @@ def sa_coefficients(order: int, lam_s0: float, lam_t: float, lams: list[float], 
 
 
 def sa_solver(model: Model, x: Array, schedule: DDPMSchedule, num_steps: int, prediction: str,
-              key: Array, predictor_order: int = 2, corrector_order: int = 2,
+              noise: Noise, predictor_order: int = 2, corrector_order: int = 2,
               tau_window: tuple[float, float] = (200.0, 800.0)) -> tuple[Array, Array]:
     """SA-Solver (Xue et al., 2023) as diffusers' SASolverScheduler runs it: a stochastic
     Adams-Bashforth predictor and an Adams-Moulton corrector in PEC mode, τ = 1 for
@@ -360,11 +375,113 @@ def sa_solver(model: Model, x: Array, schedule: DDPMSchedule, num_steps: int, pr
         outputs = jnp.concatenate([m[None], hist], axis=0)  # newest first
         weighted = lambda w: jnp.tensordot(w, outputs, axes=1)  # noqa: E731
         x_cur = k_i * x_pred + ac * x_last + weighted(c) + nc * n_last
-        noise = _noise(key, i, x_pred)
-        x_next = ap * x_cur + weighted(p) + np_ * noise
-        return (x_next, x_cur, noise, outputs[:-1]), x_next
+        drawn = noise(i, x_pred)
+        x_next = ap * x_cur + weighted(p) + np_ * drawn
+        return (x_next, x_cur, drawn, outputs[:-1]), x_next
 
     zeros = jnp.zeros_like(x)
     init = (x, zeros, zeros, jnp.zeros((hist_len,) + x.shape, x.dtype))
     (x, _, _, _), path = jax.lax.scan(step, init, xs)
     return x, path
+
+
+# --- Latent consistency models (LCMScheduler: PixArt-LCM, LCM-LoRA) --------------------------
+
+def lcm_boundary(timesteps: np.ndarray, timestep_scaling: float = 10.0, sigma_data: float = 0.5
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(c_skip, c_out)`` of the consistency parameterisation ``f = c_skip x + c_out x0``
+    at discrete timesteps (LCM's boundary condition: ``f = x`` at t = 0)."""
+    t = np.asarray(timesteps, np.float64) * timestep_scaling
+    return sigma_data**2 / (t**2 + sigma_data**2), t / np.sqrt(t**2 + sigma_data**2)
+
+
+def lcm(model: Model, x: Array, schedule: DDPMSchedule, num_steps: int, prediction: str,
+        noise: Noise, original_steps: int = 50, timestep_scaling: float = 10.0
+        ) -> tuple[Array, Array]:
+    """Multistep consistency sampling (Luo et al., 2023) as diffusers' LCMScheduler runs it:
+    at each grid timestep the model's clean estimate goes through the consistency boundary
+    condition, and all but the last step re-noise it to the next timestep with a fresh draw."""
+    ac = schedule.alphas_cumprod
+    ts = tables.lcm_timesteps(schedule.num_train_timesteps, num_steps, original_steps)
+    prev = np.append(ts[1:], ts[-1])
+    c_skip, c_out = lcm_boundary(ts, timestep_scaling)
+    renoise = np.arange(num_steps) < num_steps - 1
+    xs = _f32(ts, np.sqrt(ac[ts]), np.sqrt(1 - ac[ts]), c_skip, c_out,
+              np.where(renoise, np.sqrt(ac[prev]), 1.0), np.where(renoise, np.sqrt(1 - ac[prev]), 0.0)
+              ) + (jnp.arange(num_steps),)
+
+    def step(x: Array, s: tuple[Array, ...]) -> tuple[Array, Array]:
+        t, alpha, sigma, skip, out, alpha_next, sigma_next, i = s
+        pred, _ = _split(model(x, _tvec(x, t)), x)
+        x0, _ = vp_x0_eps(pred, x, alpha, sigma, prediction)
+        denoised = out * x0 + skip * x
+        x = alpha_next * denoised + sigma_next * noise(i, x)
+        return x, x
+
+    return jax.lax.scan(step, x, xs)
+
+
+def flow_lcm(model: Model, x: Array, schedule: FlowSchedule, num_steps: int, prediction: str,
+             noise: Noise) -> tuple[Array, Array]:
+    """Multistep consistency sampling of a flow model (FlowMatchLCMScheduler): on the flow
+    Euler grid, the clean estimate ``x − σ v`` (the consistency function of a flow model, which
+    is ``x`` itself at σ = 0) is re-noised to the next σ with a fresh draw."""
+    ts, sig = tables.flow_match(schedule, num_steps)
+    xs = _f32(ts, sig[:-1], sig[1:]) + (jnp.arange(num_steps),)
+
+    def step(x: Array, s: tuple[Array, ...]) -> tuple[Array, Array]:
+        t, sigma, sigma_next, i = s
+        v, _ = _split(model(x, _tvec(x, t)), x)
+        x0 = x - sigma * v
+        x = (1 - sigma_next) * x0 + sigma_next * noise(i, x)
+        return x, x
+
+    return jax.lax.scan(step, x, xs)
+
+
+# --- Continuous-time consistency, TrigFlow (SCMScheduler: SANA-Sprint) -----------------------
+
+def scm_timesteps(num_steps: int, max_timestep: float = 1.57080,
+                  intermediate_timestep: float | None = 1.3) -> np.ndarray:
+    """SCMScheduler's TrigFlow times, ``num_steps + 1`` of them ending at 0: ``[max,
+    intermediate, 0]`` for two steps (SANA-Sprint's default), else evenly spaced from ``max``."""
+    if not 0.0 < max_timestep <= np.pi / 2 + 1e-4:
+        raise ValueError(f"max_timestep must lie in (0, π/2], got {max_timestep}")
+    if num_steps == 2 and intermediate_timestep is not None:
+        if not 0.0 < intermediate_timestep < max_timestep:
+            raise ValueError(f"intermediate_timestep must lie in (0, max_timestep), got "
+                             f"{intermediate_timestep}")
+        return np.array([max_timestep, intermediate_timestep, 0.0], np.float32)
+    return np.linspace(max_timestep, 0.0, num_steps + 1, dtype=np.float32)
+
+
+def scm(model: Model, x: Array, schedule: FlowSchedule, num_steps: int, prediction: str,
+        noise: Noise, max_timestep: float = 1.57080, intermediate_timestep: float | None = 1.3,
+        sigma_data: float = 0.5) -> tuple[Array, Array]:
+    """sCM sampling in TrigFlow time (Lu & Song, 2024) as diffusers' SCMScheduler with
+    SanaSprintPipeline runs it, for a model that predicts the flow velocity.
+
+    The state is ``x = cos(τ) x0 + sin(τ) z`` at data scale ``sigma_data`` (starting from
+    ``sigma_data · noise``); the model sees it as a flow state at ``s = sin τ / (cos τ + sin τ)``
+    (timestep 1000 s), and its velocity ``v`` becomes the TrigFlow prediction ``F``. Each step
+    takes ``x0 = cos τ x − sin τ F`` and re-noises it to the next time with a fresh draw (the last
+    step's next time is 0: its draw is multiplied by sin 0). Returns the final
+    ``x0 / sigma_data`` (and the states divided by ``sigma_data``)."""
+    n_train = schedule.num_train_timesteps
+    tau = scm_timesteps(num_steps, max_timestep, intermediate_timestep).astype(np.float64)
+    cos, sin = np.cos(tau), np.sin(tau)
+    s = sin[:-1] / (cos[:-1] + sin[:-1])
+    norm = np.sqrt(s**2 + (1 - s) ** 2)
+    xs = _f32(s * n_train, s, norm, cos[:-1], sin[:-1], cos[1:], sin[1:]) + (jnp.arange(num_steps),)
+
+    def step(x: Array, p: tuple[Array, ...]) -> tuple[Array, Array]:
+        t, s_, nrm, c, si, c_next, s_next, i = p
+        x_in = x / sigma_data * nrm
+        v, _ = _split(model(x_in, _tvec(x, t)), x)
+        f = ((1 - 2 * s_) * x_in + (1 - 2 * s_ + 2 * s_**2) * v) / nrm * sigma_data
+        x0 = c * x - si * f
+        x = c_next * x0 + s_next * sigma_data * noise(i, x)  # the last step: x0 itself
+        return x, x / sigma_data
+
+    x, path = jax.lax.scan(step, x * sigma_data, xs)
+    return x / sigma_data, path

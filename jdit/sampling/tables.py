@@ -17,6 +17,21 @@ def leading_timesteps(num_train: int, num_steps: int, offset: int = 0) -> np.nda
     return (np.arange(num_steps) * ratio).round()[::-1].astype(np.int64) + offset
 
 
+def lcm_timesteps(num_train: int, num_steps: int, original_steps: int = 50) -> np.ndarray:
+    """LCMScheduler's grid: ``num_steps`` evenly spaced picks (by index, descending) of the
+    distillation grid ``k - 1, 2k - 1, ..., num_train - 1`` with ``k = num_train //
+    original_steps``."""
+    if not 1 <= original_steps <= num_train:
+        raise ValueError(f"original_steps must be in [1, {num_train}], got {original_steps}")
+    if not 1 <= num_steps <= original_steps:
+        raise ValueError(f"LCM samples with 1 to original_steps={original_steps} steps (a subset "
+                         f"of its distillation grid), got num_steps={num_steps}")
+    k = num_train // original_steps
+    grid = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    picks = np.floor(np.linspace(0, original_steps, num_steps, endpoint=False)).astype(np.int64)
+    return grid[picks].astype(np.int64)
+
+
 def _interp_sigmas(schedule: DDPMSchedule, timesteps: np.ndarray) -> np.ndarray:
     k = schedule.karras_sigmas
     return np.interp(timesteps, np.arange(len(k)), k)

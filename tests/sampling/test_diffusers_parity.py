@@ -18,10 +18,19 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
+    FlowMatchLCMScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     SASolverScheduler,
+    SCMScheduler,
 )
-from diffusers.schedulers import scheduling_ddpm, scheduling_sasolver
+from diffusers.schedulers import (
+    scheduling_ddpm,
+    scheduling_flow_match_lcm,
+    scheduling_lcm,
+    scheduling_sasolver,
+    scheduling_scm,
+)
 
 import jdit
 from jdit.diffusion import DDPMSchedule, FlowSchedule
@@ -170,6 +179,24 @@ def test_ddpm_ancestral(monkeypatch, prediction, variance, learned):
     assert_same_path(ours, ref, ref[-1])
 
 
+@pytest.mark.parametrize("timesteps,clip", [((400,), False), ((400,), True),
+                                            ((999, 700, 350, 20), False), ((800, 300), True)])
+def test_ddpm_on_a_custom_grid_with_clipping(monkeypatch, timesteps, clip):
+    """PixArt-DMD's one step at t = 400 (DDPMScheduler with timesteps=[400]), other custom grids,
+    and the clean estimate clipped as DDPMScheduler does by default."""
+    sched, cfg = SCHEDULES["linear"]
+    steps = len(timesteps)
+    draws = np.random.default_rng(9).standard_normal((steps, *SHAPE)).astype(np.float32)
+    noises = iter([to_torch(d) for d in draws])
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, **k: next(noises))
+    ref = run_diffusers(DDPMScheduler(clip_sample=clip, clip_sample_range=1.5, **cfg), None,
+                        set_kwargs=dict(timesteps=list(timesteps)))
+    ours = run_jdit("ddpm", steps, sched, "epsilon", step_noise=jnp.asarray(draws),
+                    solver_options=dict(timesteps=timesteps, clip_sample=clip,
+                                        clip_sample_range=1.5))
+    assert_same_path(ours, ref, ref[-1])
+
+
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 @pytest.mark.parametrize("solver,make", [
     ("euler", lambda s: FlowMatchEulerDiscreteScheduler(shift=s)),
@@ -208,6 +235,95 @@ def test_sa_solver(monkeypatch, prediction, steps):
     ref = run_diffusers(SASolverScheduler(prediction_type=DIFFUSERS_PREDICTION[prediction], **cfg),
                         steps)
     assert_same_path(run_jdit("sa-solver", steps, sched, prediction, key=key), ref, ref[-1])
+
+
+@pytest.mark.parametrize("name,prediction,steps,original", [
+    ("linear", "epsilon", 1, 50), ("linear", "epsilon", 4, 50), ("scaled_linear", "epsilon", 2, 50),
+    ("scaled_linear", "v", 8, 50), ("linear", "epsilon", 3, 20), ("linear", "sample", 4, 50)])
+def test_lcm_with_the_same_draws(monkeypatch, name, prediction, steps, original):
+    """PixArt-LCM's (and LCM-LoRA's) scheduler: the consistency boundary condition at each
+    grid timestep and fresh noise between steps, here handed to both as step_noise."""
+    sched, cfg = SCHEDULES[name]
+    draws = np.random.default_rng(3).standard_normal((steps, *SHAPE)).astype(np.float32)
+    noises = iter([to_torch(d) for d in draws])
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda *a, **k: next(noises))
+    ref = run_diffusers(LCMScheduler(prediction_type=DIFFUSERS_PREDICTION[prediction],
+                                     original_inference_steps=original, **cfg), steps)
+    options = {"original_steps": original} if original != 50 else None
+    ours = run_jdit("lcm", steps, sched, prediction, step_noise=jnp.asarray(draws),
+                    solver_options=options)
+    assert_same_path(ours, ref, ref[-1])
+
+
+@pytest.mark.parametrize("steps,options,set_kwargs", [
+    (1, None, dict(intermediate_timesteps=None)), (2, None, {}),
+    (2, {"intermediate_timestep": 1.1, "max_timestep": 1.5}, dict(intermediate_timesteps=1.1,
+                                                                   max_timesteps=1.5)),
+    (4, None, dict(intermediate_timesteps=None))])
+def test_scm_with_the_same_draws(monkeypatch, steps, options, set_kwargs):
+    """SANA-Sprint's sampler: SCMScheduler in TrigFlow time around a flow-velocity model, the
+    conversions as SanaSprintPipeline makes them (written out here in torch)."""
+    sigma_data = 0.5
+    draws = np.random.default_rng(5).standard_normal((steps, *SHAPE)).astype(np.float32)
+    noises = iter([to_torch(d) for d in draws])
+    monkeypatch.setattr(scheduling_scm, "randn_tensor", lambda *a, **k: next(noises))
+    scheduler = SCMScheduler()
+    scheduler.set_timesteps(steps, **set_kwargs)
+    scheduler.set_begin_index(0)
+    x = to_torch(start_noise()) * sigma_data
+    path = []
+    for t in scheduler.timesteps[:-1]:
+        tb = t.expand(SHAPE[0])
+        s = (torch.sin(tb) / (torch.cos(tb) + torch.sin(tb))).view(-1, 1, 1, 1)
+        x_in = x / sigma_data * torch.sqrt(s**2 + (1 - s) ** 2)
+        v = torch_model(x_in, 1000 * s.flatten())
+        f = ((1 - 2 * s) * x_in + (1 - 2 * s + 2 * s**2) * v) / torch.sqrt(s**2 + (1 - s) ** 2)
+        x, denoised = scheduler.step(f * sigma_data, tb, x, return_dict=False)
+        path.append((x / sigma_data).permute(0, 2, 3, 1).numpy())
+    final = (denoised / sigma_data).permute(0, 2, 3, 1).numpy()
+    ours = run_jdit("scm", steps, FlowSchedule(1.0), "flow", step_noise=jnp.asarray(draws),
+                    solver_options=options)
+    assert_same_path(ours, path, final)
+
+
+@pytest.mark.parametrize("steps,shift", [(1, 3.0), (4, 3.0), (8, 1.0)])
+def test_flow_lcm_with_the_same_draws(monkeypatch, steps, shift):
+    """A flow model's consistency sampling (FlowMatchLCMScheduler): x0 = x - σ v, re-noised."""
+    draws = np.random.default_rng(6).standard_normal((steps, *SHAPE)).astype(np.float32)
+    noises = iter([to_torch(d) for d in draws])
+    monkeypatch.setattr(scheduling_flow_match_lcm, "randn_tensor", lambda *a, **k: next(noises))
+    ref = run_diffusers(FlowMatchLCMScheduler(shift=shift), steps)
+    ours = run_jdit("lcm", steps, FlowSchedule(shift), "flow", step_noise=jnp.asarray(draws))
+    assert_same_path(ours, ref, ref[-1])
+
+
+def test_step_noise_is_what_the_key_would_draw_and_changes_the_result():
+    """Entry i of step_noise is step i's draw: the draws of fold_in(key, i) given as step_noise
+    reproduce the key's run; other draws give another sample. Solvers without noise refuse."""
+    sched, _ = SCHEDULES["linear"]
+    key = jax.random.key(4)
+    for solver, steps in (("ddpm", 6), ("lcm", 4), ("sa-solver", 5)):
+        draws = jnp.stack([jax.random.normal(jax.random.fold_in(key, i), SHAPE)
+                           for i in range(steps)])
+        by_key = run_jdit(solver, steps, sched, "epsilon", key=key)[0]
+        given = run_jdit(solver, steps, sched, "epsilon", step_noise=draws)[0]
+        np.testing.assert_allclose(given, by_key, rtol=2e-6, atol=1e-6)  # float32 rounding
+        other = run_jdit(solver, steps, sched, "epsilon", step_noise=-draws)[0]
+        assert np.max(np.abs(other - by_key)) > 1e-2, solver
+    with pytest.raises(ValueError, match="draws no noise"):
+        run_jdit("dpm++2m", 4, sched, "epsilon", step_noise=draws[:4])
+    with pytest.raises(ValueError, match=r"\(num_steps, \*noise.shape\)"):
+        run_jdit("lcm", 4, sched, "epsilon", step_noise=draws[:3])
+    with pytest.raises(ValueError, match="1 to original_steps=50"):
+        run_jdit("lcm", 60, sched, "epsilon", key=key)
+    with pytest.raises(ValueError, match="takes no options"):
+        run_jdit("lcm", 4, sched, "epsilon", key=key, solver_options={"shift": 2})
+    with pytest.raises(ValueError, match="descending integers"):
+        run_jdit("ddpm", 2, sched, "epsilon", key=key, solver_options={"timesteps": (100, 400)})
+    with pytest.raises(ValueError, match="unshifted"):
+        run_jdit("scm", 2, FlowSchedule(3.0), "flow", key=key)
+    with pytest.raises(ValueError, match="max_timestep"):
+        run_jdit("scm", 2, FlowSchedule(1.0), "flow", key=key, solver_options={"max_timestep": 2})
 
 
 @pytest.mark.parametrize("steps", [6, 30])

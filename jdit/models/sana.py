@@ -132,6 +132,10 @@ class Sana(nn.Module):
     qk_norm: bool = False
     linear_eps: float = 1e-15  # diffusers; the official blocks use 1e-8
     caption_norm_init: float = 1.0  # the official training init is 0.01 (loaded weights set it)
+    # SANA-Sprint: the guidance scale is a model input (embedded like t, added to its embedding)
+    guidance_embeds: bool = False
+    guidance_embeds_scale: float = 0.1  # the guidance scale is embedded times this
+    timestep_scale: float = 1.0  # the time embedding sees t × this (Sprint: 1e-3, i.e. σ)
     # LI-DiT's refiner of LLM prompt features (jdit.nn.text_refiner); a dict in configs
     text_refiner: TextRefinerConfig | None = None
     scan_layers: bool = False
@@ -148,12 +152,15 @@ class Sana(nn.Module):
         s = self.input_size
         if self.text_refiner is not None:
             caption_length = self.text_refiner.packed_length(caption_length)
-        return dict(
+        inputs = dict(
             x=jnp.zeros((batch, s, s, self.in_channels)),
             t=jnp.zeros((batch,)),
             context=jnp.zeros((batch, caption_length, self.caption_channels)),
             context_mask=jnp.ones((batch, caption_length), jnp.int32),
         )
+        if self.guidance_embeds:
+            inputs["guidance"] = jnp.full((batch,), 4.5)
+        return inputs
 
     def check_config(self) -> None:
         check_config("Sana", self.hidden_size, self.num_heads, self.depth, self.patch_size)
@@ -164,6 +171,23 @@ class Sana(nn.Module):
                 f"{self.cross_num_heads}"
             )
 
+    def embed_time(self, t: Array, guidance: Array | None, batch: int) -> Array:
+        """The conditioning vector of the timestep (and, for SANA-Sprint, the guidance scale)."""
+        cond = dict(param_dtype=self.param_dtype, precision=self.precision)
+        temb = TimestepEmbedder(self.hidden_size, name="t_embedder", **cond)(
+            t * self.timestep_scale if self.timestep_scale != 1.0 else t)
+        if self.guidance_embeds:
+            if guidance is None:
+                raise ValueError("Sana: this model embeds the guidance scale (guidance_embeds, "
+                                 "SANA-Sprint): pass guidance=, one scale per image")
+            check_vector("Sana", "guidance", guidance, (batch,))
+            temb = temb + TimestepEmbedder(self.hidden_size, name="guidance_embedder", **cond)(
+                guidance.astype(jnp.float32) * self.guidance_embeds_scale)
+        elif guidance is not None:
+            raise ValueError("Sana: guidance= is for models with guidance_embeds (SANA-Sprint); "
+                             "this one is guided by classifier-free guidance")
+        return temb
+
     def encode_condition(self, latents: Array) -> tuple[Array, Array]:
         """A control condition's linear-attention state in every block (EasyControl's condition
         branch, :mod:`jdit.control`): ``(Σ relu(k)ᵀv (depth, B, H, D, D), Σ relu(k) (depth, B,
@@ -172,16 +196,19 @@ class Sana(nn.Module):
         the same at every denoising step. Run with the condition's LoRA applied to the params.
         """
         t = jnp.zeros((latents.shape[0],), jnp.float32)
-        return self(latents, t, None, None, _branch="condition")
+        g = jnp.zeros((latents.shape[0],), jnp.float32) if self.guidance_embeds else None
+        return self(latents, t, None, None, guidance=g, _branch="condition")
 
     @nn.compact
     def __call__(self, x: Array, t: Array, context: Array | None,
                  context_mask: Array | None = None, control: tuple[Array, Array] | None = None,
-                 block_residuals: Array | None = None, _branch: str = "image") -> Array:
+                 block_residuals: Array | None = None, guidance: Array | None = None,
+                 _branch: str = "image") -> Array:
         """``control``: conditions' per-block attention states (from :meth:`encode_condition`,
         several summed) added to the image tokens' own; ``block_residuals`` (depth, B, L,
         hidden): a ControlNet's, added to each block's output. None is the plain model, bit for
-        bit."""
+        bit. ``guidance`` (B,): the guidance scale of a model with ``guidance_embeds``
+        (SANA-Sprint), unscaled."""
         self.check_config()
         condition = _branch == "condition"
         grid = check_latents("Sana", x, self.in_channels, self.patch_size)
@@ -200,7 +227,7 @@ class Sana(nn.Module):
         if self.pos_embed:
             tokens = tokens + sincos_pos_embed_2d(d, grid, self.input_size // p,
                                                   self.pe_interpolation)
-        temb = TimestepEmbedder(d, name="t_embedder", **cond)(t)
+        temb = self.embed_time(t, guidance, x.shape[0])
         t0 = AdaLNModulation(6, d, kernel_init=normal(0.02), name="t_block", **cond)(temb)
         shared = dict(
             hidden_size=d, num_heads=self.num_heads, cross_num_heads=self.cross_num_heads,

@@ -39,18 +39,18 @@ def check_size(height: Any, width: Any, multiple: int) -> None:
                              "size); try " f"{max(multiple, round(value / multiple) * multiple)}")
 
 
-def check_latents(latents: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """``latents`` as a float32 array of ``shape`` (NHWC), refusing other dtypes, shapes and
-    non-finite values."""
+def check_latents(latents: Any, shape: tuple[int, ...], name: str = "latents") -> np.ndarray:
+    """``latents`` (or another array of noise called ``name``) as a float32 array of
+    ``shape`` (NHWC), refusing other dtypes, shapes and non-finite values."""
     array = np.asarray(latents)
     if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
-        raise ValueError(f"latents must be floating point (standard-normal noise), got dtype "
+        raise ValueError(f"{name} must be floating point (standard-normal noise), got dtype "
                          f"{array.dtype}")
     if array.shape != tuple(shape):
-        raise ValueError(f"latents of shape {array.shape}; expected {tuple(shape)} (NHWC)")
+        raise ValueError(f"{name} of shape {array.shape}; expected {tuple(shape)} (NHWC)")
     array = array.astype(np.float32)
     if not np.isfinite(array).all():
-        raise ValueError(f"latents hold {int((~np.isfinite(array)).sum())} NaN or infinite values")
+        raise ValueError(f"{name} hold {int((~np.isfinite(array)).sum())} NaN or infinite values")
     return array
 
 

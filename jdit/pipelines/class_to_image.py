@@ -24,6 +24,7 @@ from jdit.pipelines.arguments import check_generation, check_latents
 from jdit.pipelines.output import to_output
 from jdit.pipelines.schedulers import SamplerSpec, from_diffusers_config
 from jdit.sampling import ClassifierFreeGuidance, sample
+from jdit.sampling.sample import STOCHASTIC
 
 Array = jax.Array
 
@@ -87,7 +88,8 @@ class ClassToImage:
                 x = sample(model_fn, noise, solver=solver, num_steps=num_steps,
                            schedule=spec.schedule, prediction=spec.prediction,
                            variance=spec.variance, args=args,
-                           key=key if solver in ("ddpm", "sa-solver") else None)
+                           solver_options=dict(spec.options) if solver == spec.solver else None,
+                           key=key if solver in STOCHASTIC else None)
                 images = self.vae.apply({"params": vae_params}, x / float(self.vae.scaling_factor),
                                         method="decode")
                 return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)

@@ -30,8 +30,7 @@ _CLASSES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "final_sigmas_type": "zero", "timestep_spacing": "linspace"}),
     "DDIMScheduler": ("ddim", "vp", {**_VP_FIXED, "clip_sample": False, "set_alpha_to_one": True,
                                      "timestep_spacing": "leading"}),
-    "DDPMScheduler": ("ddpm", "vp", {**_VP_FIXED, "clip_sample": False,
-                                     "timestep_spacing": "leading"}),
+    "DDPMScheduler": ("ddpm", "vp", {**_VP_FIXED, "timestep_spacing": "leading"}),
     "EulerDiscreteScheduler": ("euler", "vp", {**_VP_FIXED, "timestep_spacing": "linspace",
                                                "interpolation_type": "linear",
                                                "final_sigmas_type": "zero"}),
@@ -45,7 +44,19 @@ _CLASSES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "use_dynamic_shifting": False, "use_karras_sigmas": False, "invert_sigmas": False,
         "shift_terminal": None, "stochastic_sampling": False, "time_shift_type": "exponential"}),
     "FlowMatchHeunDiscreteScheduler": ("heun", "flow", {}),
+    "FlowMatchLCMScheduler": ("lcm", "flow", {
+        "use_dynamic_shifting": False, "use_karras_sigmas": False, "invert_sigmas": False,
+        "shift_terminal": None, "time_shift_type": "exponential", "scale_factors": None}),
+    "LCMScheduler": ("lcm", "vp", {**_VP_FIXED, "clip_sample": False}),
+    # SANA-Sprint: TrigFlow consistency sampling of a flow-velocity model (the pipeline converts)
+    "SCMScheduler": ("scm", "flow", {"prediction_type": "trigflow"}),
 }
+# class name -> {config field: solver option} (jdit.sampling.sample's solver_options)
+_OPTIONS = {"LCMScheduler": {"original_inference_steps": "original_steps",
+                             "timestep_scaling": "timestep_scaling"},
+            "SCMScheduler": {"sigma_data": "sigma_data"},
+            "DDPMScheduler": {"clip_sample": "clip_sample",
+                              "clip_sample_range": "clip_sample_range"}}
 # Defaults diffusers applies to fields a config leaves out (only those that need it).
 _DEFAULTS = {"DDIMScheduler": {"clip_sample": True}, "DDPMScheduler": {"clip_sample": True,
                                                                      "variance_type": "fixed_small"}}
@@ -60,6 +71,7 @@ class SamplerSpec:
     schedule: DDPMSchedule | FlowSchedule
     prediction: str
     variance: str = "fixed_small"
+    options: tuple[tuple[str, Any], ...] = ()  # the solver's options, as (name, value) pairs
 
 
 def _betas(cfg: Mapping[str, Any]) -> DDPMSchedule:
@@ -91,7 +103,8 @@ def from_diffusers_config(cfg: Mapping[str, Any]) -> SamplerSpec:
         raise ValueError(f"{name} with {wrong} differs from what jdit's {solver!r} solver "
                          f"reproduces ({ {k: fixed[k] for k in wrong} }); pass solver=... to "
                          f"sample with a jdit solver instead")
-    prediction = PREDICTIONS.get(cfg.get("prediction_type", "epsilon"))
+    prediction = ("flow" if name == "SCMScheduler"
+                  else PREDICTIONS.get(cfg.get("prediction_type", "epsilon")))
     if prediction is None:
         raise ValueError(f"scheduler prediction_type {cfg.get('prediction_type')!r} is not "
                          f"supported; expected one of {sorted(PREDICTIONS)}")
@@ -111,5 +124,7 @@ def from_diffusers_config(cfg: Mapping[str, Any]) -> SamplerSpec:
     variance = values.get("variance_type") or "fixed_small"
     if solver == "ddpm" and variance not in ("fixed_small", "fixed_large", "learned_range"):
         raise ValueError(f"DDPMScheduler variance_type {variance!r} is not supported")
+    options = tuple(sorted((option, values[field]) for field, option in
+                           _OPTIONS.get(name, {}).items() if values.get(field) is not None))
     return SamplerSpec(solver, schedule, prediction,
-                       variance if solver == "ddpm" else "fixed_small")
+                       variance if solver == "ddpm" else "fixed_small", options)

@@ -40,6 +40,7 @@ from jdit.pipelines.arguments import check_generation, check_latents, check_size
 from jdit.pipelines.output import resize_and_crop, to_output
 from jdit.pipelines.schedulers import SamplerSpec, from_diffusers_config
 from jdit.sampling import ClassifierFreeGuidance, sample
+from jdit.sampling.sample import STOCHASTIC
 
 Array = jax.Array
 # SANA's prompt prefix (diffusers' SanaPipeline default; the published models were tuned with it)
@@ -87,6 +88,10 @@ PIPELINE_CLASSES["Lumina2Pipeline"] = {
 CONTROLNET_PIPELINES = {"SanaControlNetPipeline": "SanaPipeline",
                         "PixArtAlphaControlnetPipeline": "PixArtAlphaPipeline"}
 PIPELINE_CLASSES.update({k: PIPELINE_CLASSES[v] for k, v in CONTROLNET_PIPELINES.items()})
+# SANA-Sprint: SANA's prompts, the guidance scale embedded by the transformer (no classifier-free
+# guidance, no negative prompt), two TrigFlow consistency steps by default, 1024 px bins only
+PIPELINE_CLASSES["SanaSprintPipeline"] = {**PIPELINE_CLASSES["SanaPipeline"], "bins": {32: 1024},
+                                          "num_steps": 2}
 
 
 def _check_scale(scale: Any) -> None:
@@ -149,6 +154,7 @@ class TextToImage:
     # prediction to the conditional one's norm; guide only the first cfg_trunc_ratio of steps
     cfg_normalization: bool = False
     cfg_trunc_ratio: float = 1.0
+    default_steps: int = 20  # num_steps when a call does not say (SANA-Sprint's pipeline: 2)
 
     def __post_init__(self) -> None:
         self._compiled: dict[Any, Any] = {}
@@ -229,7 +235,8 @@ class TextToImage:
                                                           param_dtype=param_dtype, **heads)
         return cls(transformer, t_params, encoder, e_params, tokenizer, vae, v_params,
                    scheduler, spec["max_sequence_length"], spec["bins"], mesh,
-                   spec["instruction"], controlnet, c_params)
+                   spec["instruction"], controlnet, c_params,
+                   default_steps=spec.get("num_steps", 20))
 
     # -- control (jdit.control) -------------------------------------------------------------
 
@@ -424,6 +431,8 @@ class TextToImage:
             kwargs = {"resolution": micro[0], "aspect_ratio": micro[1]}
         if "control" in extra:
             kwargs["control"] = extra["control"]
+        if "guidance" in extra:  # a model that embeds the guidance scale (SANA-Sprint)
+            kwargs["guidance"] = extra["guidance"]
         if "controlnet" in extra:
             from jdit.control.controlnet import residuals
 
@@ -436,14 +445,14 @@ class TextToImage:
 
     def _program(self, solver: str, num_steps: int, guided: bool, spec: SamplerSpec,
                  decode: bool, tiling: tuple[str, int] | None = None, control: str = "",
-                 drops: tuple[tuple[int, int], ...] = (), cfg: tuple[bool, float] = (False, 1.0)
-                 ) -> Any:
+                 drops: tuple[tuple[int, int], ...] = (), cfg: tuple[bool, float] = (False, 1.0),
+                 options: tuple[tuple[str, Any], ...] = ()) -> Any:
         """encode → sample → decode, jitted once per static signature. ``control``:
         ``"easycontrol"`` (condition branches run once, their cache carried into the sampler),
         ``"controlnet"`` (the ControlNet runs at every step) or ``""``. ``drops``: with
         ``text_encoders``, each one's instruction positions (prompt, negative prompt);
-        ``cfg``: (normalisation, truncation ratio) of the guidance."""
-        sig = (solver, num_steps, guided, spec, decode, tiling, control, drops, cfg)
+        ``cfg``: (normalisation, truncation ratio) of the guidance; ``options``: the solver's."""
+        sig = (solver, num_steps, guided, spec, decode, tiling, control, drops, cfg, options)
         if sig in self._compiled:
             return self._compiled[sig]
         model_fn: Any = self._denoise_fn
@@ -454,8 +463,10 @@ class TextToImage:
 
         def run(params: dict[str, Any], ids: Any, mask: Any, neg_ids: Any,
                 neg_mask: Any, noise: Array, scale: Array, micro: tuple[Array, ...],
-                key: Array, conditions: dict[str, Any]) -> Array:
+                key: Array, conditions: dict[str, Any], step_noise: Array | None) -> Array:
             extra = self._control_inputs(params, conditions, control, micro, guided)
+            if self.embeds_guidance:
+                extra = {**extra, "guidance": jnp.full((noise.shape[0],), scale, jnp.float32)}
             if self.text_encoders is not None:
                 ctx, mask = self._encode_prompts(params["text_encoders"], ids, mask,
                                                  [d for d, _ in drops])
@@ -480,8 +491,8 @@ class TextToImage:
                 args = (params["transformer"], ctx, mask, extra, *micro)
             latents = sample(model_fn, noise, solver=solver, num_steps=num_steps,
                              schedule=spec.schedule, prediction=spec.prediction,
-                             variance=spec.variance, args=args,
-                             key=key if solver in ("ddpm", "sa-solver") else None)
+                             variance=spec.variance, args=args, solver_options=dict(options),
+                             key=key if solver in STOCHASTIC else None, step_noise=step_noise)
             if not decode:
                 return latents
             return self.decode(params["vae"], latents, tiling)
@@ -536,11 +547,13 @@ class TextToImage:
                                                overlap=tiling[1] // 4)
         return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
-    def _batch_sharded(self, x: np.ndarray | Array) -> Array:
+    def _batch_sharded(self, x: np.ndarray | Array, axis: int = 0) -> Array:
+        """``x`` split over the mesh's ``data`` axis along its batch ``axis`` (if it divides)."""
         if self.mesh is None or "data" not in self.mesh.axis_names:
             return jnp.asarray(x)
         n = self.mesh.shape["data"]
-        spec = PartitionSpec("data") if x.shape[0] % n == 0 else PartitionSpec()
+        spec = (PartitionSpec(*([None] * axis), "data") if x.shape[axis] % n == 0
+                else PartitionSpec())
         return jax.device_put(x, NamedSharding(self.mesh, spec))
 
     def _conditions(self, images: Any, scale: Any, names: Any, size: Any, batch: int,
@@ -578,7 +591,13 @@ class TextToImage:
 
     # -- generation ------------------------------------------------------------------------
 
-    def __call__(self, prompts: str | Sequence[str], num_steps: int = 20,
+    @property
+    def embeds_guidance(self) -> bool:
+        """The transformer takes the guidance scale as an input (SANA-Sprint) instead of
+        being guided by a second, unconditional pass."""
+        return bool(getattr(self.transformer, "guidance_embeds", False))
+
+    def __call__(self, prompts: str | Sequence[str], num_steps: int | None = None,
                  guidance_scale: float = 4.5, height: int | None = None, width: int | None = None,
                  seed: int = 0, latents: Array | np.ndarray | None = None,
                  negative_prompt: str | Sequence[str] = "", solver: str | None = None,
@@ -588,10 +607,16 @@ class TextToImage:
                  control_scale: float | Sequence[float] = 1.0,
                  control_adapters: str | Sequence[str] | None = None,
                  control_size: tuple[int, int] | None = None,
-                 cfg_normalization: bool | None = None, cfg_trunc_ratio: float | None = None
+                 cfg_normalization: bool | None = None, cfg_trunc_ratio: float | None = None,
+                 step_noise: Array | np.ndarray | None = None,
+                 solver_options: dict[str, Any] | None = None,
+                 timesteps: Sequence[int] | None = None
                  ) -> np.ndarray | list[Any]:
         """Images for ``prompts``: ``np`` (B, H, W, 3) float32 in [0, 1], ``pil`` a list of
-        PIL images, or ``latent`` the final latents (B, h, w, C), NHWC. ``height``/``width``
+        PIL images, or ``latent`` the final latents (B, h, w, C), NHWC. ``num_steps`` defaults
+        to the pipeline's (20; SANA-Sprint 2). A transformer that embeds the guidance scale
+        (SANA-Sprint) gets ``guidance_scale`` as an input, in one pass and without a negative
+        prompt. ``height``/``width``
         default to the model's training size; with ``use_resolution_binning`` the image is
         generated at the nearest PixArt aspect-ratio bucket and resized and cropped back.
         ``latents`` (standard normal, (B, H/8, W/8, C)) replace the noise drawn from ``seed``.
@@ -612,11 +637,30 @@ class TextToImage:
         ``cfg_normalization`` (default: the pipeline's; Lumina-Image 2.0's True) rescales the
         guided prediction to the conditional one's norm over the latent width, as diffusers'
         ``Lumina2Pipeline``; ``cfg_trunc_ratio`` guides only the steps ``i`` with
-        ``(i + 1) / num_steps <= ratio`` (the high-noise ones; 1.0: all)."""
+        ``(i + 1) / num_steps <= ratio`` (the high-noise ones; 1.0: all).
+
+        Stochastic solvers (``ddpm``, ``sa-solver``, ``lcm``) draw their per-step noise from
+        ``seed``, or take it from ``step_noise``: (num_steps, B, h, w, C) standard-normal draws
+        (NHWC latents), entry i the noise drawn at step i, so that results can be compared
+        with diffusers given the same draws. ``solver_options`` override the scheduler's
+        (:data:`jdit.sampling.sample.SOLVER_OPTIONS`; e.g. SANA-Sprint's ``max_timestep`` and
+        ``intermediate_timestep``: the diffusers pipeline's ``max_timesteps`` and
+        ``intermediate_timesteps``). ``timesteps``: a custom descending grid for the ``ddpm``
+        solver, one per step (diffusers' ``timesteps=``; PixArt-DMD: ``[400]``, one step)."""
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r}")
         if vae_tiling not in (None, "blended", "exact"):
             raise ValueError(f"vae_tiling must be None, 'blended' or 'exact', got {vae_tiling!r}")
+        if timesteps is not None:
+            timesteps = tuple(int(t) for t in timesteps)
+            if num_steps is not None and num_steps != len(timesteps):
+                raise ValueError(f"num_steps={num_steps} but {len(timesteps)} timesteps given")
+            num_steps = len(timesteps)
+            solver_options = {**(solver_options or {}), "timesteps": timesteps}
+        num_steps = self.default_steps if num_steps is None else num_steps
+        if self.embeds_guidance and not (isinstance(negative_prompt, str) and not negative_prompt):
+            raise ValueError("this transformer embeds the guidance scale (SANA-Sprint): it is "
+                             "not guided by a negative prompt; leave negative_prompt empty")
         check_generation(num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
                          num_images_per_prompt=num_images_per_prompt)
         texts = [t for t in _texts(prompts) for _ in range(num_images_per_prompt)]
@@ -673,12 +717,19 @@ class TextToImage:
                      jnp.full((len(texts), 1), height / width, jnp.float32))
         spec = self.scheduler
         chosen = solver or spec.solver
-        guided = guidance_scale > 1.0
+        if step_noise is not None:
+            if chosen not in STOCHASTIC:
+                raise ValueError(f"solver {chosen!r} draws no noise between steps: step_noise "
+                                 f"is for the stochastic solvers ({', '.join(STOCHASTIC)})")
+            step_noise = check_latents(step_noise, (int(num_steps), *shape), "step_noise")
+        guided = guidance_scale > 1.0 and not self.embeds_guidance
         tiling = None if vae_tiling is None else (vae_tiling, int(vae_tile))
         kind, conditions = self._conditions(control_image, control_scale, control_adapters,
                                             control_size, len(texts), height, width)
+        options = dict(spec.options) if chosen == spec.solver else {}
+        options = tuple(sorted({**options, **(solver_options or {})}.items()))
         run = self._program(chosen, int(num_steps), guided, spec, output_type != "latent", tiling,
-                            kind, drops, (cfg_normalization, float(cfg_trunc_ratio)))
+                            kind, drops, (cfg_normalization, float(cfg_trunc_ratio)), options)
         params = {"transformer": self._transformer_params(),
                   "text_encoder": self.text_encoder_params,
                   "vae": self.vae_params}
@@ -691,7 +742,7 @@ class TextToImage:
         out = run(params, *batch, jnp.float32(guidance_scale),
                   tuple(self._batch_sharded(m) for m in micro),
                   jax.random.fold_in(jax.random.key(seed), 1),  # the stochastic solvers' noise
-                  conditions)
+                  conditions, None if step_noise is None else self._batch_sharded(step_noise, 1))
         if output_type == "latent":
             return np.asarray(out)
         if use_resolution_binning and (height, width) != orig:

@@ -191,12 +191,13 @@ def byte_level_tokenizer(folder: Path, style: str = "llama", vocab_size: int = 3
 
 
 def sana(folder: str | Path, sample_size: int = 8, width: int = 32, seed: int = 0,
-         controlnet_layers: int = 0) -> Any:
+         controlnet_layers: int = 0, sprint: bool = False) -> Any:
     """A ``SanaPipeline`` saved at ``folder``: a random Gemma-2 encoder (sliding and global
     layers), a random SANA transformer, a random DC-AE (4× down, 8 latent channels, a ViT
     stage) and SANA's flow DPM-Solver++ scheduler; returns the diffusers pipeline.
     ``controlnet_layers`` > 0: a ``SanaControlNetPipeline`` with a random ControlNet of that
-    many blocks."""
+    many blocks. ``sprint``: a ``SanaSprintPipeline`` (the transformer embeds the guidance
+    scale and normalises q and k, as SANA-Sprint's; ``SCMScheduler``)."""
     import torch
     from diffusers import (
         AutoencoderDC,
@@ -219,8 +220,9 @@ def sana(folder: str | Path, sample_size: int = 8, width: int = 32, seed: int = 
         attention_head_dim=16, num_cross_attention_heads=2,
         cross_attention_head_dim=width // 2, cross_attention_dim=width, caption_channels=32,
         mlp_ratio=2.5, sample_size=sample_size, patch_size=1)
+    sprint_fields = dict(guidance_embeds=True, qk_norm="rms_norm_across_heads") if sprint else {}
     transformer = _perturb(SanaTransformer2DModel(num_layers=3 if controlnet_layers else 2,
-                                                  **shared), seed + 1)
+                                                  **shared, **sprint_fields), seed + 1)
     blocks = ("ResBlock", "ResBlock", "EfficientViTBlock")
     vae = _perturb(AutoencoderDC(
         in_channels=3, latent_channels=latent, attention_head_dim=8,
@@ -232,7 +234,12 @@ def sana(folder: str | Path, sample_size: int = 8, width: int = 32, seed: int = 
         decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407), seed + 2)
     scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction",
                                             use_flow_sigmas=True, flow_shift=3.0)
-    if controlnet_layers:
+    if sprint:
+        from diffusers import SanaSprintPipeline, SCMScheduler
+
+        pipe = SanaSprintPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
+                                  transformer=transformer, scheduler=SCMScheduler())
+    elif controlnet_layers:
         from diffusers import SanaControlNetModel, SanaControlNetPipeline
 
         controlnet = _perturb(SanaControlNetModel(num_layers=controlnet_layers, **shared), seed + 3)

@@ -40,12 +40,11 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"diffusers SANA config: {key}={cfg[key]!r} is not supported "
                              f"(expected one of {allowed})")
 
-    unsupported("guidance_embeds", (False, None))  # SANA-Sprint
     unsupported("attention_bias", (False,))
     unsupported("norm_elementwise_affine", (False,))
     unsupported("norm_eps", (1e-6,))
     unsupported("qk_norm", (None, "rms_norm_across_heads"))
-    unsupported("timestep_scale", (1.0,))
+    guidance = bool(cfg.get("guidance_embeds") or False)
     heads = config_int(cfg, "num_attention_heads", 70)
     hidden = heads * config_int(cfg, "attention_head_dim", 32)
     cross_heads = config_int(cfg, "num_cross_attention_heads", 20)
@@ -71,6 +70,12 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
         pos_embed=interp is not None,
         pe_interpolation=1.0 if interp is None else float(interp),
         qk_norm=cfg.get("qk_norm") is not None,
+        guidance_embeds=guidance,
+        guidance_embeds_scale=config_float(cfg, "guidance_embeds_scale", 0.1),
+        # SanaPipeline hands the model t × timestep_scale; SanaSprintPipeline (the only one
+        # that runs a model with guidance embeddings) hands it σ = t / 1000 (TrigFlow's
+        # sin t' / (cos t' + sin t'))
+        timestep_scale=1e-3 if guidance else config_float(cfg, "timestep_scale", 1.0),
     )
 
 
@@ -126,11 +131,17 @@ def _mix_ffn(sd: StateDict, t: Tree, o: str, names: tuple[str, str, str], m: nn.
 def convert_diffusers(sd: StateDict, m: nn.Module) -> Tree:
     d, heads, cheads = m.hidden_size, m.num_heads, m.cross_num_heads
     hd, chd = d // heads, d // cheads
-    emb = "time_embed.emb.timestep_embedder"
+    # AdaLayerNormSingle nests the timestep embedder under .emb; SANA-Sprint's combined
+    # timestep + guidance embedding does not
+    emb = "time_embed.timestep_embedder" if m.guidance_embeds else "time_embed.emb.timestep_embedder"
     t = _common(sd, m, dict(patch="patch_embed.proj", t1=f"{emb}.linear_1", t2=f"{emb}.linear_2",
                             t_block="time_embed.linear", y1="caption_projection.linear_1",
                             y2="caption_projection.linear_2", y_norm="caption_norm",
                             final_table="scale_shift_table", final="proj_out"))
+    if m.guidance_embeds:
+        g = "time_embed.guidance_embedder"
+        put(t, "guidance_embedder/linear_1", sd.linear(f"{g}.linear_1", (256,), (d,)))
+        put(t, "guidance_embedder/linear_2", sd.linear(f"{g}.linear_2", (d,), (d,)))
     for i in range(m.depth):
         convert_block_diffusers(sd, t, f"transformer_blocks.{i}", f"block_{i}", m, d, heads, hd,
                                 cheads, chd)

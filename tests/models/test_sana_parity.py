@@ -67,6 +67,37 @@ def test_sincos_positions_qk_norm_and_patch_2(tmp_path):
     assert rel_err(ours(module, params, *args), reference(model, *args)) <= TOL
 
 
+@pytest.mark.parametrize("timestep_scale", [1.0, 1000.0])
+def test_sprint_guidance_embedding_and_its_timestep_convention(tmp_path, timestep_scale):
+    """SANA-Sprint's transformer: the guidance scale embedded beside the timestep. Its pipeline
+    hands the model σ = t / 1000 (whatever the config's timestep_scale says); jdit keeps
+    t = 1000 σ and embeds t × 1e-3."""
+    model, folder = make_diffusers(tmp_path, seed=4, guidance_embeds=True,
+                                   qk_norm="rms_norm_across_heads", guidance_embeds_scale=0.1,
+                                   timestep_scale=timestep_scale)
+    x, t, ctx, mask = inputs(model, (8, 8), 6, [6, 3])
+    guidance = torch.tensor([4.5, 2.0])
+    with torch.no_grad():
+        want = nchw_to_nhwc(model(x, encoder_hidden_states=ctx, timestep=t / 1000.0,
+                                  guidance=guidance * 0.1, encoder_attention_mask=mask).sample)
+    module, params = jdit.models.from_pretrained(folder)
+    assert module.guidance_embeds and module.timestep_scale == 1e-3
+    got = np.asarray(jax.jit(module.apply)(
+        {"params": params}, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()),
+        context=jnp.asarray(ctx.numpy()), context_mask=jnp.asarray(mask.numpy()),
+        guidance=jnp.asarray(guidance.numpy())))
+    assert rel_err(got, want) <= TOL
+    with pytest.raises(ValueError, match="embeds the guidance scale"):
+        module.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()),
+                     context=jnp.asarray(ctx.numpy()), context_mask=jnp.asarray(mask.numpy()))
+    plain, plain_folder = make_diffusers(tmp_path, seed=5)
+    m2, p2 = jdit.models.from_pretrained(plain_folder)
+    with pytest.raises(ValueError, match="guidance= is for models with guidance_embeds"):
+        m2.apply({"params": p2}, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t.numpy()),
+                 context=jnp.asarray(ctx.numpy()), context_mask=jnp.asarray(mask.numpy()),
+                 guidance=jnp.asarray(guidance.numpy()))
+
+
 def official_from_diffusers(d: dict[str, torch.Tensor], depth: int, qk_norm: bool) -> dict:
     """The official key layout, rebuilt from a diffusers state dict (the map of D-conv,
     reference/linear_attention_and_flow.md §1.12)."""

@@ -70,6 +70,50 @@ def test_pixart_sigma_pipeline_matches_diffusers(sigma):
     assert np.abs(got - want).max() <= TOL
 
 
+@pytest.mark.slow  # the whole pipeline against diffusers; the solver has quick parity tests
+def test_pixart_lcm_pipeline_matches_diffusers_given_the_same_draws(sigma, tmp_path, monkeypatch):
+    """A PixArt folder with PixArt-LCM's scheduler (LCMScheduler, linear betas) samples with
+    jdit's ``lcm`` solver; the noise LCM injects between steps is handed to both sides."""
+    import shutil
+
+    from diffusers import LCMScheduler
+    from diffusers.schedulers import scheduling_lcm
+
+    folder, reference = sigma
+    lcm_folder = tmp_path / "lcm"
+    shutil.copytree(folder, lcm_folder)
+    scheduler = LCMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    scheduler.save_pretrained(lcm_folder / "scheduler")
+    reference.scheduler = scheduler
+    pipe = TextToImage.from_pretrained(lcm_folder)
+    assert pipe.scheduler.solver == "lcm"
+    nchw, nhwc = _latents((2, 4, 8, 8))
+    small = dict(height=64, width=64, max_sequence_length=12)
+    try:
+        for steps, scale in ((4, 0.0), (2, 3.0)):
+            draws = np.random.default_rng(steps).standard_normal((steps, 2, 8, 8, 4)).astype(
+                np.float32)
+            noises = iter([torch.from_numpy(d.transpose(0, 3, 1, 2).copy()) for d in draws])
+            monkeypatch.setattr(scheduling_lcm, "randn_tensor",
+                                lambda *a, it=noises, **k: next(it))
+            want = _diffusers(reference, nchw, num_inference_steps=steps, guidance_scale=scale,
+                              **small)
+            got = pipe(PROMPTS, num_steps=steps, guidance_scale=scale, latents=nhwc,
+                       step_noise=draws, use_resolution_binning=False, **small)
+            assert 0.02 < float(want.std()), "a degenerate reference image proves nothing"
+            assert np.abs(got - want).max() <= TOL, (steps, scale)
+            other = pipe(PROMPTS, num_steps=steps, guidance_scale=scale, latents=nhwc,
+                         step_noise=-draws, use_resolution_binning=False, **small)
+            assert np.abs(other - got).max() > 10 * TOL  # the draws are used
+        with pytest.raises(ValueError, match="step_noise of shape"):
+            pipe(PROMPTS, num_steps=3, step_noise=draws, **small)
+        with pytest.raises(ValueError, match="draws no noise"):
+            pipe(PROMPTS, num_steps=2, solver="dpm++2m", step_noise=draws, **small)
+    finally:
+        from diffusers import DPMSolverMultistepScheduler
+        reference.scheduler = DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler")
+
+
 @pytest.fixture(scope="module")
 def sana(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sana")
@@ -92,6 +136,42 @@ def test_sana_pipeline_matches_diffusers(sana):
         assert got.shape == want.shape == (2, 32, 32, 3)
         assert 0.02 < float(want.std()), "a degenerate reference image proves nothing"
         assert np.abs(got - want).max() <= TOL, kwargs
+
+
+@pytest.mark.slow  # the whole pipeline against diffusers; the solver has quick parity tests
+def test_sana_sprint_pipeline_matches_diffusers_given_the_same_draws(tmp_path, monkeypatch):
+    """SANA-Sprint: SANA's prompt features, the guidance scale embedded by the transformer,
+    TrigFlow consistency steps (SCMScheduler) with their noise handed to both sides."""
+    from diffusers.schedulers import scheduling_scm
+
+    reference = tiny_pipelines.sana(tmp_path, sprint=True)
+    pipe = TextToImage.from_pretrained(tmp_path)
+    assert pipe.embeds_guidance and pipe.scheduler.solver == "scm" and pipe.default_steps == 2
+    nchw, nhwc = _latents((2, 8, 8, 8))
+    for steps, scale, extra in ((2, 4.5, {}), (1, 3.0, dict(intermediate_timesteps=None)),
+                                (4, 4.5, dict(intermediate_timesteps=None)),
+                                (2, 4.5, dict(max_timesteps=1.4, intermediate_timesteps=0.9))):
+        draws = np.random.default_rng(steps).standard_normal((steps, 2, 8, 8, 8)).astype(np.float32)
+        noises = iter([torch.from_numpy(d.transpose(0, 3, 1, 2).copy()) for d in draws])
+        monkeypatch.setattr(scheduling_scm, "randn_tensor", lambda *a, it=noises, **k: next(it))
+        want = reference(PROMPTS, latents=nchw, use_resolution_binning=False, output_type="np",
+                         num_inference_steps=steps, guidance_scale=scale, height=32, width=32,
+                         **extra).images
+        options = None
+        if "max_timesteps" in extra:
+            options = {"max_timestep": extra["max_timesteps"],
+                       "intermediate_timestep": extra["intermediate_timesteps"]}
+        got = pipe(PROMPTS, num_steps=steps if steps != 2 else None, guidance_scale=scale,
+                   latents=nhwc, step_noise=draws, height=32, width=32,
+                   use_resolution_binning=False, solver_options=options)
+        assert got.shape == want.shape == (2, 32, 32, 3)
+        assert 0.02 < float(want.std()), "a degenerate reference image proves nothing"
+        assert np.abs(got - want).max() <= TOL, (steps, scale, extra)
+    other = pipe(PROMPTS, guidance_scale=7.0, latents=nhwc, step_noise=draws, height=32,
+                 width=32, use_resolution_binning=False, solver_options=options)
+    assert np.abs(other - got).max() > 10 * TOL  # the embedded guidance scale matters
+    with pytest.raises(ValueError, match="not guided by a negative prompt"):
+        pipe(PROMPTS, negative_prompt="blurry", height=32, width=32)
 
 
 def test_pixart_alpha_1024_layout_with_micro_conditions(tmp_path):

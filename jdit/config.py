@@ -59,12 +59,16 @@ SECTIONS: dict[str, dict[str, Any]] = {
                   prior_batch=0, prior_weight=1.0),
     # Sample grids and ``jdit sample`` / ``jdit eval`` of a trained run (jdit.train.generate).
     "sample": dict(solver="dpm++2m", steps=20, guidance_scale=4.5),
-    # LiT distillation (jdit.models.lit): a frozen teacher workdir; ``inherit`` starts the student
-    # from its weights (``load_attention`` also copies the self-attention where shapes agree);
-    # the loss gains output_weight x |out_T - out_S|^2 (+ variance_weight on learned-sigma
-    # channels). No teacher: no distillation.
-    "distill": dict(teacher="", inherit=False, load_attention=False, output_weight=0.5,
-                    variance_weight=0.05),
+    # Distillation from a frozen teacher workdir (no teacher: none). ``method`` "output" (LiT,
+    # jdit.models.lit): ``inherit`` starts the student from its weights (``load_attention`` also
+    # copies the self-attention where shapes agree); the loss gains output_weight x
+    # |out_T - out_S|^2 (+ variance_weight on learned-sigma channels). "consistency" (LCM,
+    # jdit.train.consistency): a few-step student on a grid of grid_steps noise levels, the
+    # teacher guided at guidance_scale, pseudo-Huber distance huber_c, the EMA as the target
+    # (start it from the teacher with train.init_from).
+    "distill": dict(teacher="", method="output", inherit=False, load_attention=False,
+                    output_weight=0.5, variance_weight=0.05, guidance_scale=3.0, grid_steps=50,
+                    huber_c=0.001),
     # LoRA (jdit.lora): ``rank`` 0 trains every weight; above 0 only low-rank adapters on the
     # Dense kernels ``targets`` select (names of jdit.lora.TARGETS or path regexes) are trained,
     # over the frozen base of ``train.init_from``; ``alpha`` None means ``rank`` (scale 1).
@@ -298,8 +302,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), *,
     ``fill_defaults=False`` returns the file's config as written (overrides still apply)."""
     arg = None
     text = str(path)
-    if not Path(text).is_file() and ":" in Path(text).name:
-        text, _, arg = text.rpartition(":")
+    if not Path(text).is_file() and ".py:" in text:  # the argument may be a path itself
+        text, _, arg = text.partition(".py:")
+        text += ".py"
     path = Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")

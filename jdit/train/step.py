@@ -217,8 +217,20 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
     ``finite=False`` in its metrics.
     """
     train = section("train", cfg["train"])
-    loss_fn = make_loss_fn(module, cfg["diffusion"], float(train["cond_dropout"]), null, teacher,
-                           cfg.get("distill"))
+    distill = section("distill", cfg.get("distill"))
+    consistency = distill["method"] == "consistency"
+    if distill["method"] not in ("output", "consistency"):
+        raise ValueError(f"distill.method must be 'output' or 'consistency', got "
+                         f"{distill['method']!r}")
+    if consistency:
+        from jdit.train.consistency import make_consistency_loss
+
+        if teacher is None:
+            raise ValueError("distill.method='consistency' needs a teacher (distill.teacher)")
+        loss_fn = make_consistency_loss(module, teacher, cfg["diffusion"], distill, null)
+    else:
+        loss_fn = make_loss_fn(module, cfg["diffusion"], float(train["cond_dropout"]), null,
+                               teacher, distill)
     lora_cfg = section("lora", cfg.get("lora"))
     control_cfg = section("control", cfg.get("control"))
     if control_cfg["method"] == "easycontrol":
@@ -234,6 +246,8 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
         loss_fn = controlnet_loss(module, controlnet, cfg["diffusion"],
                                   float(train["cond_dropout"]), null, float(control_cfg["scale"]))
     elif int(lora_cfg["rank"]) > 0:
+        if consistency:
+            raise ValueError("consistency distillation trains every weight (lora.rank 0)")
         loss_fn = lora_loss(loss_fn, float(lora_cfg["dropout"]), bool(lora_cfg["merged"]))
     grad_fn = jax.value_and_grad(loss_fn)
     accumulate = int(train["accumulate"])
@@ -243,6 +257,8 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
     def train_step(state: TrainState, batch: Batch, *base: Any
                    ) -> tuple[TrainState, dict[str, Array]]:
         rng, step_rng = jax.random.split(state.rng)
+        if consistency:  # the target network: the EMA of the student
+            base = (state.ema_params,)
         if accumulate == 1:
             loss, grads = grad_fn(state.params, batch, step_rng, *base)
         else:

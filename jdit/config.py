@@ -65,10 +65,12 @@ SECTIONS: dict[str, dict[str, Any]] = {
     # |out_T - out_S|^2 (+ variance_weight on learned-sigma channels). "consistency" (LCM,
     # jdit.train.consistency): a few-step student on a grid of grid_steps noise levels, the
     # teacher guided at guidance_scale, pseudo-Huber distance huber_c, the EMA as the target
-    # (start it from the teacher with train.init_from).
+    # (start it from the teacher with train.init_from). "scm" (sCM in TrigFlow time, as
+    # SANA-Sprint; flow teachers): sigma_data, τ = arctan(σ / sigma_data) with σ log-normal
+    # (p_mean, p_std), the tangent's second term warming up over tangent_warmup steps.
     "distill": dict(teacher="", method="output", inherit=False, load_attention=False,
                     output_weight=0.5, variance_weight=0.05, guidance_scale=3.0, grid_steps=50,
-                    huber_c=0.001),
+                    huber_c=0.001, sigma_data=0.5, p_mean=-0.8, p_std=1.6, tangent_warmup=100),
     # LoRA (jdit.lora): ``rank`` 0 trains every weight; above 0 only low-rank adapters on the
     # Dense kernels ``targets`` select (names of jdit.lora.TARGETS or path regexes) are trained,
     # over the frozen base of ``train.init_from``; ``alpha`` None means ``rank`` (scale 1).

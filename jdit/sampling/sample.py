@@ -61,10 +61,6 @@ def _check(solver: str, num_steps: int, schedule: Any, prediction: str, eta: flo
         raise ValueError(f"a FlowSchedule with grid={schedule.grid!r} samples with the euler or "
                          f"heun solver (the grid of the scheduler that takes sigmas), not "
                          f"{solver!r}")
-    if solver == "scm" and (schedule.shift != 1.0 or schedule.dynamic):
-        raise ValueError("the scm solver runs its own TrigFlow time grid: pass an unshifted "
-                         "FlowSchedule (shift 1), not one with shift "
-                         f"{'dynamic' if schedule.dynamic else schedule.shift}")
     if prediction not in preds:
         raise ValueError(f"a {kind} serves predictions {preds}, not {prediction!r}")
     if not isinstance(num_steps, int) or num_steps < 1:

@@ -53,11 +53,45 @@ def pseudo_huber(a: Array, b: Array, c: float) -> Array:
     return jnp.sqrt(d + c * c) - c
 
 
+def expand(v: Array, x: Array) -> Array:
+    """Per-example values ``v`` (B,) broadcast against ``x``."""
+    return v.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _conditions(module: nn.Module, batch: Mapping[str, Array], null: tuple[Array, Array] | None
+                ) -> tuple[dict[str, Array], dict[str, Array]]:
+    """The batch's condition and the null one (the teacher's two guidance halves)."""
+    if "labels" in batch:
+        return ({"labels": batch["labels"]},
+                {"labels": jnp.full_like(batch["labels"], module.num_classes)})
+    if null is None:
+        raise ValueError("consistency distillation of a text model needs its null caption "
+                         "(the teacher is classifier-free guided)")
+    b = batch["context"].shape[0]
+    micro = {k: batch[k] for k in ("resolution", "aspect_ratio") if k in batch}
+    cond = {"context": batch["context"], "context_mask": batch["context_mask"], **micro}
+    uncond = {"context": jnp.broadcast_to(null[0], batch["context"].shape),
+              "context_mask": jnp.broadcast_to(null[1], (b, null[1].shape[-1])), **micro}
+    return cond, uncond
+
+
+def _guided(teacher: tuple[nn.Module, Any], w: float, x: Array, t: Array,
+            cond: dict[str, Array], uncond: dict[str, Array]) -> Array:
+    """The teacher's prediction at ``(x, t)``, classifier-free guided at ``w`` (one batched
+    forward of both halves)."""
+    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, uncond)
+    out = teacher[0].apply({"params": teacher[1]}, jnp.concatenate([x, x]),
+                           jnp.concatenate([t, t]), **both)
+    out = out[..., :x.shape[-1]]  # a learned-sigma teacher: its prediction channels
+    c_out, u_out = jnp.split(out, 2)
+    return u_out + w * (c_out - u_out)
+
+
 def make_consistency_loss(module: nn.Module, teacher: tuple[nn.Module, Any],
                           diffusion: Mapping[str, Any], distill: Mapping[str, Any],
                           null: tuple[Array, Array] | None
                           ) -> Callable[..., Array]:
-    """``loss(params, batch, rng, target_params)`` of latent consistency distillation."""
+    """``loss(params, batch, rng, target_params, step)`` of latent consistency distillation."""
     diffusion, distill = section("diffusion", diffusion), section("distill", distill)
     schedule = make_schedule(diffusion)
     steps = int(distill["grid_steps"])
@@ -67,7 +101,6 @@ def make_consistency_loss(module: nn.Module, teacher: tuple[nn.Module, Any],
         raise ValueError(f"distill.grid_steps must be >= 1, got {steps}")
     if c <= 0:
         raise ValueError(f"distill.huber_c must be > 0, got {c}")
-    t_module, t_params = teacher
     flow = isinstance(schedule, FlowSchedule)
     if flow:
         grid = jnp.asarray(flow_grid(schedule, steps), jnp.float32)
@@ -81,32 +114,14 @@ def make_consistency_loss(module: nn.Module, teacher: tuple[nn.Module, Any],
             out=c_out).items()}
 
     def conditions(batch: Mapping[str, Array]) -> tuple[dict[str, Array], dict[str, Array]]:
-        if "labels" in batch:
-            return ({"labels": batch["labels"]},
-                    {"labels": jnp.full_like(batch["labels"], module.num_classes)})
-        if null is None:
-            raise ValueError("consistency distillation of a text model needs its null caption "
-                             "(the teacher is classifier-free guided)")
-        b = batch["context"].shape[0]
-        micro = {k: batch[k] for k in ("resolution", "aspect_ratio") if k in batch}
-        cond = {"context": batch["context"], "context_mask": batch["context_mask"], **micro}
-        uncond = {"context": jnp.broadcast_to(null[0], batch["context"].shape),
-                  "context_mask": jnp.broadcast_to(null[1], (b, null[1].shape[-1])), **micro}
-        return cond, uncond
+        return _conditions(module, batch, null)
 
     def guided_teacher(x: Array, t: Array, cond: dict[str, Array], uncond: dict[str, Array]
                        ) -> Array:
-        both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, uncond)
-        out = t_module.apply({"params": t_params}, jnp.concatenate([x, x]),
-                             jnp.concatenate([t, t]), **both)
-        out = out[..., :x.shape[-1]]  # a learned-sigma teacher: its prediction channels
-        c_out, u_out = jnp.split(out, 2)
-        return u_out + w * (c_out - u_out)
+        return _guided(teacher, w, x, t, cond, uncond)
 
-    def expand(v: Array, x: Array) -> Array:
-        return v.reshape((-1,) + (1,) * (x.ndim - 1))
-
-    def loss(params: Any, batch: Mapping[str, Array], rng: Array, target: Any) -> Array:
+    def loss(params: Any, batch: Mapping[str, Array], rng: Array, target: Any,
+             step: Array | None = None) -> Array:
         x0 = batch["images"].astype(jnp.float32)
         b = x0.shape[0]
         rng_n, rng_e = jax.random.split(rng)
@@ -144,5 +159,80 @@ def make_consistency_loss(module: nn.Module, teacher: tuple[nn.Module, Any],
             f_target = consistency(target, x_prev, p, a_p, jnp.maximum(sg_p, 1e-8))
         f_target = jax.lax.stop_gradient(f_target)
         return jnp.mean(pseudo_huber(f, f_target, c))
+
+    return loss
+
+
+# --- Continuous-time consistency distillation in TrigFlow (sCM; SANA-Sprint) ----------------
+
+def trigflow_velocity(v: Array, y: Array, s: Array) -> Array:
+    """A flow model's velocity ``v = ε − x0`` at the flow state ``y = (1 − s) x0 + s ε`` as the
+    TrigFlow velocity ``F = −sin τ x0 + cos τ ε`` at ``s = sin τ / (cos τ + sin τ)`` (diffusers'
+    SanaSprintPipeline makes the same conversion)."""
+    norm = jnp.sqrt(s**2 + (1 - s) ** 2)
+    return ((1 - 2 * s) * y + (1 - 2 * s + 2 * s**2) * v) / norm
+
+
+def trigflow_model(module: nn.Module, n_train: int, cond: dict[str, Array]
+                   ) -> Callable[[Any, Array, Array], Array]:
+    """``F(params, x / σ_d, τ)``: a jdit flow model seen in TrigFlow time (per-example τ)."""
+    def f(params: Any, x_scaled: Array, tau: Array) -> Array:
+        c, s_ = jnp.cos(tau), jnp.sin(tau)
+        s = s_ / (c + s_)
+        y = x_scaled / expand(c + s_, x_scaled)  # x/σ_d · sqrt(s² + (1 − s)²)
+        v = module.apply({"params": params}, y, s * n_train, **cond)[..., :y.shape[-1]]
+        return trigflow_velocity(v, y, expand(s, y))
+    return f
+
+
+def make_scm_loss(module: nn.Module, teacher: tuple[nn.Module, Any],
+                  diffusion: Mapping[str, Any], distill: Mapping[str, Any],
+                  null: tuple[Array, Array] | None) -> Callable[..., Array]:
+    """``loss(params, batch, rng, target, step)`` of continuous-time consistency distillation
+    (sCD, Lu & Song 2024) of a flow teacher in TrigFlow time, as SANA-Sprint trains.
+
+    The consistency function is ``f = cos τ x − sin τ σ_d F_θ(x/σ_d, τ)``; its derivative along
+    the teacher's ODE (``dx/dτ = σ_d F_teacher``, guided) comes from one ``jax.jvp`` of the
+    student (tangents scaled by ``cos τ sin τ``, as sCM does for stability). The student is
+    pulled by ``‖F_θ − sg(F_θ + g)‖²`` with ``g = −cos²τ (σ_d F_θ − dx/dτ) − r cos τ sin τ
+    (x + σ_d dF_θ/dτ)``, tangent-normalised (``g / (‖g‖_rms + 0.1)``), ``r`` warming up
+    linearly over ``distill.tangent_warmup`` steps. τ = arctan(σ / σ_d) with σ log-normal
+    (``distill.p_mean``, ``distill.p_std``)."""
+    diffusion, distill = section("diffusion", diffusion), section("distill", distill)
+    schedule = make_schedule(diffusion)
+    if not isinstance(schedule, FlowSchedule):
+        raise ValueError("distill.method='scm' distils flow teachers (diffusion.objective "
+                         "'flow'); use 'consistency' for DDPM ones")
+    n_train = schedule.num_train_timesteps
+    w = float(distill["guidance_scale"])
+    sd = float(distill["sigma_data"])
+    p_mean, p_std = float(distill["p_mean"]), float(distill["p_std"])
+    warmup = float(distill["tangent_warmup"])
+
+    def loss(params: Any, batch: Mapping[str, Array], rng: Array, target: Any,
+             step: Array | None = None) -> Array:
+        x0 = batch["images"].astype(jnp.float32) * sd  # TrigFlow data: the flow data × σ_d
+        b = x0.shape[0]
+        rng_t, rng_z = jax.random.split(rng)
+        sigma = jnp.exp(p_mean + p_std * jax.random.normal(rng_t, (b,)))
+        tau = jnp.arctan(sigma / sd)
+        c, s_ = expand(jnp.cos(tau), x0), expand(jnp.sin(tau), x0)
+        x = c * x0 + s_ * sd * jax.random.normal(rng_z, x0.shape)
+        cond, uncond = _conditions(module, batch, null)
+        # the teacher's TrigFlow velocity dx/dτ = σ_d F_teacher, guided
+        s = jnp.sin(tau) / (jnp.cos(tau) + jnp.sin(tau))
+        y = x / sd / (c + s_)
+        v_t = _guided(teacher, w, y, s * n_train, cond, uncond)
+        dxdt = jax.lax.stop_gradient(sd * trigflow_velocity(v_t, y, expand(s, y)))
+        student = trigflow_model(module, n_train, cond)
+        frozen = jax.lax.stop_gradient(params)
+        f_minus, df_dt = jax.jvp(lambda xs, tt: student(frozen, xs, tt), (x / sd, tau),
+                                 (c * s_ * dxdt / sd, jnp.cos(tau) * jnp.sin(tau)))
+        r = 1.0 if warmup <= 0 or step is None else jnp.minimum(1.0, step / warmup)
+        g = -c**2 * (sd * f_minus - dxdt) - r * (c * s_ * x + sd * df_dt)
+        rms = jnp.sqrt(jnp.mean(jnp.square(g), axis=tuple(range(1, g.ndim)), keepdims=True))
+        g = jax.lax.stop_gradient(g / (rms + 0.1))
+        f_theta = student(params, x / sd, tau)
+        return jnp.mean(jnp.square(f_theta - jax.lax.stop_gradient(f_minus) - g))
 
     return loss

@@ -218,16 +218,18 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
     """
     train = section("train", cfg["train"])
     distill = section("distill", cfg.get("distill"))
-    consistency = distill["method"] == "consistency"
-    if distill["method"] not in ("output", "consistency"):
-        raise ValueError(f"distill.method must be 'output' or 'consistency', got "
+    consistency = distill["method"] in ("consistency", "scm")
+    if distill["method"] not in ("output", "consistency", "scm"):
+        raise ValueError(f"distill.method must be 'output', 'consistency' or 'scm', got "
                          f"{distill['method']!r}")
     if consistency:
-        from jdit.train.consistency import make_consistency_loss
+        from jdit.train.consistency import make_consistency_loss, make_scm_loss
 
         if teacher is None:
-            raise ValueError("distill.method='consistency' needs a teacher (distill.teacher)")
-        loss_fn = make_consistency_loss(module, teacher, cfg["diffusion"], distill, null)
+            raise ValueError(f"distill.method={distill['method']!r} needs a teacher "
+                             "(distill.teacher)")
+        make = make_scm_loss if distill["method"] == "scm" else make_consistency_loss
+        loss_fn = make(module, teacher, cfg["diffusion"], distill, null)
     else:
         loss_fn = make_loss_fn(module, cfg["diffusion"], float(train["cond_dropout"]), null,
                                teacher, distill)
@@ -257,8 +259,8 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation,
     def train_step(state: TrainState, batch: Batch, *base: Any
                    ) -> tuple[TrainState, dict[str, Array]]:
         rng, step_rng = jax.random.split(state.rng)
-        if consistency:  # the target network: the EMA of the student
-            base = (state.ema_params,)
+        if consistency:  # the target network (the EMA of the student) and the step
+            base = (state.ema_params, state.step)
         if accumulate == 1:
             loss, grads = grad_fn(state.params, batch, step_rng, *base)
         else:

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from jdit.train.consistency import ddim_grid, flow_grid, make_consistency_loss, pseudo_huber
+from jdit.train.consistency import (
+    ddim_grid,
+    flow_grid,
+    make_consistency_loss,
+    make_scm_loss,
+    pseudo_huber,
+    trigflow_velocity,
+)
 
 C = 3
 
@@ -54,6 +61,40 @@ def test_the_exact_consistency_function_has_zero_loss_and_errors_do_not():
     assert bool(jnp.all(grads["offset"] > 0))  # descending moves the offset back toward 0
 
 
+SCM = {"method": "scm", "guidance_scale": 3.0, "sigma_data": 0.5, "p_mean": -0.8, "p_std": 1.6,
+       "tangent_warmup": 0}
+
+
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_scm_the_exact_consistency_function_has_zero_loss_and_errors_do_not(warmup):
+    """sCD: along the exact ODE the consistency function is constant, so its TrigFlow
+    derivative (from jax.jvp) and with it the whole tangent g vanish; a wrong student has a
+    loss and a gradient."""
+    module = Oracle()
+    params = module.init(jax.random.key(0), jnp.zeros((1, 4, 4, C)), jnp.ones((1,)) * 500.0,
+                         jnp.zeros((1, 3, 2)))["params"]
+    loss = make_scm_loss(module, (module, params), {"objective": "flow"},
+                         {**SCM, "tangent_warmup": warmup}, NULL)
+    exact = float(loss(params, _batch(), jax.random.key(1), params, jnp.int32(3)))
+    assert exact < 1e-8
+    wrong = {"offset": jnp.full((C,), 0.3)}
+    value, grads = jax.value_and_grad(loss)(wrong, _batch(), jax.random.key(1), params,
+                                            jnp.int32(3))
+    assert float(value) > 1e-3 and float(jnp.max(jnp.abs(grads["offset"]))) > 0
+    with pytest.raises(ValueError, match="flow teachers"):
+        make_scm_loss(module, (module, params), {"objective": "ddpm"}, SCM, NULL)
+
+
+def test_trigflow_velocity_of_a_flow_velocity():
+    """F = −sin τ x0 + cos τ ε from v = ε − x0 at the flow state of s = sin τ/(cos τ + sin τ)."""
+    x0, eps = np.random.default_rng(0).standard_normal((2, 5))
+    tau = 0.9
+    s = np.sin(tau) / (np.sin(tau) + np.cos(tau))
+    y = (1 - s) * x0 + s * eps
+    got = trigflow_velocity(jnp.asarray(eps - x0), jnp.asarray(y), s)
+    np.testing.assert_allclose(got, -np.sin(tau) * x0 + np.cos(tau) * eps, rtol=1e-5, atol=1e-6)
+
+
 def test_grids_and_distance():
     from jdit.diffusion import DDPMSchedule, FlowSchedule
 
@@ -88,9 +129,11 @@ def test_the_loss_runs_for_both_teachers_and_needs_what_it_needs(objective):
 
 
 @pytest.mark.slow
-def test_a_student_run_starts_from_its_teacher_and_samples_with_the_lcm_solver(tmp_path):
-    """configs/shapes_tiny_lcm.py at toy size: the student starts as the teacher, trains, and
-    its run samples with 4 unguided steps of the lcm solver (eval reads the run's config)."""
+@pytest.mark.parametrize("method", ["lcm", "scm"])
+def test_a_student_run_starts_from_its_teacher_and_samples_with_its_solver(tmp_path, method):
+    """configs/shapes_tiny_lcm.py / _scm.py at toy size: the student starts as the teacher,
+    trains, and its run samples with its few-step solver, unguided (eval reads the run's
+    config)."""
     from pathlib import Path
 
     from jdit.config import load_config
@@ -103,14 +146,16 @@ def test_a_student_run_starts_from_its_teacher_and_samples_with_the_lcm_solver(t
     teacher = tmp_path / "teacher"
     train(load_config(root / "configs" / "shapes_tiny.py", small + ["train.steps=4"]), teacher,
           quiet=True)
-    cfg = load_config(f"{root / 'configs' / 'shapes_tiny_lcm.py'}:{teacher}",
-                      small + ["train.steps=3", "distill.grid_steps=10"])
-    assert cfg.sample.solver == "lcm" and cfg.sample.guidance_scale == 1.0
+    extra = ["distill.grid_steps=10"] if method == "lcm" else ["distill.tangent_warmup=2"]
+    cfg = load_config(f"{root / 'configs' / f'shapes_tiny_{method}.py'}:{teacher}",
+                      small + ["train.steps=3"] + extra)
+    assert cfg.sample.solver == method and cfg.sample.guidance_scale == 1.0
     metrics = train(cfg, tmp_path / "student", quiet=True)
     assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
     _, t_params, _ = load_trained(teacher)
     run, s_params, step = load_trained(tmp_path / "student", use_ema=False)
-    assert step == 3 and run.config["distill"]["method"] == "consistency"
+    assert step == 3 and run.config["distill"]["method"] == {"lcm": "consistency"}.get(method,
+                                                                                    method)
     moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
                 zip(jax.tree.leaves(s_params), jax.tree.leaves(t_params), strict=True))
     assert 0 < moved < 0.1  # started from the teacher, then trained

@@ -257,6 +257,7 @@ class PixArt(nn.Module):
         block_residuals: Array | None = None,
         _branch: str = "image",
         _condition: Array | None = None,
+        _state: dict[str, Array] | None = None,
     ) -> Array:
         """``control``: conditions' keys and values ((depth, B, L_c, heads, head_dim) each, from
         :meth:`encode_condition`, several concatenated along L_c) that the image tokens'
@@ -286,16 +287,23 @@ class PixArt(nn.Module):
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         cond = dict(param_dtype=self.param_dtype, precision=self.precision)
 
-        embed = PatchEmbed(d, p, name="patch_embed", **common)
-        pos = sincos_pos_embed_2d(d, grid, self.input_size // p, self.pe_interpolation)
-        tokens = embed(x).astype(jnp.float32) + pos
+        staged = _branch in ("rest", "final")  # a step cache's later stages: the front's state
+        if staged and _state is None:
+            raise ValueError(f"PixArt: _branch={_branch!r} needs the front's _state")
+        if not staged:
+            embed = PatchEmbed(d, p, name="patch_embed", **common)
+            pos = sincos_pos_embed_2d(d, grid, self.input_size // p, self.pe_interpolation)
+            tokens = embed(x).astype(jnp.float32) + pos
 
-        temb = TimestepEmbedder(d, name="t_embedder", **cond)(t)
-        if resolution is not None and aspect_ratio is not None:  # micro-conditions (checked)
-            size = TimestepEmbedder(d // 3, out_axis=None, name="resolution_embedder", **cond)
-            ratio = TimestepEmbedder(d // 3, out_axis=None, name="aspect_ratio_embedder", **cond)
-            temb = temb + jnp.concatenate([size(resolution), ratio(aspect_ratio)], axis=-1)
-        t0 = AdaLNModulation(6, d, kernel_init=normal(0.02), name="t_block", **cond)(temb)
+            temb = TimestepEmbedder(d, name="t_embedder", **cond)(t)
+            if resolution is not None and aspect_ratio is not None:  # micro-conditions (checked)
+                size = TimestepEmbedder(d // 3, out_axis=None, name="resolution_embedder", **cond)
+                ratio = TimestepEmbedder(d // 3, out_axis=None, name="aspect_ratio_embedder",
+                                         **cond)
+                temb = temb + jnp.concatenate([size(resolution), ratio(aspect_ratio)], axis=-1)
+            t0 = AdaLNModulation(6, d, kernel_init=normal(0.02), name="t_block", **cond)(temb)
+        else:
+            temb, t0 = _state["temb"], _state["t0"]
 
         shared = dict(
             hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, grid_hw=grid,
@@ -310,13 +318,16 @@ class PixArt(nn.Module):
                                layer_inputs=layer_inputs(control, None, self.depth, b, d))
             return kv
 
-        if self.text_refiner is not None:
-            context, context_mask = TextRefiner(self.text_refiner, name="text_refiner", **common)(
-                context, context_mask, temb)
-        y = Mlp(
-            d, d, in_axis="caption", fc1_init=normal(0.02), fc2_init=normal(0.02),
-            name="caption_projection", **common,
-        )(context)
+        if staged:
+            y, context_mask = _state["y"], _state["mask"]
+        else:
+            if self.text_refiner is not None:
+                context, context_mask = TextRefiner(self.text_refiner, name="text_refiner",
+                                                    **common)(context, context_mask, temb)
+            y = Mlp(
+                d, d, in_axis="caption", fc1_init=normal(0.02), fc2_init=normal(0.02),
+                name="caption_projection", **common,
+            )(context)
         if _branch == "controlnet_inputs":
             if self.scan_layers:
                 raise ValueError("PixArt: a PixArt-δ ControlNet reads the output of block 0 "
@@ -329,11 +340,25 @@ class PixArt(nn.Module):
                                context_mask, t0)
             return {"hidden": first, "condition": embed(_condition).astype(jnp.float32) + pos,
                     "context": y, "context_mask": context_mask, "t0": t0}
-        h = run_blocks(
-            PixArtBlock, self.per_layer(), shared, tokens, y, context_mask, t0,
-            scan=self.scan_layers, remat=self.remat_policy,
-            layer_inputs=layer_inputs(control, block_residuals, self.depth, b, d),
-        )
+        if _branch in ("front", "rest", "final"):  # a step cache (jdit.sampling.cache)
+            if self.scan_layers or control is not None or block_residuals is not None:
+                raise ValueError("PixArt: a step cache runs the blocks in stages: load the "
+                                 "model with scan_layers=False, without control inputs")
+            layers = self.per_layer()
+            if _branch == "front":
+                h = run_blocks(PixArtBlock, layers[:1], shared, tokens, y, context_mask, t0)
+                return {"h": h, "r": h - tokens, "y": y, "mask": context_mask, "t0": t0,
+                        "temb": temb}
+            if _branch == "rest":
+                return run_blocks(PixArtBlock, layers[1:], shared, _state["h"], y, context_mask,
+                                  t0, start=1)
+            h = _state["h"]
+        else:
+            h = run_blocks(
+                PixArtBlock, self.per_layer(), shared, tokens, y, context_mask, t0,
+                scan=self.scan_layers, remat=self.remat_policy,
+                layer_inputs=layer_inputs(control, block_residuals, self.depth, b, d),
+            )
         out = FinalLayer(d, p * p * self.out_channels, "adaln_single", name="final_layer",
                          **common)(h, temb)
         return unpatchify(out.astype(jnp.float32), grid, p, self.out_channels)

@@ -57,6 +57,7 @@ def run_blocks(
     scan: bool = False,
     remat: str = "none",
     layer_inputs: Any = None,
+    start: int = 0,
 ) -> Any:
     """Applies ``len(per_layer)`` blocks to ``x``; call from inside a parent's compact method.
 
@@ -66,8 +67,11 @@ def run_blocks(
     ``i`` as one more argument (e.g. a condition's cached keys and values).
 
     Returns ``x``, or ``(x, ys)`` when the blocks return a ``y`` that is not None: the ``y`` of
-    every block stacked along a new leading axis.
+    every block stacked along a new leading axis. ``start``: the index of the first block in
+    ``per_layer`` (its name; blocks run in stages, unscanned only).
     """
+    if start and scan:
+        raise ValueError("run_blocks: blocks run in stages (start > 0) need scan=False")
     policy = remat_policy(remat)
     cls = block_cls
     if policy is not None:
@@ -89,7 +93,7 @@ def run_blocks(
     ys: list[Any] = []
     if not scan:
         for i, kwargs in enumerate(per_layer):
-            x, y = cls(**shared, **kwargs, name=f"block_{i}")(x, *args, *inputs(i, i))
+            x, y = cls(**shared, **kwargs, name=f"block_{start + i}")(x, *args, *inputs(i, i))
             ys.append(None if y is None else jax.tree.map(lambda a: a[None], y))
     else:
         keys = [tuple(sorted(kw.items())) for kw in per_layer]

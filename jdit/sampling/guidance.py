@@ -34,8 +34,12 @@ class ClassifierFreeGuidance:
     rescale_axis: int | None = None
 
     def __call__(self, x: Array, t: Array, scale: Array | float, *args: Any) -> Array:
-        b = x.shape[0]
         out = self.model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), *args)
+        return self.combine(out, x, t, scale)
+
+    def combine(self, out: Array, x: Array, t: Array, scale: Array | float) -> Array:
+        """The guided prediction from the doubled batch's ``[uncond; cond]`` outputs."""
+        b = x.shape[0]
         uncond, cond = out[:b], out[b:]
         g = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (b,))
         if self.interval is not None:

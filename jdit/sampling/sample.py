@@ -87,12 +87,49 @@ def _check(solver: str, num_steps: int, schedule: Any, prediction: str, eta: flo
 
 @functools.partial(jax.jit, static_argnames=(
     "model_fn", "solver", "num_steps", "schedule", "prediction", "eta", "variance", "trajectory",
-    "options"))
+    "options", "cache"))
 def _sample(model_fn: Callable[..., Array], noise: Array, args: tuple[Any, ...],
             key: Array | None, step_noise: Array | None, *, solver: str, num_steps: int,
             schedule: DDPMSchedule | FlowSchedule, prediction: str, eta: float, variance: str,
-            trajectory: bool, options: tuple[tuple[str, Any], ...]
-            ) -> Array | tuple[Array, Array]:
+            trajectory: bool, options: tuple[tuple[str, Any], ...], cache: Any = None
+            ) -> Any:
+    if cache is not None:
+        return _sample_cached(model_fn, noise, args, key, step_noise, solver=solver,
+                              num_steps=num_steps, schedule=schedule, prediction=prediction,
+                              eta=eta, variance=variance, trajectory=trajectory,
+                              options=options, cache=cache)
+    return _solve(model_fn, noise, args, key, step_noise, solver=solver, num_steps=num_steps,
+                  schedule=schedule, prediction=prediction, eta=eta, variance=variance,
+                  trajectory=trajectory, options=options)
+
+
+def _sample_cached(model_fn: Any, noise: Array, args: tuple[Any, ...], key: Array | None,
+                   step_noise: Array | None, *, cache: Any, **kw: Any) -> Any:
+    """The solver with a step cache's state threaded through its loop; returns (result,
+    stats)."""
+    from jdit.sampling.cache import CachedModel
+
+    cached = CachedModel(model_fn, cache)
+    x = noise.astype(jnp.float32)
+    box = solvers.Threaded(cached.init(x, jnp.zeros((x.shape[0],), jnp.float32), *args))
+
+    def stateful(x: Array, t: Array, *a: Any) -> Array:
+        out, box.value = cached(box.value, x, t, *a)
+        return out
+
+    token = solvers.THREADED.set(box)
+    try:
+        out = _solve(stateful, noise, args, key, step_noise, **kw)
+    finally:
+        solvers.THREADED.reset(token)
+    return out, box.value
+
+
+def _solve(model_fn: Callable[..., Array], noise: Array, args: tuple[Any, ...],
+           key: Array | None, step_noise: Array | None, *, solver: str, num_steps: int,
+           schedule: DDPMSchedule | FlowSchedule, prediction: str, eta: float, variance: str,
+           trajectory: bool, options: tuple[tuple[str, Any], ...]
+           ) -> Array | tuple[Array, Array]:
     x = noise.astype(jnp.float32)
     draw = None
     if step_noise is not None:
@@ -144,7 +181,8 @@ def sample(
     trajectory: bool = False,
     step_noise: Array | None = None,
     solver_options: Mapping[str, Any] | None = None,
-) -> Array | tuple[Array, Array]:
+    cache: Any = None,
+) -> Any:
     """Integrate from ``noise`` (standard normal, NHWC) to a sample, in one jitted program.
 
     ``model_fn(x, t, *args)`` returns the model's prediction for latents ``x`` at timesteps
@@ -175,6 +213,13 @@ def sample(
     i's noise from ``fold_in(key, i)``, or take it from ``step_noise``: (num_steps, *noise.shape)
     standard-normal draws, entry i being the noise drawn at step i (steps that draw none ignore
     theirs), so that a run can be compared with another library given the same draws.
+
+    ``cache`` (:mod:`jdit.sampling.cache`: ``FirstBlockCache``, ``StaticCache``,
+    ``GuidanceCache``, ``MeasureChanges``) skips most of the model on steps where it would
+    change little; ``model_fn`` must then be a ``Staged`` model (or a
+    ``ClassifierFreeGuidance`` of one). The call returns ``(result, stats)``: ``stats``
+    counts model calls (``call``), blocks run (``blocks``, of ``call × depth``) and calls that
+    skipped (``skipped``).
     """
     _check(solver, num_steps, schedule, prediction, eta, variance, key, step_noise, noise)
     options = _options(solver, solver_options, schedule)
@@ -193,4 +238,4 @@ def sample(
     return _sample(model_fn, noise, tuple(args), None if step_noise is not None else key,
                    step_noise, solver=solver, num_steps=num_steps, schedule=schedule,
                    prediction=prediction, eta=float(eta), variance=variance,
-                   trajectory=trajectory, options=options)
+                   trajectory=trajectory, options=options, cache=cache)

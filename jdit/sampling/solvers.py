@@ -7,7 +7,9 @@ XLA when the caller discards them).
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,34 @@ Array = jax.Array
 Model = Callable[[Array, Array], Array]
 # The standard-normal draw of step i, shaped like x: from a key, or from given draws (step_noise)
 Noise = Callable[[Array, Array], Array]
+
+
+class Threaded:
+    """State a model call reads and replaces once per call (a step cache), carried through the
+    solver's loop beside the solver's own state: while :data:`THREADED` holds one, every
+    solver's ``scan`` threads ``value`` through its iterations. Calls outside the loop (Heun's
+    last step) see the loop's final value."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+THREADED: contextvars.ContextVar[Threaded | None] = contextvars.ContextVar("threaded",
+                                                                         default=None)
+
+
+def _scan(step: Callable[..., Any], init: Any, xs: Any) -> tuple[Any, Any]:
+    threaded = THREADED.get()
+    if threaded is None:
+        return jax.lax.scan(step, init, xs)
+
+    def with_state(carry: tuple[Any, Any], x: Any) -> tuple[tuple[Any, Any], Any]:
+        inner, threaded.value = carry
+        inner, y = step(inner, x)
+        return (inner, threaded.value), y
+
+    (out, threaded.value), ys = jax.lax.scan(with_state, (init, threaded.value), xs)
+    return out, ys
 
 
 def _f32(*arrays: np.ndarray) -> tuple[Array, ...]:
@@ -98,7 +128,7 @@ def ddpm(model: Model, x: Array, schedule: DDPMSchedule, num_steps: int, predict
         x = cx0 * x0 + cxt * x + noisy * std * noise(i, x)
         return x, x
 
-    return jax.lax.scan(step, x, xs)
+    return _scan(step, x, xs)
 
 
 def ddim(model: Model, x: Array, schedule: DDPMSchedule, num_steps: int, prediction: str,
@@ -121,7 +151,7 @@ def ddim(model: Model, x: Array, schedule: DDPMSchedule, num_steps: int, predict
             x = x + sd * noise(i, x)
         return x, x
 
-    return jax.lax.scan(step, x, xs)
+    return _scan(step, x, xs)
 
 
 # --- DPM-Solver++ multistep (DPMSolverMultistepScheduler, midpoint, lower_order_final) ------
@@ -207,7 +237,7 @@ def dpm(model: Model, x: Array, schedule: DDPMSchedule | FlowSchedule, num_steps
         return (x, m0, m1), x
 
     zeros = jnp.zeros_like(x)
-    (x, _, _), path = jax.lax.scan(step, (x, zeros, zeros), xs)
+    (x, _, _), path = _scan(step, (x, zeros, zeros), xs)
     return x, path
 
 
@@ -249,7 +279,7 @@ def euler(model: Model, x: Array, schedule: DDPMSchedule | FlowSchedule, num_ste
         x = x + derivative(model, x, t, sigma, prediction) * (sigma_next - sigma)
         return x, x
 
-    return jax.lax.scan(step, x * init_sigma, xs)
+    return _scan(step, x * init_sigma, xs)
 
 
 def heun(model: Model, x: Array, schedule: DDPMSchedule | FlowSchedule, num_steps: int,
@@ -266,7 +296,7 @@ def heun(model: Model, x: Array, schedule: DDPMSchedule | FlowSchedule, num_step
         x = x + 0.5 * (d1 + d2) * dt
         return x, x
 
-    x, path = jax.lax.scan(step, x * init_sigma, xs)
+    x, path = _scan(step, x * init_sigma, xs)
     t_last, s_last = _f32(ts[-1:], sig[-2:-1])
     x = x - derivative(model, x, t_last[0], s_last[0], prediction) * s_last[0]
     return x, jnp.concatenate([path, x[None]])
@@ -381,7 +411,7 @@ def sa_solver(model: Model, x: Array, schedule: DDPMSchedule, num_steps: int, pr
 
     zeros = jnp.zeros_like(x)
     init = (x, zeros, zeros, jnp.zeros((hist_len,) + x.shape, x.dtype))
-    (x, _, _, _), path = jax.lax.scan(step, init, xs)
+    (x, _, _, _), path = _scan(step, init, xs)
     return x, path
 
 
@@ -418,7 +448,7 @@ def lcm(model: Model, x: Array, schedule: DDPMSchedule, num_steps: int, predicti
         x = alpha_next * denoised + sigma_next * noise(i, x)
         return x, x
 
-    return jax.lax.scan(step, x, xs)
+    return _scan(step, x, xs)
 
 
 def flow_lcm(model: Model, x: Array, schedule: FlowSchedule, num_steps: int, prediction: str,
@@ -436,7 +466,7 @@ def flow_lcm(model: Model, x: Array, schedule: FlowSchedule, num_steps: int, pre
         x = (1 - sigma_next) * x0 + sigma_next * noise(i, x)
         return x, x
 
-    return jax.lax.scan(step, x, xs)
+    return _scan(step, x, xs)
 
 
 # --- Continuous-time consistency, TrigFlow (SCMScheduler: SANA-Sprint) -----------------------
@@ -483,5 +513,5 @@ def scm(model: Model, x: Array, schedule: FlowSchedule, num_steps: int, predicti
         x = c_next * x0 + s_next * sigma_data * noise(i, x)  # the last step: x0 itself
         return x, x / sigma_data
 
-    x, path = jax.lax.scan(step, x * sigma_data, xs)
+    x, path = _scan(step, x * sigma_data, xs)
     return x / sigma_data, path

@@ -36,7 +36,13 @@ _BASE_ONLY = ("blocks.", "final_layer.")  # the base's own weights in an officia
 
 def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     fields = sana.config_from_diffusers(cfg)
-    for k in ("out_channels",):
+    if fields["guidance_embeds"]:
+        raise ValueError("diffusers SANA ControlNet config: guidance_embeds (SANA-Sprint's "
+                         "ControlNet) is not supported")
+    if fields["timestep_scale"] != 1.0:
+        raise ValueError(f"diffusers SANA ControlNet config: timestep_scale "
+                         f"{fields['timestep_scale']} is not supported (expected 1.0)")
+    for k in ("out_channels", "guidance_embeds", "guidance_embeds_scale", "timestep_scale"):
         fields.pop(k)
     fields["depth"] = config_int(cfg, "num_layers", 7)
     return fields

@@ -92,6 +92,9 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
 
     guided = ClassifierFreeGuidance(model_fn)
     cache: dict[Any, Callable[..., jax.Array]] = {}
+    staged: list[Any] = []  # the model in stages, built once (a step cache's sampler)
+    # a step cache's counts, summed over calls (generate.cache_stats; see jdit.sampling.cache)
+    cache_stats: dict[str, Any] = {"calls": 0, "blocks": 0, "blocks_uncached": 0, "skipped": 0}
 
     attend_each_other = bool(control_cfg["attend_each_other"])
 
@@ -122,10 +125,30 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
         jitted = cache[sig]
         return lambda scale, params, noise, *cond: jitted(scale, params, noise, key, *cond)
 
+    def cached_sample(noise: jax.Array, args: tuple[Any, ...], step_cache: Any,
+                      **run: Any) -> jax.Array:
+        from jdit.sampling.cache import staged_text_model
+
+        if task.kind != "text" or controlled or len(args) != 4:
+            raise ValueError("a step cache samples text-conditioned runs without control")
+        if not staged:
+            staged.append(ClassifierFreeGuidance(staged_text_model(module)))
+        out, stats = sample(staged[0], noise, args=args, cache=step_cache, **run)
+        depth = int(module.depth)
+        cache_stats["calls"] += int(stats["call"])
+        cache_stats["blocks"] += int(stats["blocks"])
+        cache_stats["blocks_uncached"] += int(stats["call"]) * depth
+        cache_stats["skipped"] += int(stats["skipped"])
+        if "changes" in stats:  # MeasureChanges: the last call's per-step changes
+            cache_stats["changes"] = np.asarray(stats["changes"]).tolist()
+        return out
+
     def generate(params: Any, conditions: Mapping[str, np.ndarray], seed: int,
                  guidance_scale: float | None = None, solver: str | None = None,
                  num_steps: int | None = None, raw: bool = False,
-                 hw: tuple[int, int] | None = None) -> np.ndarray:
+                 hw: tuple[int, int] | None = None, step_cache: Any = None) -> np.ndarray:
+        """``step_cache``: a :mod:`jdit.sampling.cache` cache (text runs, one device); its
+        counts add up in ``generate.cache_stats``."""
         finish = (lambda x: x) if raw else to_images
         if task.kind == "text":
             b = len(conditions["context"])
@@ -164,6 +187,9 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
         run = dict(solver=solver or defaults["solver"],
                    num_steps=int(num_steps or defaults["steps"]), schedule=schedule,
                    prediction=prediction, key=jax.random.fold_in(key, 1))
+        if step_cache is not None:
+            out = cached_sample(noise, (jnp.float32(scale), params) + args, step_cache, **run)
+            return finish(np.asarray(out))
         if partitioner is None:
             out = sample(guided, noise, args=(jnp.float32(scale), params) + args, **run)
             return finish(np.asarray(out))
@@ -176,4 +202,5 @@ def make_generator(module: nn.Module, task: Any, config: Mapping[str, Any],
                           *(jax.tree.map(np.asarray, a) for a in args))
         return finish(np.asarray(out.addressable_data(0)))
 
+    generate.cache_stats = cache_stats  # type: ignore[attr-defined]
     return generate

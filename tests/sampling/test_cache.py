@@ -110,3 +110,25 @@ def test_bad_caches_are_refused(model):
         fn = lambda x, t, p, c, k: m.apply({"params": p}, x, t, context=c, context_mask=k)  # noqa: E731
         sample(fn, noise, solver="dpm++2m", num_steps=4, schedule=DDPMSchedule.linear(),
                args=(params, ctx[2:], mask[2:]), cache=FirstBlockCache(0.1))
+
+
+def test_a_runs_generator_samples_with_a_step_cache():
+    """``generate(..., step_cache=)`` of a shapes run: its counts add up per call."""
+    from pathlib import Path
+
+    from jdit.config import load_config
+    from jdit.train.loop import Run
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "configs" / "shapes_tiny.py", [
+        "model.hidden_size=32", "model.depth=3", "model.num_heads=2",
+        "model.caption_channels=16", "data.text_dim=16", "train.batch_size=8"])
+    run = Run(cfg)
+    params = run.init_state().params
+    conds = run.task.encode(["a red circle in the top left", "a blue square in the center"])
+    plain = run.generate(params, conds, seed=0, num_steps=4)
+    same = run.generate(params, conds, seed=0, num_steps=4, step_cache=FirstBlockCache(1e-9))
+    np.testing.assert_allclose(same, plain, atol=1e-4)
+    assert run.generate.cache_stats["blocks"] == run.generate.cache_stats["blocks_uncached"] == 12
+    run.generate(params, conds, seed=0, num_steps=4, step_cache=GuidanceCache(2))
+    assert run.generate.cache_stats["calls"] == 8

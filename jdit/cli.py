@@ -335,6 +335,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "control": ("control", "EasyControl sampling step: with the condition cache vs without"),
     "lit": ("lit", "LiT: a distilled linear-attention student against its PixArt teacher"),
     "llm": ("llm", "LI-DiT at toy scale: LLM prompt features, raw vs refined (shapes)"),
+    "step-cache": ("step_cache", "sampling with step caches vs without (random PixArt, CPU)"),
 }
 
 

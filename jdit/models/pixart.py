@@ -63,6 +63,7 @@ class PixArtBlock(nn.Module):
     attention_impl: str = "xla"
     branch: str = "image"  # | "condition"
     emit_hidden: bool = False  # also return the output (a ControlNet's per-block states)
+    perturbed: bool = False  # PAG: the rows layer["perturb"] marks get identity self-attention
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     precision: jax.lax.Precision | None = None
@@ -73,7 +74,8 @@ class PixArtBlock(nn.Module):
         layer: dict[str, Any] | None = None,
     ) -> tuple[Array, Any]:
         """``layer``: this block's own inputs: ``control`` (conditions' keys and values, or
-        linear-attention state) and ``residual`` (a ControlNet's, added to the output)."""
+        linear-attention state), ``residual`` (a ControlNet's, added to the output) and
+        ``perturb`` (B,) (perturbed-attention guidance's rows, in ``perturbed`` blocks)."""
         layer = layer or {}
         control = layer.get("control")
         d, dt = self.hidden_size, self.dtype
@@ -93,7 +95,8 @@ class PixArtBlock(nn.Module):
                 self.num_heads, d // self.num_heads, qk_norm=self.qk_norm,
                 kv_compress=self.kv_compress, kv_compress_ratio=self.kv_compress_ratio,
                 grid_hw=self.grid_hw, attention_impl=self.attention_impl, name="attn", **common,
-            )(h, extra_kv=control, return_kv=self.branch == "condition")
+            )(h, extra_kv=control, return_kv=self.branch == "condition",
+              identity=layer.get("perturb") if self.perturbed else None)
         kv = None
         if self.branch == "condition":
             h, kv = h
@@ -144,6 +147,9 @@ class PixArt(nn.Module):
     # LiT: ReLU linear self-attention instead of softmax, with its own (few) heads and a
     # depthwise conv on V; every other weight is PixArt's (jdit.models.lit.inherit)
     self_attention: str = "softmax"  # "softmax" | "linear"
+    # perturbed-attention guidance (PAG): blocks whose self-attention is the identity for the
+    # rows ``perturb`` marks (a sampling setting: the pipeline clones the model with it)
+    pag_layers: tuple[int, ...] = ()
     linear_heads: int | None = None
     linear_v_conv: int = 0
     # LI-DiT's refiner of LLM prompt features (jdit.nn.text_refiner); a dict in configs
@@ -159,11 +165,26 @@ class PixArt(nn.Module):
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
+    def _layer_inputs(self, control: Any, residuals: Any, perturb: Array | None, b: int
+                      ) -> dict[str, Any] | None:
+        inputs = layer_inputs(control, residuals, self.depth, b, self.hidden_size)
+        if perturb is None:
+            return inputs
+        if not self.pag_layers:
+            raise ValueError("PixArt: perturb= needs pag_layers (the blocks to perturb)")
+        if any(not 0 <= i < self.depth for i in self.pag_layers):
+            raise ValueError(f"PixArt: pag_layers {self.pag_layers} outside the model's "
+                             f"{self.depth} blocks")
+        check_vector("PixArt", "perturb", perturb, (b,))
+        return {**(inputs or {}),
+                "perturb": jnp.broadcast_to(perturb.astype(bool), (self.depth, b))}
+
     def per_layer(self) -> list[dict[str, Any]]:
-        """Block settings that vary with depth (the KV-compression ratio)."""
+        """Block settings that vary with depth (the KV-compression ratio, PAG's layers)."""
         layers = set(self.kv_compress_layers) if self.kv_compress else set()
         return [
-            {"kv_compress_ratio": self.kv_compress_ratio if i in layers else 1}
+            {"kv_compress_ratio": self.kv_compress_ratio if i in layers else 1,
+             **({"perturbed": True} if i in self.pag_layers else {})}
             for i in range(self.depth)
         ]
 
@@ -258,11 +279,14 @@ class PixArt(nn.Module):
         _branch: str = "image",
         _condition: Array | None = None,
         _state: dict[str, Array] | None = None,
+        perturb: Array | None = None,
     ) -> Array:
         """``control``: conditions' keys and values ((depth, B, L_c, heads, head_dim) each, from
         :meth:`encode_condition`, several concatenated along L_c) that the image tokens'
         self-attention sees beside their own; ``block_residuals`` (depth, B, L, hidden): a
-        ControlNet's, added to each block's output. None is the plain model, bit for bit."""
+        ControlNet's, added to each block's output. None is the plain model, bit for bit.
+        ``perturb`` (B,) bool: the rows whose self-attention in the ``pag_layers`` blocks is the
+        identity (perturbed-attention guidance's perturbed branch)."""
         self.check_config()
         condition = _branch == "condition"
         grid = check_latents("PixArt", x, self.in_channels, self.patch_size)
@@ -357,7 +381,7 @@ class PixArt(nn.Module):
             h = run_blocks(
                 PixArtBlock, self.per_layer(), shared, tokens, y, context_mask, t0,
                 scan=self.scan_layers, remat=self.remat_policy,
-                layer_inputs=layer_inputs(control, block_residuals, self.depth, b, d),
+                layer_inputs=self._layer_inputs(control, block_residuals, perturb, b),
             )
         out = FinalLayer(d, p * p * self.out_channels, "adaln_single", name="final_layer",
                          **common)(h, temb)

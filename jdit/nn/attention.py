@@ -236,6 +236,9 @@ class SelfAttention(nn.Module):
     ``extra_kv`` (k, v), each (B, L', H, D): keys and values appended to the tokens' own (after
     compression), e.g. a control condition's (:mod:`jdit.control`); ``return_kv``: also return
     the tokens' own (k, v), before compression (so that every block's have one length).
+    ``identity`` (B,) bool: rows whose attention is the identity map (each token attends only
+    to itself: the output projection of its own value), perturbed-attention guidance's
+    perturbed branch.
     """
 
     num_heads: int
@@ -251,7 +254,8 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, extra_kv: tuple[Array, Array] | None = None,
-                 return_kv: bool = False) -> Array | tuple[Array, tuple[Array, Array]]:
+                 return_kv: bool = False, identity: Array | None = None
+                 ) -> Array | tuple[Array, tuple[Array, Array]]:
         b, n, width = x.shape
         heads, hd = self.num_heads, self.head_dim
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
@@ -278,6 +282,8 @@ class SelfAttention(nn.Module):
         q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
         o = constrain(dot_product_attention(q, k, v, impl=self.attention_impl,
                                             precision=self.precision), Q_NAMES)
+        if identity is not None:  # PAG: the perturbed rows' tokens see only themselves
+            o = jnp.where(identity.reshape(b, 1, 1, 1), own[1].astype(o.dtype), o)
         out = Dense(width, ("heads", "kv"), ("embed",), name="out", **common)(o)
         return (out, own) if return_kv else out
 

@@ -23,6 +23,7 @@ autoencoder is a DC-AE (32× down, 32 channels).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +40,7 @@ from jdit.pipelines import hub
 from jdit.pipelines.arguments import check_generation, check_latents, check_size
 from jdit.pipelines.output import resize_and_crop, to_output
 from jdit.pipelines.schedulers import SamplerSpec, from_diffusers_config
-from jdit.sampling import ClassifierFreeGuidance, sample
+from jdit.sampling import ClassifierFreeGuidance, PerturbedAttentionGuidance, sample
 from jdit.sampling.sample import STOCHASTIC
 
 Array = jax.Array
@@ -88,6 +89,9 @@ PIPELINE_CLASSES["Lumina2Pipeline"] = {
 CONTROLNET_PIPELINES = {"SanaControlNetPipeline": "SanaPipeline",
                         "PixArtAlphaControlnetPipeline": "PixArtAlphaPipeline"}
 PIPELINE_CLASSES.update({k: PIPELINE_CLASSES[v] for k, v in CONTROLNET_PIPELINES.items()})
+# PixArt-Σ with perturbed-attention guidance (diffusers' PixArtSigmaPAGPipeline): its defaults
+PIPELINE_CLASSES["PixArtSigmaPAGPipeline"] = {**PIPELINE_CLASSES["PixArtSigmaPipeline"],
+                                              "pag_scale": 3.0, "pag_layers": (1,)}
 # SANA-Sprint: SANA's prompts, the guidance scale embedded by the transformer (no classifier-free
 # guidance, no negative prompt), two TrigFlow consistency steps by default, 1024 px bins only
 PIPELINE_CLASSES["SanaSprintPipeline"] = {**PIPELINE_CLASSES["SanaPipeline"], "bins": {32: 1024},
@@ -155,6 +159,8 @@ class TextToImage:
     cfg_normalization: bool = False
     cfg_trunc_ratio: float = 1.0
     default_steps: int = 20  # num_steps when a call does not say (SANA-Sprint's pipeline: 2)
+    # perturbed-attention guidance when a call does not say (PixArtSigmaPAGPipeline: 3.0, [1])
+    default_pag: tuple[float, tuple[int, ...]] = (0.0, ())
 
     def __post_init__(self) -> None:
         self._compiled: dict[Any, Any] = {}
@@ -236,7 +242,8 @@ class TextToImage:
         return cls(transformer, t_params, encoder, e_params, tokenizer, vae, v_params,
                    scheduler, spec["max_sequence_length"], spec["bins"], mesh,
                    spec["instruction"], controlnet, c_params,
-                   default_steps=spec.get("num_steps", 20))
+                   default_steps=spec.get("num_steps", 20),
+                   default_pag=(spec.get("pag_scale", 0.0), spec.get("pag_layers", ())))
 
     # -- control (jdit.control) -------------------------------------------------------------
 
@@ -423,7 +430,7 @@ class TextToImage:
                 np.asarray(tokens["attention_mask"], np.int32))
 
     def _denoise_fn(self, x: Array, t: Array, params: Any, ctx: Array, mask: Array,
-                    extra: dict[str, Any], *micro: Array) -> Array:
+                    extra: dict[str, Any], *micro: Array, module: Any = None) -> Array:
         """``extra``: a condition cache (``control``, EasyControl) or a ControlNet's parameters,
         condition latents and scale (``controlnet``), run at every step."""
         kwargs: dict[str, Any] = {}
@@ -433,6 +440,8 @@ class TextToImage:
             kwargs["control"] = extra["control"]
         if "guidance" in extra:  # a model that embeds the guidance scale (SANA-Sprint)
             kwargs["guidance"] = extra["guidance"]
+        if "perturb" in extra:  # perturbed-attention guidance's rows
+            kwargs["perturb"] = extra["perturb"]
         if "controlnet" in extra:
             from jdit.control.controlnet import residuals
 
@@ -440,30 +449,41 @@ class TextToImage:
             kwargs["block_residuals"] = residuals(
                 self.controlnet, cn["params"], self.transformer, params, x, t, ctx, mask,
                 cn["condition"], cn["scale"], **kwargs)
-        return self.transformer.apply({"params": params}, x, t, context=ctx, context_mask=mask,
-                                      **kwargs)
+        return (module or self.transformer).apply({"params": params}, x, t, context=ctx,
+                                                  context_mask=mask, **kwargs)
 
     def _program(self, solver: str, num_steps: int, guided: bool, spec: SamplerSpec,
                  decode: bool, tiling: tuple[str, int] | None = None, control: str = "",
                  drops: tuple[tuple[int, int], ...] = (), cfg: tuple[bool, float] = (False, 1.0),
-                 options: tuple[tuple[str, Any], ...] = ()) -> Any:
+                 options: tuple[tuple[str, Any], ...] = (),
+                 pag: tuple[tuple[int, ...], float] | None = None) -> Any:
         """encode → sample → decode, jitted once per static signature. ``control``:
         ``"easycontrol"`` (condition branches run once, their cache carried into the sampler),
         ``"controlnet"`` (the ControlNet runs at every step) or ``""``. ``drops``: with
         ``text_encoders``, each one's instruction positions (prompt, negative prompt);
-        ``cfg``: (normalisation, truncation ratio) of the guidance; ``options``: the solver's."""
-        sig = (solver, num_steps, guided, spec, decode, tiling, control, drops, cfg, options)
+        ``cfg``: (normalisation, truncation ratio) of the guidance; ``options``: the solver's;
+        ``pag``: perturbed-attention guidance's (blocks, adaptive scale)."""
+        sig = (solver, num_steps, guided, spec, decode, tiling, control, drops, cfg, options, pag)
         if sig in self._compiled:
             return self._compiled[sig]
         model_fn: Any = self._denoise_fn
-        if guided:
+        if pag is not None:
+            if control or self.text_encoders is not None or cfg != (False, 1.0):
+                raise ValueError("perturbed-attention guidance goes with plain text-to-image "
+                                 "sampling (no control, LLM encoders or CFG normalisation)")
+            perturbed = self.transformer.clone(pag_layers=pag[0])
+            model_fn = PerturbedAttentionGuidance(
+                functools.partial(self._denoise_fn, module=perturbed), cfg=guided,
+                adaptive=pag[1])
+        elif guided:
             model_fn = ClassifierFreeGuidance(
                 self._denoise_fn, interval=guidance_interval(spec, solver, num_steps, cfg[1]),
                 rescale_axis=2 if cfg[0] else None)  # NHWC's W: the last axis of diffusers' NCHW
 
         def run(params: dict[str, Any], ids: Any, mask: Any, neg_ids: Any,
                 neg_mask: Any, noise: Array, scale: Array, micro: tuple[Array, ...],
-                key: Array, conditions: dict[str, Any], step_noise: Array | None) -> Array:
+                key: Array, conditions: dict[str, Any], step_noise: Array | None,
+                pag_scale: Array) -> Array:
             extra = self._control_inputs(params, conditions, control, micro, guided)
             if self.embeds_guidance:
                 extra = {**extra, "guidance": jnp.full((noise.shape[0],), scale, jnp.float32)}
@@ -485,10 +505,21 @@ class TextToImage:
                 else:
                     neg = encode({"params": params["text_encoder"]}, neg_ids, neg_mask)
                 ctx, mask = jnp.concatenate([neg, ctx]), jnp.concatenate([neg_mask, mask])
-                micro = tuple(jnp.concatenate([m, m]) for m in micro)
-                args: tuple[Any, ...] = (scale, params["transformer"], ctx, mask, extra, *micro)
+                if pag is None:
+                    micro = tuple(jnp.concatenate([m, m]) for m in micro)
+                    args: tuple[Any, ...] = (scale, params["transformer"], ctx, mask, extra,
+                                             *micro)
             else:
                 args = (params["transformer"], ctx, mask, extra, *micro)
+            if pag is not None:  # [uncond;] cond; perturbed (the cond's prompt, identity attn)
+                b = noise.shape[0]
+                n = 3 if guided else 2
+                # ctx is [negative; prompt] when guided: append the prompt once more
+                ctx, mask = jnp.concatenate([ctx, ctx[-b:]]), jnp.concatenate([mask, mask[-b:]])
+                micro = tuple(jnp.concatenate([m] * n) for m in micro)
+                perturb = jnp.arange(n * b) >= (n - 1) * b
+                args = (scale, pag_scale, params["transformer"], ctx, mask,
+                        {**extra, "perturb": perturb}, *micro)
             latents = sample(model_fn, noise, solver=solver, num_steps=num_steps,
                              schedule=spec.schedule, prediction=spec.prediction,
                              variance=spec.variance, args=args, solver_options=dict(options),
@@ -591,6 +622,36 @@ class TextToImage:
 
     # -- generation ------------------------------------------------------------------------
 
+    def _pag_settings(self, scale: float | None, layers: Sequence[int | str] | None,
+                      adaptive: float) -> tuple[tuple[int, ...], float] | None:
+        """(blocks, adaptive scale) of perturbed-attention guidance, or None when it is off."""
+        scale = self.default_pag[0] if scale is None else scale
+        if not isinstance(scale, int | float) or not np.isfinite(scale) or scale < 0:
+            raise ValueError(f"pag_scale must be a finite number >= 0, got {scale!r}")
+        if scale == 0:
+            return None
+        raw = self.default_pag[1] if layers is None else layers
+        if isinstance(raw, str | int):
+            raw = [raw]
+        blocks = []
+        for layer in raw:
+            text = str(layer)
+            index = text.rsplit(".", 1)[-1] if text.startswith("blocks.") else text
+            if not index.isdigit():
+                raise ValueError(f"pag_applied_layers: {layer!r} is not a block index or "
+                                 f"'blocks.N'")
+            blocks.append(int(index))
+        depth = int(getattr(self.transformer, "depth", 0))
+        if not blocks or any(i >= depth for i in blocks):
+            raise ValueError(f"pag_applied_layers {list(raw)}: expected block indices below the "
+                             f"transformer's {depth}")
+        if "pag_layers" not in {f.name for f in dataclasses.fields(self.transformer)}:
+            raise ValueError(f"perturbed-attention guidance needs a PixArt transformer, not "
+                             f"{type(self.transformer).__name__}")
+        if not np.isfinite(adaptive) or adaptive < 0:
+            raise ValueError(f"pag_adaptive_scale must be >= 0, got {adaptive!r}")
+        return tuple(sorted(set(blocks))), float(adaptive)
+
     @property
     def embeds_guidance(self) -> bool:
         """The transformer takes the guidance scale as an input (SANA-Sprint) instead of
@@ -610,7 +671,9 @@ class TextToImage:
                  cfg_normalization: bool | None = None, cfg_trunc_ratio: float | None = None,
                  step_noise: Array | np.ndarray | None = None,
                  solver_options: dict[str, Any] | None = None,
-                 timesteps: Sequence[int] | None = None
+                 timesteps: Sequence[int] | None = None, pag_scale: float | None = None,
+                 pag_applied_layers: Sequence[int | str] | None = None,
+                 pag_adaptive_scale: float = 0.0
                  ) -> np.ndarray | list[Any]:
         """Images for ``prompts``: ``np`` (B, H, W, 3) float32 in [0, 1], ``pil`` a list of
         PIL images, or ``latent`` the final latents (B, h, w, C), NHWC. ``num_steps`` defaults
@@ -646,7 +709,13 @@ class TextToImage:
         (:data:`jdit.sampling.sample.SOLVER_OPTIONS`; e.g. SANA-Sprint's ``max_timestep`` and
         ``intermediate_timestep``: the diffusers pipeline's ``max_timesteps`` and
         ``intermediate_timesteps``). ``timesteps``: a custom descending grid for the ``ddpm``
-        solver, one per step (diffusers' ``timesteps=``; PixArt-DMD: ``[400]``, one step)."""
+        solver, one per step (diffusers' ``timesteps=``; PixArt-DMD: ``[400]``, one step).
+
+        ``pag_scale`` > 0 adds perturbed-attention guidance (diffusers' PAG pipelines; PixArt):
+        a third branch, the prompt's, with identity self-attention in the blocks
+        ``pag_applied_layers`` (ints, or diffusers' ``"blocks.14"``), guiding by ``pag_scale ×
+        (cond − perturbed)``, lowered by ``pag_adaptive_scale × (1000 − t)`` (never below 0).
+        Defaults: the pipeline's (``PixArtSigmaPAGPipeline``: 3.0 at block 1; others: off)."""
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r}")
         if vae_tiling not in (None, "blended", "exact"):
@@ -723,13 +792,16 @@ class TextToImage:
                                  f"is for the stochastic solvers ({', '.join(STOCHASTIC)})")
             step_noise = check_latents(step_noise, (int(num_steps), *shape), "step_noise")
         guided = guidance_scale > 1.0 and not self.embeds_guidance
+        pag = self._pag_settings(pag_scale, pag_applied_layers, pag_adaptive_scale)
+        pag_scale = self.default_pag[0] if pag_scale is None else pag_scale
         tiling = None if vae_tiling is None else (vae_tiling, int(vae_tile))
         kind, conditions = self._conditions(control_image, control_scale, control_adapters,
                                             control_size, len(texts), height, width)
         options = dict(spec.options) if chosen == spec.solver else {}
         options = tuple(sorted({**options, **(solver_options or {})}.items()))
         run = self._program(chosen, int(num_steps), guided, spec, output_type != "latent", tiling,
-                            kind, drops, (cfg_normalization, float(cfg_trunc_ratio)), options)
+                            kind, drops, (cfg_normalization, float(cfg_trunc_ratio)), options,
+                            pag)
         params = {"transformer": self._transformer_params(),
                   "text_encoder": self.text_encoder_params,
                   "vae": self.vae_params}
@@ -742,7 +814,8 @@ class TextToImage:
         out = run(params, *batch, jnp.float32(guidance_scale),
                   tuple(self._batch_sharded(m) for m in micro),
                   jax.random.fold_in(jax.random.key(seed), 1),  # the stochastic solvers' noise
-                  conditions, None if step_noise is None else self._batch_sharded(step_noise, 1))
+                  conditions, None if step_noise is None else self._batch_sharded(step_noise, 1),
+                  jnp.float32(pag_scale))
         if output_type == "latent":
             return np.asarray(out)
         if use_resolution_binning and (height, width) != orig:

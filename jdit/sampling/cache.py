@@ -148,6 +148,8 @@ class CachedModel:
         if self.block is None:
             return self.staged.rest(h, st, *xt, *rest), state, jnp.int32(depth)
         first = state["call"] == 0
+        if share is not None:  # a conditional-only call: the cache holds the doubled batch
+            return self.staged.rest(h, st, *xt, *rest), state, jnp.int32(depth)
         if isinstance(self.block, MeasureChanges):
             change = jnp.where(first, jnp.inf, relative_change(r, state["r"]))
             state = {**state, "changes": state["changes"].at[state["call"]].set(change)}
@@ -159,12 +161,9 @@ class CachedModel:
             skip = ~first & table[jnp.minimum(state["call"], len(table) - 1)]
             if not self.block.reuse:
                 skip = jnp.zeros((), jnp.bool_)
-        if share is not None:  # a conditional-only call: the cache holds the doubled batch
-            skip = jnp.zeros((), jnp.bool_)
         out = jax.lax.cond(skip, lambda: h + state["rest"],
                            lambda: self.staged.rest(h, st, *xt, *rest))
-        if share is None:
-            state = {**state, "r": r, "rest": out - h}
+        state = {**state, "r": r, "rest": out - h}
         return out, state, jnp.where(skip, 1, depth).astype(jnp.int32)
 
     def __call__(self, state: dict[str, Any], x: Array, t: Array, *args: Any

@@ -53,3 +53,42 @@ class ClassifierFreeGuidance:
             rescaled = guided * (norm(cond[..., :c]) / norm(guided))
             guided = jnp.where(g == 1.0, guided, rescaled)  # unguided steps stay the cond's
         return jnp.concatenate([guided, cond[..., c:]], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerturbedAttentionGuidance:
+    """Perturbed-attention guidance (Ahn et al., 2024; diffusers' PAG pipelines), with or
+    without classifier-free guidance: ``fn(x, t, scale, pag_scale, *args)``.
+
+    ``model_fn`` runs the batch ``[uncond; cond; perturbed]`` (``cfg=True``) or ``[cond;
+    perturbed]``, the perturbed rows being the conditional ones with identity self-attention in
+    the chosen blocks (the caller arranges the conditioning and marks them). The result is
+    ``uncond + scale (cond − uncond) + s (cond − perturbed)`` (without CFG: ``cond + s (cond −
+    perturbed)``) on the first ``x.shape[-1]`` channels, where ``s = pag_scale`` or, with
+    ``adaptive > 0``, ``max(pag_scale − adaptive (1000 − t), 0)`` (t in model timesteps).
+    """
+
+    model_fn: Callable[..., Array]
+    cfg: bool = True
+    adaptive: float = 0.0
+
+    def __call__(self, x: Array, t: Array, scale: Array | float, pag_scale: Array | float,
+                 *args: Any) -> Array:
+        n = 3 if self.cfg else 2
+        b, c = x.shape[0], x.shape[-1]
+        out = self.model_fn(jnp.concatenate([x] * n), jnp.concatenate([t] * n), *args)
+        parts = [out[i * b:(i + 1) * b] for i in range(n)]
+        cond, perturbed = parts[-2], parts[-1]
+        shape = (b,) + (1,) * (x.ndim - 1)
+        s = jnp.broadcast_to(jnp.asarray(pag_scale, jnp.float32), (b,))
+        if self.adaptive > 0:
+            s = jnp.maximum(s - self.adaptive * (1000.0 - t), 0.0)
+        s = s.reshape(shape)
+        pag = s * (cond[..., :c] - perturbed[..., :c])
+        if self.cfg:  # diffusers' order of the sums
+            g = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (b,)).reshape(shape)
+            uncond = parts[0][..., :c]
+            guided = uncond + g * (cond[..., :c] - uncond) + pag
+        else:
+            guided = cond[..., :c] + pag
+        return jnp.concatenate([guided, cond[..., c:]], axis=-1)

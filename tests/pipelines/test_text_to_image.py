@@ -114,6 +114,46 @@ def test_pixart_lcm_pipeline_matches_diffusers_given_the_same_draws(sigma, tmp_p
         reference.scheduler = DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler")
 
 
+@pytest.mark.slow  # the whole pipeline against diffusers; the guidance has a quick test
+def test_pixart_sigma_pag_pipeline_matches_diffusers(sigma, tmp_path):
+    """Perturbed-attention guidance (diffusers' PixArtSigmaPAGPipeline): a third branch with
+    identity self-attention in the chosen blocks, with and without CFG, adaptive scale too;
+    a PAG folder loads with its defaults."""
+    from diffusers import PixArtSigmaPAGPipeline
+
+    folder, reference = sigma
+    pag = PixArtSigmaPAGPipeline(**reference.components, pag_applied_layers=["blocks.1"])
+    pag.save_pretrained(tmp_path / "pag")
+    pipe = TextToImage.from_pretrained(tmp_path / "pag")
+    assert pipe.default_pag == (3.0, (1,))
+    plain = TextToImage.from_pretrained(folder)
+    nchw, nhwc = _latents((2, 4, 8, 8))
+    small = dict(height=64, width=64, max_sequence_length=12)
+    for layers, kwargs in ((["blocks.1"], dict(guidance_scale=4.5)),
+                           (["blocks.1"], dict(guidance_scale=1.0, pag_scale=2.0)),
+                           (["blocks.0", "blocks.1"], dict(guidance_scale=3.0, pag_scale=1.5))):
+        # (diffusers' adaptive scale fails in this pipeline: its timestep is a batch there;
+        # tests/sampling/test_guidance.py checks jdit's against the formula)
+        pag.set_pag_applied_layers(layers)
+        want = _diffusers(pag, nchw, num_inference_steps=6, **kwargs, **small)
+        got = plain(PROMPTS, num_steps=6, latents=nhwc, use_resolution_binning=False,
+                    pag_applied_layers=layers, **{"pag_scale": 3.0, **kwargs}, **small)
+        assert 0.02 < float(want.std()), "a degenerate reference image proves nothing"
+        assert np.abs(got - want).max() <= TOL, (layers, kwargs)
+    # the folder's defaults: PAG 3.0 at block 1
+    pag.set_pag_applied_layers(["blocks.1"])
+    want = _diffusers(pag, nchw, num_inference_steps=4, guidance_scale=4.5, **small)
+    got = pipe(PROMPTS, num_steps=4, latents=nhwc, use_resolution_binning=False, **small)
+    assert np.abs(got - want).max() <= TOL
+    off = pipe(PROMPTS, num_steps=4, latents=nhwc, use_resolution_binning=False, pag_scale=0.0,
+               **small)
+    assert np.abs(off - got).max() > 10 * TOL
+    for bad in (dict(pag_applied_layers=["blocks.9"]), dict(pag_applied_layers=["attn"]),
+                dict(pag_scale=-1.0)):
+        with pytest.raises(ValueError, match="pag"):
+            pipe(PROMPTS, num_steps=2, **bad, **small)
+
+
 @pytest.fixture(scope="module")
 def sana(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sana")

@@ -98,6 +98,10 @@ def test_guidance_cache_computes_the_unconditional_half_on_alternate_calls(model
     assert 0 < err < 0.5  # an approximation, not another image
     with pytest.raises(ValueError, match="ClassifierFreeGuidance"):
         _run(m, params, GuidanceCache(), guided=False)
+    # with a first-block cache beside it (the conditional-only calls never skip)
+    both, stats = _run(m, params, GuidanceCache(2, FirstBlockCache(0.999)))
+    assert int(stats["blocks"]) == DEPTH + 3 * 1 + 4 * ((DEPTH + 1) // 2)
+    assert np.isfinite(np.asarray(both)).all()
 
 
 def test_bad_caches_are_refused(model):

@@ -42,6 +42,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if args.lora:
         return _convert_lora(args)
+    if args.to == "diffusers":
+        return _convert_to_diffusers(args)
     overrides = _overrides(args.set)
     check_destination(args.dst, args.overwrite)  # before minutes of reading the source
     print(f"reading {args.src} ...", file=sys.stderr)
@@ -51,6 +53,35 @@ def cmd_convert(args: argparse.Namespace) -> int:
     arch = jdit.models.architecture(module)
     count = sum(int(p.size) for p in jax.tree.leaves(params))
     print(json.dumps({"dst": str(args.dst), "parameters": count, "model": arch}, indent=2))
+    return 0
+
+
+def _convert_to_diffusers(args: argparse.Namespace) -> int:
+    """A jdit run's EMA weights (or a jdit checkpoint) as a diffusers model folder."""
+    from pathlib import Path
+
+    import jax
+
+    import jdit
+    from jdit.train.loop import is_run_directory, load_trained
+    from jdit.weights.export import save_diffusers
+
+    if is_run_directory(args.src):
+        run, params, step = load_trained(args.src)
+        module = run.module
+    else:
+        module, params = jdit.models.from_pretrained(args.src)
+        step = None
+    if getattr(module, "scan_layers", False):  # diffusers names every block
+        from jdit.nn.stack import unstack_params
+
+        params = unstack_params(params, module.per_layer())
+        module = module.clone(scan_layers=False)
+    written = save_diffusers(Path(args.dst), module, jax.device_get(params),
+                             overwrite=args.overwrite)
+    print(json.dumps({"dst": str(written), "step": step, "format": "diffusers",
+                      "model": type(module).__name__,
+                      "parameters": sum(int(p.size) for p in jax.tree.leaves(params))}, indent=2))
     return 0
 
 
@@ -441,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                               ".safetensors file diffusers' load_lora_weights reads)")
     convert.add_argument("--format", default="diffusers", choices=("diffusers", "peft"),
                          help="--lora: diffusers' file (default) or a PEFT adapter folder")
+    convert.add_argument("--to", default="jdit", choices=("jdit", "diffusers"),
+                         help="diffusers: SRC (a jdit run or checkpoint) as a diffusers model "
+                              "folder DST (PixArt: PixArtTransformer2DModel)")
     convert.set_defaults(func=cmd_convert)
 
     aot = sub.add_parser(

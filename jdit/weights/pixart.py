@@ -212,3 +212,27 @@ def convert_official(sd: StateDict, m: nn.Module) -> Tree:
     put(t, "final_layer/scale_shift_table", sd.take("final_layer.scale_shift_table", (2, d)))
     put(t, "final_layer/linear", sd.linear("final_layer.linear", (d,), (p * p * m.out_channels,)))
     return t
+
+
+def config_to_diffusers(m: nn.Module) -> dict[str, Any]:
+    """The diffusers ``PixArtTransformer2DModel`` config of a jdit PixArt (the inverse of
+    :func:`config_from_diffusers`); models diffusers cannot express are refused."""
+    unsupported = {"kv_compress": m.kv_compress, "qk_norm": m.qk_norm,
+                   "self_attention": m.self_attention != "softmax",
+                   "text_refiner": m.text_refiner, "mlp_ratio != 4": m.mlp_ratio != 4.0}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"diffusers' PixArtTransformer2DModel cannot hold this model ({bad}); "
+                         f"keep it as a jdit checkpoint")
+    heads = m.num_heads
+    return {"_class_name": "PixArtTransformer2DModel", "num_attention_heads": heads,
+            "attention_head_dim": m.hidden_size // heads, "in_channels": m.in_channels,
+            "out_channels": m.out_channels, "num_layers": m.depth, "dropout": 0.0,
+            "norm_num_groups": 32, "cross_attention_dim": m.hidden_size, "attention_bias": True,
+            "sample_size": m.input_size, "patch_size": m.patch_size,
+            "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000,
+            "upcast_attention": False, "norm_type": "ada_norm_single",
+            "norm_elementwise_affine": False, "norm_eps": 1e-6,
+            "interpolation_scale": float(m.pe_interpolation),
+            "use_additional_conditions": bool(m.micro_condition),
+            "caption_channels": m.caption_channels, "attention_type": "default"}

@@ -6,7 +6,7 @@ block; its output ``h`` and the first block's residual ``r``), ``rest`` (the rem
 blocks) and ``final`` (the output layer). At each call:
 
 - :class:`FirstBlockCache` (diffusers' FirstBlockCache): when the first block's residual moved
-  less than ``threshold`` relative to the previous call's (mean absolute change over mean
+  less than ``threshold`` relative to the last computed call's (mean absolute change over mean
   absolute value), the remaining blocks are skipped and their last residual reused. Decided in
   the graph with ``lax.cond``: one compile, the skip taken per call for the whole batch.
 - :class:`StaticCache` (MagCache-style, calibrated once): a fixed per-call list of which calls
@@ -163,7 +163,10 @@ class CachedModel:
                 skip = jnp.zeros((), jnp.bool_)
         out = jax.lax.cond(skip, lambda: h + state["rest"],
                            lambda: self.staged.rest(h, st, *xt, *rest))
-        state = {**state, "r": r, "rest": out - h}
+        # as diffusers: the reference residual is the last *computed* call's, so a run of
+        # skips is measured against the same one and ends as the drift accumulates
+        state = {**state, "r": jnp.where(skip, state["r"], r),
+                 "rest": jnp.where(skip, state["rest"], out - h)}
         return out, state, jnp.where(skip, 1, depth).astype(jnp.int32)
 
     def __call__(self, state: dict[str, Any], x: Array, t: Array, *args: Any

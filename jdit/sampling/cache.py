@@ -219,15 +219,20 @@ def _second_half(a: Any, b: int) -> Any:
     return a
 
 
-def calibrate(changes: Sequence[float], threshold: float) -> StaticCache:
+def calibrate(changes: Sequence[float], threshold: float, max_run: int = 1,
+              every: int = 1) -> StaticCache:
     """A :class:`StaticCache` from per-call relative changes of the first block's residual
-    (measured once, e.g. with :func:`measure_changes`): reuse where the change is below
-    ``threshold`` and the previous call computed (never two reuses in a row)."""
-    reuse, last = [False], False
-    for c in list(changes)[1:]:
-        r = bool(c < threshold) and not last
+    (measured once with :class:`MeasureChanges`): reuse where the change is below ``threshold``,
+    at most ``max_run`` calls in a row (then one computes). ``every``: only calls ``i`` with
+    ``i % every == 0`` may reuse (beside a ``GuidanceCache(every)``, whose other calls run the
+    conditional half alone and never reuse)."""
+    if max_run < 1 or every < 1:
+        raise ValueError(f"max_run and every must be >= 1, got {max_run}, {every}")
+    reuse, run = [False], 0
+    for i, c in enumerate(list(changes)[1:], start=1):
+        r = bool(c < threshold) and run < max_run and i % every == 0
         reuse.append(r)
-        last = r
+        run = run + 1 if r else (run if i % every else 0)
     return StaticCache(tuple(reuse))
 
 

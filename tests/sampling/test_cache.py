@@ -136,3 +136,15 @@ def test_a_runs_generator_samples_with_a_step_cache():
     assert run.generate.cache_stats["blocks"] == run.generate.cache_stats["blocks_uncached"] == 12
     run.generate(params, conds, seed=0, num_steps=4, step_cache=GuidanceCache(2))
     assert run.generate.cache_stats["calls"] == 8
+
+
+def test_calibrate_limits_runs_of_reuse_and_follows_the_guidance_cache():
+    changes = [np.inf] + [0.01] * 7
+    assert calibrate(changes, 0.05).reuse == (False, True, False, True, False, True, False, True)
+    assert calibrate(changes, 0.05, max_run=2).reuse == (False, True, True, False, True, True,
+                                                         False, True)
+    assert calibrate(changes, 0.05, every=2).reuse == (False, False, True, False, False, False,
+                                                       True, False)
+    assert calibrate(changes, 0.05, max_run=2, every=2).reuse == (
+        False, False, True, False, True, False, False, False)
+    assert not any(calibrate([np.inf, 0.5, 0.5], 0.05).reuse)

@@ -92,11 +92,20 @@ def check_control(name: str, control: Any, depth: int, batch: int,
                              f"{', '.join(map(str, tail))}), got {shape}")
 
 
-def layer_inputs(control: Any, block_residuals: Any, depth: int, batch: int, hidden: int
+def layer_inputs(control: Any, block_residuals: Any, depth: int, batch: int, hidden: int,
+                 perturb: Any = None, pag_layers: tuple[int, ...] = (), name: str = "model"
                  ) -> dict[str, Any] | None:
     """The per-block inputs of a model's blocks (``jdit.nn.stack.run_blocks``' layer_inputs):
-    control conditions' tensors and ControlNet residuals; None when there are neither."""
+    control conditions' tensors, ControlNet residuals and perturbed-attention guidance's rows
+    (``perturb`` (B,), read by the ``pag_layers`` blocks); None when there are none."""
     out = {}
+    if perturb is not None:
+        if not pag_layers:
+            raise ValueError(f"{name}: perturb= needs pag_layers (the blocks to perturb)")
+        if any(not 0 <= i < depth for i in pag_layers):
+            raise ValueError(f"{name}: pag_layers {pag_layers} outside the model's {depth} blocks")
+        check_vector(name, "perturb", perturb, (batch,))
+        out["perturb"] = jnp.broadcast_to(jnp.asarray(perturb).astype(bool), (depth, batch))
     if control is not None:
         out["control"] = control
     if block_residuals is not None:

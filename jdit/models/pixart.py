@@ -165,20 +165,6 @@ class PixArt(nn.Module):
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
-    def _layer_inputs(self, control: Any, residuals: Any, perturb: Array | None, b: int
-                      ) -> dict[str, Any] | None:
-        inputs = layer_inputs(control, residuals, self.depth, b, self.hidden_size)
-        if perturb is None:
-            return inputs
-        if not self.pag_layers:
-            raise ValueError("PixArt: perturb= needs pag_layers (the blocks to perturb)")
-        if any(not 0 <= i < self.depth for i in self.pag_layers):
-            raise ValueError(f"PixArt: pag_layers {self.pag_layers} outside the model's "
-                             f"{self.depth} blocks")
-        check_vector("PixArt", "perturb", perturb, (b,))
-        return {**(inputs or {}),
-                "perturb": jnp.broadcast_to(perturb.astype(bool), (self.depth, b))}
-
     def per_layer(self) -> list[dict[str, Any]]:
         """Block settings that vary with depth (the KV-compression ratio, PAG's layers)."""
         layers = set(self.kv_compress_layers) if self.kv_compress else set()
@@ -381,7 +367,8 @@ class PixArt(nn.Module):
             h = run_blocks(
                 PixArtBlock, self.per_layer(), shared, tokens, y, context_mask, t0,
                 scan=self.scan_layers, remat=self.remat_policy,
-                layer_inputs=self._layer_inputs(control, block_residuals, perturb, b),
+                layer_inputs=layer_inputs(control, block_residuals, self.depth, b, d, perturb,
+                                          self.pag_layers, "PixArt"),
             )
         out = FinalLayer(d, p * p * self.out_channels, "adaln_single", name="final_layer",
                          **common)(h, temb)

@@ -202,7 +202,7 @@ def build(spec: str | Mapping[str, Any], **overrides: Any) -> nn.Module:
             if fields[key] not in _DTYPES:
                 raise ValueError(f"{key} must be one of {sorted(_DTYPES)}, got {fields[key]!r}")
             fields[key] = _DTYPES[fields[key]]
-    for key in ("kv_compress_layers", "axes_dim_rope", "axes_lens"):
+    for key in ("kv_compress_layers", "axes_dim_rope", "axes_lens", "pag_layers"):
         if key in fields:
             fields[key] = tuple(fields[key])
     if fields.get("text_refiner") is not None:

@@ -63,6 +63,7 @@ class SanaBlock(nn.Module):
     attention_impl: str = "xla"
     branch: str = "image"  # | "condition"
     emit_hidden: bool = False  # also return the output (a ControlNet's per-block states)
+    perturbed: bool = False  # PAG: the rows layer["perturb"] marks get identity self-attention
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     precision: jax.lax.Precision | None = None
@@ -85,7 +86,8 @@ class SanaBlock(nn.Module):
         h = LinearSelfAttention(
             self.num_heads, d // self.num_heads, qk_norm=self.qk_norm, eps=self.linear_eps,
             attention_impl=self.attention_impl, name="attn", **common,
-        )(h, extra_state=control, return_state=self.branch == "condition")
+        )(h, extra_state=control, return_state=self.branch == "condition",
+          identity=layer.get("perturb") if self.perturbed else None)
         state = None
         if self.branch == "condition":
             h, state = h
@@ -136,6 +138,8 @@ class Sana(nn.Module):
     guidance_embeds: bool = False
     guidance_embeds_scale: float = 0.1  # the guidance scale is embedded times this
     timestep_scale: float = 1.0  # the time embedding sees t × this (Sprint: 1e-3, i.e. σ)
+    # perturbed-attention guidance: blocks with identity self-attention for the ``perturb`` rows
+    pag_layers: tuple[int, ...] = ()
     # LI-DiT's refiner of LLM prompt features (jdit.nn.text_refiner); a dict in configs
     text_refiner: TextRefinerConfig | None = None
     scan_layers: bool = False
@@ -146,7 +150,7 @@ class Sana(nn.Module):
     precision: jax.lax.Precision | None = None
 
     def per_layer(self) -> list[dict[str, Any]]:
-        return [{} for _ in range(self.depth)]
+        return [({"perturbed": True} if i in self.pag_layers else {}) for i in range(self.depth)]
 
     def example_inputs(self, batch: int = 1, caption_length: int = 8) -> dict[str, Array]:
         s = self.input_size
@@ -203,7 +207,7 @@ class Sana(nn.Module):
     def __call__(self, x: Array, t: Array, context: Array | None,
                  context_mask: Array | None = None, control: tuple[Array, Array] | None = None,
                  block_residuals: Array | None = None, guidance: Array | None = None,
-                 _branch: str = "image") -> Array:
+                 perturb: Array | None = None, _branch: str = "image") -> Array:
         """``control``: conditions' per-block attention states (from :meth:`encode_condition`,
         several summed) added to the image tokens' own; ``block_residuals`` (depth, B, L,
         hidden): a ControlNet's, added to each block's output. None is the plain model, bit for
@@ -249,7 +253,7 @@ class Sana(nn.Module):
         h = run_blocks(SanaBlock, self.per_layer(), shared, tokens, y, context_mask, t0,
                        scan=self.scan_layers, remat=self.remat_policy,
                        layer_inputs=layer_inputs(control, block_residuals, self.depth,
-                                                 x.shape[0], d))
+                                                 x.shape[0], d, perturb, self.pag_layers, "Sana"))
         out = FinalLayer(d, p * p * self.out_channels, "adaln_single", name="final_layer",
                          **common)(h, temb)
         return unpatchify(out.astype(jnp.float32), grid, p, self.out_channels)

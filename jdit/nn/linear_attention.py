@@ -95,13 +95,16 @@ class LinearSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, cache: Cache | None = None, extra_state: Cache | None = None,
-                 return_state: bool = False) -> Array | tuple[Array, Cache]:
+                 return_state: bool = False, identity: Array | None = None
+                 ) -> Array | tuple[Array, Cache]:
         """x (B, L, D) -> (B, L, D). With a ``cache`` (``empty_cache`` to start), x is the next
         chunk of a block-causal sequence: returns its output and the updated cache.
 
         ``extra_state``: other tokens' state (Σ relu(k)ᵀv, Σ relu(k)) added to these tokens'
         own, as if they were attended to too (a control condition's, :mod:`jdit.control`);
-        ``return_state``: also return these tokens' own state."""
+        ``return_state``: also return these tokens' own state. ``identity`` (B,) bool: rows
+        whose attention is the identity map (each token's own value; perturbed-attention
+        guidance's perturbed branch)."""
         b, n, width = x.shape
         heads, hd = self.num_heads, self.head_dim
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
@@ -131,6 +134,8 @@ class LinearSelfAttention(nn.Module):
             local = DepthwiseConv(("heads", "kv"), self.v_conv, self.param_dtype, self.dtype,
                                   name="v_conv")(v.reshape(b, *self.grid_hw, heads, hd))
             o = o + local.reshape(o.shape).astype(o.dtype)
+        if identity is not None:  # PAG: the perturbed rows' tokens see only themselves
+            o = jnp.where(identity.reshape(b, 1, 1, 1), v.astype(o.dtype), o)
         out = Dense(width, ("heads", "kv"), ("embed",), name="out", **common)(constrain(o, Q_NAMES))
         if jnp.dtype(self.dtype) == jnp.float16:
             out = jnp.clip(out, -FP16_MAX, FP16_MAX)

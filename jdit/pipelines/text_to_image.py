@@ -92,6 +92,8 @@ PIPELINE_CLASSES.update({k: PIPELINE_CLASSES[v] for k, v in CONTROLNET_PIPELINES
 # PixArt-Σ with perturbed-attention guidance (diffusers' PixArtSigmaPAGPipeline): its defaults
 PIPELINE_CLASSES["PixArtSigmaPAGPipeline"] = {**PIPELINE_CLASSES["PixArtSigmaPipeline"],
                                               "pag_scale": 3.0, "pag_layers": (1,)}
+PIPELINE_CLASSES["SanaPAGPipeline"] = {**PIPELINE_CLASSES["SanaPipeline"], "pag_scale": 3.0,
+                                       "pag_layers": (0,)}
 # SANA-Sprint: SANA's prompts, the guidance scale embedded by the transformer (no classifier-free
 # guidance, no negative prompt), two TrigFlow consistency steps by default, 1024 px bins only
 PIPELINE_CLASSES["SanaSprintPipeline"] = {**PIPELINE_CLASSES["SanaPipeline"], "bins": {32: 1024},
@@ -636,7 +638,8 @@ class TextToImage:
         blocks = []
         for layer in raw:
             text = str(layer)
-            index = text.rsplit(".", 1)[-1] if text.startswith("blocks.") else text
+            index = text.rsplit(".", 1)[-1] if text.startswith(("blocks.", "transformer_blocks.")) \
+                else text
             if not index.isdigit():
                 raise ValueError(f"pag_applied_layers: {layer!r} is not a block index or "
                                  f"'blocks.N'")
@@ -646,7 +649,7 @@ class TextToImage:
             raise ValueError(f"pag_applied_layers {list(raw)}: expected block indices below the "
                              f"transformer's {depth}")
         if "pag_layers" not in {f.name for f in dataclasses.fields(self.transformer)}:
-            raise ValueError(f"perturbed-attention guidance needs a PixArt transformer, not "
+            raise ValueError(f"perturbed-attention guidance needs a PixArt or SANA transformer, not "
                              f"{type(self.transformer).__name__}")
         if not np.isfinite(adaptive) or adaptive < 0:
             raise ValueError(f"pag_adaptive_scale must be >= 0, got {adaptive!r}")
@@ -713,9 +716,11 @@ class TextToImage:
 
         ``pag_scale`` > 0 adds perturbed-attention guidance (diffusers' PAG pipelines; PixArt):
         a third branch, the prompt's, with identity self-attention in the blocks
-        ``pag_applied_layers`` (ints, or diffusers' ``"blocks.14"``), guiding by ``pag_scale ×
+        ``pag_applied_layers`` (ints, or diffusers' ``"blocks.14"`` / ``"transformer_blocks.8"``),
+        guiding by ``pag_scale ×
         (cond − perturbed)``, lowered by ``pag_adaptive_scale × (1000 − t)`` (never below 0).
-        Defaults: the pipeline's (``PixArtSigmaPAGPipeline``: 3.0 at block 1; others: off)."""
+        Defaults: the pipeline's (``PixArtSigmaPAGPipeline``: 3.0 at block 1;
+        ``SanaPAGPipeline``: 3.0 at block 0; others: off)."""
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r}")
         if vae_tiling not in (None, "blended", "exact"):

@@ -214,6 +214,30 @@ def test_sana_sprint_pipeline_matches_diffusers_given_the_same_draws(tmp_path, m
         pipe(PROMPTS, negative_prompt="blurry", height=32, width=32)
 
 
+@pytest.mark.slow  # the whole pipeline against diffusers; the guidance has a quick test
+def test_sana_pag_pipeline_matches_diffusers(sana, tmp_path):
+    """SANA's perturbed-attention guidance: identity linear attention (each token's value) in
+    the chosen blocks, with and without CFG; a SanaPAGPipeline folder loads with its defaults."""
+    from diffusers import SanaPAGPipeline
+
+    folder, reference = sana
+    pag = SanaPAGPipeline(**reference.components, pag_applied_layers=["transformer_blocks.0"])
+    pag.save_pretrained(tmp_path / "pag")
+    pipe = TextToImage.from_pretrained(tmp_path / "pag")
+    assert pipe.default_pag == (3.0, (0,))
+    nchw, nhwc = _latents((2, 8, 8, 8))
+    for layers, kwargs in ((["transformer_blocks.0"], dict(guidance_scale=4.5)),
+                           (["transformer_blocks.1"], dict(guidance_scale=1.0, pag_scale=2.0))):
+        # a new pipeline per setting: set_pag_applied_layers would install the softmax PAG
+        # processors in place of SANA's linear ones
+        pag = SanaPAGPipeline(**reference.components, pag_applied_layers=layers)
+        want = _diffusers(pag, nchw, num_inference_steps=6, height=32, width=32, **kwargs)
+        got = pipe(PROMPTS, num_steps=6, latents=nhwc, height=32, width=32,
+                   use_resolution_binning=False, pag_applied_layers=layers, **kwargs)
+        assert 0.02 < float(want.std()), "a degenerate reference image proves nothing"
+        assert np.abs(got - want).max() <= TOL, (layers, kwargs)
+
+
 def test_pixart_alpha_1024_layout_with_micro_conditions(tmp_path):
     """sample_size 128 (PixArt-α 1024): resolution and aspect ratio condition the model."""
     # width 24: diffusers splits the micro-condition embedding in thirds of the width

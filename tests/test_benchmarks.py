@@ -210,3 +210,14 @@ def test_shapes_data_refuses_llm_encoders_the_model_does_not_fit(tmp_path):
         run_with(64, None, one * 2)
     with pytest.raises(ValueError, match=r"text_refiner.encoders \[\(64, 16\), \(64, 12\)\] do"):
         run_with(64, dict(encoders=[[64, 16], [64, 12]], width=32), one * 2)
+
+
+def test_step_cache_benchmark_counts_blocks_and_times_every_cache():
+    from jdit.benchmarks import step_cache
+
+    r = step_cache.run(repeats=1, num_steps=4, batch=1, log=lambda s: None, config=dict(
+        depth=3, width=32, heads=2, latent=8, caption_tokens=4, caption_channels=8))
+    assert r["blocks"]["uncached"] == 4 * 3
+    assert r["blocks"]["static_alternate"] == 2 * 3 + 2 * 1  # calls 1 and 3 reuse
+    assert r["blocks"]["guidance_cache"] == 2 * 3 + 2 * 2  # half-batch calls: (3 + 1) // 2
+    assert set(r["speedup"]) == set(r["seconds"]) and r["speedup"]["uncached"] == 1.0

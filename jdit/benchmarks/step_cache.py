@@ -30,9 +30,11 @@ from jdit.sampling.cache import GuidanceCache, StaticCache, staged_text_model
 
 
 def run(repeats: int = 3, num_steps: int = 20, batch: int = 2,
-        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        config: dict[str, int] | None = None, log: Callable[[str], None] | None = None
+        ) -> dict[str, Any]:
+    """``config``: overrides of the model and input sizes (:data:`CONFIG`; tests shrink it)."""
     log = log or (lambda s: print(s, file=sys.stderr))
-    c = dict(CONFIG, batch=batch)
+    c = dict(CONFIG, batch=batch, **(config or {}))
     module = build("pixart", input_size=c["latent"], patch_size=c["patch"],
                    in_channels=c["channels"], hidden_size=c["width"], depth=c["depth"],
                    num_heads=c["heads"], caption_channels=c["caption_channels"],

@@ -212,6 +212,7 @@ def test_shapes_data_refuses_llm_encoders_the_model_does_not_fit(tmp_path):
         run_with(64, dict(encoders=[[64, 16], [64, 12]], width=32), one * 2)
 
 
+@pytest.mark.slow
 def test_step_cache_benchmark_counts_blocks_and_times_every_cache():
     from jdit.benchmarks import step_cache
 

@@ -77,6 +77,7 @@ def test_bars_benchmark_trains_evaluates_and_judges(tmp_path):
         bars.run(["imagenet"])
 
 
+@pytest.mark.slow  # end to end (a training run)
 def test_lit_benchmark_distils_and_judges_at_a_toy_size(tmp_path):
     """`jdit bench lit` (the LiT adherence comparison, minutes long) on a toy model: the
     student inherits every weight but attention's, trains, and both are evaluated alike."""

@@ -43,6 +43,7 @@ def _content(cache: FeatureCache) -> dict[str, tuple]:
             for ex in cache}
 
 
+@pytest.mark.slow  # end to end (a training run)
 def test_a_folder_becomes_a_cache_that_jdit_train_reads(tmp_path):
     src = _folder(tmp_path / "photos", 10, size=(32, 48))
     (src / "bad.png").write_bytes(b"not an image")
@@ -432,6 +433,7 @@ def test_a_sana_cache_equals_diffusers_dcae_and_encode_prompt(tmp_path):
                                        atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # end to end (a training run)
 def test_an_exported_cache_read_in_order_trains_exactly_as_in_memory(tmp_path):
     """The shapes proof's premise, at a tiny scale: the first N examples of a run, exported to
     PNG files and cached, then read in order (``data.shuffle=False``), are the run's own

@@ -41,6 +41,7 @@ def _losses(workdir):
     return [json.loads(line)["loss"] for line in lines]
 
 
+@pytest.mark.slow  # end to end (a training run)
 def test_a_lora_run_trains_only_adapters_and_resumes_exactly(base, tmp_path):
     train(_config(base), tmp_path / "whole", quiet=True)
     run, adapters, step = load_adapters(tmp_path / "whole")

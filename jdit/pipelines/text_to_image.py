@@ -211,6 +211,9 @@ class TextToImage:
                                                        param_dtype=param_dtype,
                                                        **transformer_overrides)
         spec = PIPELINE_CLASSES[name]
+        if name == "SanaSprintPipeline" and not getattr(transformer, "guidance_embeds", False):
+            raise ValueError(f"{folder}: a SanaSprintPipeline needs a transformer that embeds the "
+                             f"guidance scale (guidance_embeds in its config); this one does not")
         encoder, e_params = text.from_pretrained(folder / "text_encoder", dtype=text_dtype,
                                                  param_dtype=param_dtype,
                                                  hidden_layer=spec.get("hidden_layer"))

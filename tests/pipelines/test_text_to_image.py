@@ -212,6 +212,14 @@ def test_sana_sprint_pipeline_matches_diffusers_given_the_same_draws(tmp_path, m
     assert np.abs(other - got).max() > 10 * TOL  # the embedded guidance scale matters
     with pytest.raises(ValueError, match="not guided by a negative prompt"):
         pipe(PROMPTS, negative_prompt="blurry", height=32, width=32)
+    # a Sprint folder whose transformer lacks the guidance embedding: refused at load
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    plain = tmp_path.parent / "plain_sana"
+    tiny_pipelines.sana(plain)
+    (plain / "model_index.json").write_text(json.dumps({**json.loads(
+        (plain / "model_index.json").read_text()), "_class_name": index["_class_name"]}))
+    with pytest.raises(ValueError, match="embeds the guidance scale"):
+        TextToImage.from_pretrained(plain)
 
 
 @pytest.mark.slow  # the whole pipeline against diffusers; the guidance has a quick test

@@ -367,6 +367,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "lit": ("lit", "LiT: a distilled linear-attention student against its PixArt teacher"),
     "llm": ("llm", "LI-DiT at toy scale: LLM prompt features, raw vs refined (shapes)"),
     "step-cache": ("step_cache", "sampling with step caches vs without (random PixArt, CPU)"),
+    "fast": ("fast", "adherence vs seconds per image: teacher, student, caches, diffusers"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import pytest
@@ -223,3 +224,28 @@ def test_step_cache_benchmark_counts_blocks_and_times_every_cache():
     assert r["blocks"]["static_alternate"] == 2 * 3 + 2 * 1  # calls 1 and 3 reuse
     assert r["blocks"]["guidance_cache"] == 2 * 3 + 2 * 2  # half-batch calls: (3 + 1) // 2
     assert set(r["speedup"]) == set(r["seconds"]) and r["speedup"]["uncached"] == 1.0
+
+
+@pytest.mark.slow
+def test_fast_benchmark_tables_teacher_student_cache_and_diffusers(tmp_path):
+    """`jdit bench fast` on toy runs: every row, the diffusers process on the exported teacher
+    giving jdit's images, and the headline computed."""
+    from jdit.benchmarks import fast
+    from jdit.config import load_config
+    from jdit.train.loop import train
+
+    small = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2",
+             "model.caption_channels=16", "data.text_dim=16", "train.batch_size=8",
+             "train.log_every=1", "train.sample_every=0"]
+    root = Path(__file__).resolve().parents[1] / "configs"
+    train(load_config(root / "shapes_tiny.py", small + ["train.steps=3"]), tmp_path / "t",
+          quiet=True)
+    train(load_config(f"{root / 'shapes_tiny_lcm.py'}:{tmp_path / 't'}",
+                      small + ["train.steps=2", "distill.grid_steps=10"]), tmp_path / "s",
+          quiet=True)
+    r = fast.run(str(tmp_path / "t"), str(tmp_path / "s"), images=4, repeats=1, num_pairs=4,
+                 single_repeats=1, log=lambda s: None)
+    assert [row["name"].split(",")[0] for row in r["rows"]] == ["teacher"] * 4 + ["student"] * 3
+    assert all(row["seconds_per_image"] > 0 for row in r["rows"])
+    assert r["diffusers"]["max_abs_diff_vs_jdit_20_steps"] < 1e-3  # the same pipeline
+    assert r["best"] in {row["name"] for row in r["rows"]} and r["speedup_over_diffusers"] > 0

@@ -200,7 +200,41 @@ def check_lora() -> None:
             "trained_leaves": len(jax.tree.leaves(state.params))}), flush=True)
 
 
+def check_consistency() -> None:
+    """Consistency distillation (LCM and sCM) sharded: the teacher placed like the student,
+    the same losses as on one device."""
+    from jdit.train.loop import train as train_run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = os.path.join(tmp, "teacher")
+        c = CONFIG.to_dict()
+        c["train"] = {**c["train"], "steps": 2, "sample_every": 0, "log_every": 1}
+        c["parallel"] = {"mesh": {"data": -1}, "rules": "dp"}
+        train_run(c, teacher, quiet=True)
+        for method in ("consistency", "scm"):
+            def student(mesh: dict, rules: str, devices=None, method: str = method) -> Run:
+                d = CONFIG.to_dict()
+                d["distill"] = {"teacher": teacher, "method": method, "grid_steps": 10,
+                                "tangent_warmup": 2}
+                d["train"] = {**d["train"], "init_from": teacher}
+                d["parallel"] = {"mesh": mesh, "rules": rules}
+                return Run(d, devices=devices)
+
+            _, ref_losses = train(student({"data": 1}, "dp", jax.devices()[:1]))
+            for mesh, rules in [({"data": 1, "fsdp": 8, "tensor": 1}, "fsdp"),
+                                ({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp")]:
+                run = student(mesh, rules)
+                _, losses = train(run)
+                kernel = run.teacher[1]["block_0"]["attn"]["qkv"]["kernel"]
+                print(json.dumps({
+                    "check": "consistency", "method": method, "mesh": mesh,
+                    "loss_rel": float(np.max(np.abs(np.subtract(losses, ref_losses))
+                                             / np.abs(ref_losses))),
+                    "teacher_sharded": not kernel.sharding.is_fully_replicated}), flush=True)
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
     {"training": check_training, "sampling": check_sampling, "checkpoints": check_checkpoints,
-     "pallas": check_pallas, "lora": check_lora}[sys.argv[1]]()
+     "pallas": check_pallas, "lora": check_lora,
+     "consistency": check_consistency}[sys.argv[1]]()

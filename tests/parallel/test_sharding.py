@@ -79,3 +79,12 @@ def test_lora_adapters_shard_like_their_kernels_and_match_one_device():
     assert fsdp_tp["qkv_a_spec"] == ["fsdp", None]
     assert fsdp_tp["qkv_b_spec"] == [None, None, "tensor", None]
     assert fsdp_tp["out_a_spec"] == ["tensor", None, None]
+
+
+@pytest.mark.slow
+def test_consistency_distillation_shards_and_matches_one_device():
+    results = run_checks("consistency")
+    assert [(r["method"], r["mesh"]["fsdp"]) for r in results] == [
+        ("consistency", 8), ("consistency", 2), ("scm", 8), ("scm", 2)]
+    for r in results:
+        assert r["loss_rel"] <= 1e-4 and r["teacher_sharded"], r

@@ -461,17 +461,25 @@ class TextToImage:
                  decode: bool, tiling: tuple[str, int] | None = None, control: str = "",
                  drops: tuple[tuple[int, int], ...] = (), cfg: tuple[bool, float] = (False, 1.0),
                  options: tuple[tuple[str, Any], ...] = (),
-                 pag: tuple[tuple[int, ...], float] | None = None) -> Any:
+                 pag: tuple[tuple[int, ...], float] | None = None, step_cache: Any = None) -> Any:
         """encode → sample → decode, jitted once per static signature. ``control``:
         ``"easycontrol"`` (condition branches run once, their cache carried into the sampler),
         ``"controlnet"`` (the ControlNet runs at every step) or ``""``. ``drops``: with
         ``text_encoders``, each one's instruction positions (prompt, negative prompt);
         ``cfg``: (normalisation, truncation ratio) of the guidance; ``options``: the solver's;
-        ``pag``: perturbed-attention guidance's (blocks, adaptive scale)."""
-        sig = (solver, num_steps, guided, spec, decode, tiling, control, drops, cfg, options, pag)
+        ``pag``: perturbed-attention guidance's (blocks, adaptive scale); ``step_cache``: a
+        :mod:`jdit.sampling.cache` cache."""
+        sig = (solver, num_steps, guided, spec, decode, tiling, control, drops, cfg, options, pag,
+               step_cache)
         if sig in self._compiled:
             return self._compiled[sig]
         model_fn: Any = self._denoise_fn
+        if step_cache is not None:
+            if control or pag is not None or self.text_encoders is not None or \
+                    cfg != (False, 1.0) or self.embeds_guidance:
+                raise ValueError("a step cache goes with plain text-to-image sampling (no "
+                                 "control, PAG, LLM encoders or CFG normalisation)")
+            model_fn = self._staged()
         if pag is not None:
             if control or self.text_encoders is not None or cfg != (False, 1.0):
                 raise ValueError("perturbed-attention guidance goes with plain text-to-image "
@@ -482,7 +490,7 @@ class TextToImage:
                 adaptive=pag[1])
         elif guided:
             model_fn = ClassifierFreeGuidance(
-                self._denoise_fn, interval=guidance_interval(spec, solver, num_steps, cfg[1]),
+                model_fn, interval=guidance_interval(spec, solver, num_steps, cfg[1]),
                 rescale_axis=2 if cfg[0] else None)  # NHWC's W: the last axis of diffusers' NCHW
 
         def run(params: dict[str, Any], ids: Any, mask: Any, neg_ids: Any,
@@ -528,13 +536,46 @@ class TextToImage:
             latents = sample(model_fn, noise, solver=solver, num_steps=num_steps,
                              schedule=spec.schedule, prediction=spec.prediction,
                              variance=spec.variance, args=args, solver_options=dict(options),
-                             key=key if solver in STOCHASTIC else None, step_noise=step_noise)
+                             key=key if solver in STOCHASTIC else None, step_noise=step_noise,
+                             cache=step_cache)
+            if step_cache is not None:  # (latents, the cache's counts)
+                latents = latents[0]
             if not decode:
                 return latents
             return self.decode(params["vae"], latents, tiling)
 
         self._compiled[sig] = jax.jit(run)
         return self._compiled[sig]
+
+    def _staged(self) -> Any:
+        """The transformer in stages for a step cache (:mod:`jdit.sampling.cache`; PixArt)."""
+        from jdit.models.pixart import PixArt
+        from jdit.sampling.cache import Staged
+
+        m = self.transformer
+        if not isinstance(m, PixArt):
+            raise ValueError(f"step caches run PixArt transformers in stages; not "
+                             f"{type(m).__name__} yet")
+
+        def run(branch: str, x: Array, t: Array, params: Any, ctx: Array, mask: Array,
+                extra: dict[str, Any], *micro: Array, state: Any = None) -> Any:
+            kw = {"resolution": micro[0], "aspect_ratio": micro[1]} if micro else {}
+            return m.apply({"params": params}, x, t, context=ctx, context_mask=mask,
+                           _branch=branch, _state=state, **kw)
+
+        def front(x: Array, t: Array, *args: Any) -> tuple[Array, Array, Any]:
+            state = run("front", x, t, *args)
+            return state["h"], state["r"], state
+
+        def rest(h: Array, state: Any, x: Array, t: Array, *args: Any) -> Array:
+            return run("rest", x, t, *args, state={**state, "h": h})
+
+        def final(h: Array, state: Any, x: Array, t: Array, *args: Any) -> Array:
+            return run("final", x, t, *args, state={**state, "h": h})
+
+        if not hasattr(self, "_staged_model"):  # one object: the sampler compiles once
+            self._staged_model = Staged(front, rest, final, int(m.depth))
+        return self._staged_model
 
     def _encode_prompts(self, params: list[Any], ids: tuple[Array, ...], mask: tuple[Array, ...],
                         drops: list[int]) -> tuple[Array, Array]:
@@ -679,7 +720,7 @@ class TextToImage:
                  solver_options: dict[str, Any] | None = None,
                  timesteps: Sequence[int] | None = None, pag_scale: float | None = None,
                  pag_applied_layers: Sequence[int | str] | None = None,
-                 pag_adaptive_scale: float = 0.0
+                 pag_adaptive_scale: float = 0.0, step_cache: Any = None
                  ) -> np.ndarray | list[Any]:
         """Images for ``prompts``: ``np`` (B, H, W, 3) float32 in [0, 1], ``pil`` a list of
         PIL images, or ``latent`` the final latents (B, h, w, C), NHWC. ``num_steps`` defaults
@@ -723,7 +764,10 @@ class TextToImage:
         guiding by ``pag_scale ×
         (cond − perturbed)``, lowered by ``pag_adaptive_scale × (1000 − t)`` (never below 0).
         Defaults: the pipeline's (``PixArtSigmaPAGPipeline``: 3.0 at block 1;
-        ``SanaPAGPipeline``: 3.0 at block 0; others: off)."""
+        ``SanaPAGPipeline``: 3.0 at block 0; others: off).
+
+        ``step_cache``: a :mod:`jdit.sampling.cache` cache (``FirstBlockCache(0.2)``, ...)
+        skipping most of the transformer on steps where it would change little (PixArt)."""
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r}")
         if vae_tiling not in (None, "blended", "exact"):
@@ -809,7 +853,7 @@ class TextToImage:
         options = tuple(sorted({**options, **(solver_options or {})}.items()))
         run = self._program(chosen, int(num_steps), guided, spec, output_type != "latent", tiling,
                             kind, drops, (cfg_normalization, float(cfg_trunc_ratio)), options,
-                            pag)
+                            pag, step_cache)
         params = {"transformer": self._transformer_params(),
                   "text_encoder": self.text_encoder_params,
                   "vae": self.vae_params}

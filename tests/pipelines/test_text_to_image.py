@@ -154,6 +154,27 @@ def test_pixart_sigma_pag_pipeline_matches_diffusers(sigma, tmp_path):
             pipe(PROMPTS, num_steps=2, **bad, **small)
 
 
+@pytest.mark.slow  # two more compiles of the whole pipeline
+def test_a_step_cache_in_the_pipeline(sigma):
+    """``TextToImage(step_cache=)``: a cache that never skips gives the uncached images, one
+    that always skips others; with PAG it is refused."""
+    from jdit.sampling.cache import FirstBlockCache
+
+    folder, _ = sigma
+    pipe = TextToImage.from_pretrained(folder)
+    _, nhwc = _latents((2, 4, 8, 8))
+    small = dict(height=64, width=64, max_sequence_length=12, use_resolution_binning=False)
+    plain = pipe(PROMPTS, num_steps=6, latents=nhwc, **small)
+    never = pipe(PROMPTS, num_steps=6, latents=nhwc, step_cache=FirstBlockCache(1e-9), **small)
+    assert np.abs(never - plain).max() <= 1e-5
+    always = pipe(PROMPTS, num_steps=6, latents=nhwc, step_cache=FirstBlockCache(0.999),
+                  **small)
+    assert np.abs(always - plain).max() > 1e-3
+    with pytest.raises(ValueError, match="PAG"):
+        pipe(PROMPTS, num_steps=2, step_cache=FirstBlockCache(0.1), pag_scale=2.0,
+             pag_applied_layers=[1], **small)
+
+
 @pytest.fixture(scope="module")
 def sana(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sana")

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, PartitionSpec
 ACTIVATION_AXES: dict[str, str] = {
     "batch": "the example axis",
     "length": "image tokens (query length); sharded over `context` for sequence parallelism",
+    "time": "video frames (latent time); sharded over `context` when `length` is not",
     "kv_length": "keys/values of self-attention (after KV compression): gathered whole",
     "act_embed": "the residual stream width",
     "act_heads": "attention heads of q, k, v and the attention output",
@@ -25,7 +26,9 @@ ACTIVATION_AXES: dict[str, str] = {
 
 Rules = tuple[tuple[str, Any], ...]
 
-_COMMON: Rules = (("batch", ("data", "fsdp")), ("length", "context"))
+# A video activation names both `time` and `length`: flax gives `context` to the first of them in
+# the rule order, so frames are split across `context` and each frame's tokens stay whole.
+_COMMON: Rules = (("batch", ("data", "fsdp")), ("time", "context"), ("length", "context"))
 
 RULE_TABLES: dict[str, Rules] = {
     # Parameters replicated; the batch split over every data-like axis.

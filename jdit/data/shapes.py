@@ -139,6 +139,26 @@ def parse_caption(text: str) -> tuple[Obj, ...]:
 # ----------------------------------------------------------------------------- rendering
 
 
+def shape_mask(shape: str, x: np.ndarray, y: np.ndarray, half: float) -> np.ndarray:
+    """Which points lie inside ``shape`` (one of ``ALL_SHAPES``) of half-extent ``half``, given
+    their offsets ``x``, ``y`` (rightwards, downwards; broadcast against each other) from the
+    shape's centre: the pixel test of :func:`render` (a pixel is set when its centre is inside),
+    shared with renderers that place shapes anywhere (:mod:`jdit.data.moving_shapes`).
+
+    The centre is that of the bounding box (side ``2 * half``); the upward triangle's base and
+    height are both ``2 * half``, so its centroid lies ``half / 3`` below the centre.
+    """
+    if shape == "circle":
+        return x * x + y * y <= half * half
+    if shape == "square":
+        return (np.abs(x) <= half) & (np.abs(y) <= half)
+    if shape == "diamond":  # a square standing on a corner, as wide as the others
+        return np.abs(x) + np.abs(y) <= half
+    if shape == "triangle":  # upward: apex at the top, base at the bottom, base == height
+        return (y <= half) & (np.abs(x) <= (y + half) / 2.0)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {ALL_SHAPES}")
+
+
 STYLES: tuple[str, ...] = ("color", "silhouette", "outline")
 """What :func:`render` draws: the image (``color``), or a control condition of it: every
 object's mask in white (``silhouette``), or the mask's one-pixel inner border in white
@@ -199,15 +219,7 @@ def render_styles(
         cy, cx = (row + 0.5) * cell + dy, (col + 0.5) * cell + dx
         ys = centres[(centres > row * cell) & (centres < (row + 1) * cell)]
         xs = centres[(centres > col * cell) & (centres < (col + 1) * cell)]
-        y, x = ys[:, None] - cy, xs[None, :] - cx
-        if o.shape == "circle":
-            mask = x * x + y * y <= half * half
-        elif o.shape == "square":
-            mask = (np.abs(x) <= half) & (np.abs(y) <= half)
-        elif o.shape == "diamond":  # a square standing on a corner, as wide as the others
-            mask = np.abs(x) + np.abs(y) <= half
-        else:  # upward triangle: apex at the top, base at the bottom, base == height
-            mask = (y <= half) & (np.abs(x) <= (y + half) / 2.0)
+        mask = shape_mask(o.shape, xs[None, :] - cx, ys[:, None] - cy, half)
         y0, x0 = int(ys[0]), int(xs[0])
         for img, st in zip(out, styles, strict=True):
             window = img[y0 : y0 + len(ys), x0 : x0 + len(xs)]

@@ -1,7 +1,8 @@
 """The exact evaluator of the embedded ``shapes`` data (:mod:`jdit.data.shapes`).
 
 :func:`detect` reads the objects back from an image and :func:`score` compares them with the
-prompt (:func:`scores` and :func:`adherence` for batches): prompt adherence, GenEval-style. The
+prompt (:func:`scores` and :func:`adherence` for batches): prompt adherence, GenEval-style
+(:func:`locate_batch` adds where each object is, for :mod:`jdit.eval.moving_shapes`). The
 evaluator is exact on rendered images and tolerant of blur, pixel noise, dimming and slightly
 off colours, but an object with any wrong attribute, a missing or an extra object fails. Images
 may be ``uint8`` (read as [0, 255]) or floating (read as [-1, 1], the model's output range).
@@ -10,7 +11,7 @@ may be ``uint8`` (read as [0, 255]) or floating (read as [-1, 1], the model's ou
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -118,8 +119,10 @@ def _measure(
     min_size: int | None,
     smooth: float,
     palette: np.ndarray = _PALETTE,
+    split_cells: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Segment a batch into objects and measure each (see :func:`detect` for the steps).
+    """Segment a batch into objects and measure each (see :func:`detect` for the steps;
+    ``split_cells=False`` skips the split along cell borders, :func:`locate_batch`).
 
     Returns one array entry per object: ``image`` (batch index), ``color`` (palette index),
     ``hue_off`` (mean distance of its pixels' full-brightness colour from that palette colour),
@@ -127,8 +130,9 @@ def _measure(
     the bounding box, in cells), ``fill`` (area / box area), ``aspect`` (box width / height),
     ``top_bottom`` (area in the upper half of the box / area in the lower half), ``skew_x``,
     ``skew_y`` (standardised third moments), ``kurt_axis``, ``kurt_diag`` (standardised fourth
-    moments, averaged over the two axes and over the two diagonals) and ``elong`` (ratio of the
-    principal second moments).
+    moments, averaged over the two axes and over the two diagonals), ``elong`` (ratio of the
+    principal second moments) and ``cx``, ``cy`` (centroid in pixels, pixel ``(i, j)`` covering
+    ``[j, j + 1) x [i, i + 1)``).
     """
     x = _as_unit(images)
     if x.ndim != 4:
@@ -176,7 +180,7 @@ def _measure(
     big = (p_area[p_inv] >= 0.25 * c_area[c_inv]) & (p_area[p_inv] >= min_size)
     _, first = np.unique(p_inv, return_index=True)
     n_big = np.bincount(c_inv[first], weights=big[first], minlength=len(c_area))
-    split = n_big[c_inv] >= 2
+    split = (n_big[c_inv] >= 2) & split_cells
     key = np.where(split, part * 2 + 1, comp * 18)  # odd: a part, even: a whole component
     keep = ~split | big
     _, inv, area = np.unique(key[keep], return_inverse=True, return_counts=True)
@@ -225,12 +229,14 @@ def _measure(
             "kurt_axis": (mean(dx**4) / vx**2 + mean(dy**4) / vy**2) / 2.0,
             "kurt_diag": (mean(du**4) / vu**2 + mean(dv**4) / vv**2) / 2.0,
             "elong": (half_tr + disc) / (half_tr - disc),
+            "cx": cx,
+            "cy": cy,
         }
 
 
 _FEATURES = (
     "image", "color", "hue_off", "position", "area", "extent", "fill", "aspect", "top_bottom",
-    "skew_x", "skew_y", "kurt_axis", "kurt_diag", "elong",
+    "skew_x", "skew_y", "kurt_axis", "kurt_diag", "elong", "cx", "cy",
 )
 
 
@@ -276,6 +282,48 @@ def _classify(f: dict[str, np.ndarray], extended: bool = False) -> np.ndarray:
     return out
 
 
+class Located(NamedTuple):
+    """A detected object with where it is: the centroid ``(x, y)`` of its pixels in pixel units
+    (pixel ``(i, j)`` covers ``[j, j + 1) x [i, i + 1)``) and its area in pixels."""
+
+    obj: Obj
+    x: float
+    y: float
+    area: int
+
+
+def locate_batch(
+    images: np.ndarray,
+    threshold: float = 0.5,
+    floor: float = 0.25,
+    min_peak: float = 0.5,
+    min_size: int | None = None,
+    smooth: float = 0.04,
+    max_hue_off: float = 0.4,
+    extended: bool = False,
+    split_cells: bool = True,
+) -> list[list[Located]]:
+    """:func:`detect_batch` with each object's centroid and area, in the order measured.
+
+    ``split_cells=False``: never split an object along the 3x3 cell borders. The split serves
+    two objects of one colour blurred together in neighbouring cells; an object that may lie
+    anywhere (a moving one, :mod:`jdit.eval.moving_shapes`) straddles a border as one object.
+    """
+    names = _ALL_COLOR_NAMES if extended else _COLOR_NAMES
+    f = _measure(images, threshold, floor, min_peak, min_size, smooth,
+                 _ALL_PALETTE if extended else _PALETTE, split_cells)
+    shape = _classify(f, extended)
+    color = np.where(f["hue_off"] <= max_hue_off, f["color"], len(names))
+    out: list[list[Located]] = [[] for _ in range(len(images))]
+    shapes = (ALL_SHAPES if extended else SHAPES) + (UNKNOWN,)
+    colors = names + (UNKNOWN,)
+    for i, c, s, p, x, y, a in zip(f["image"], color, shape, f["position"], f["cx"], f["cy"],
+                                   f["area"], strict=False):
+        out[i].append(Located(Obj(colors[c], shapes[s], POSITIONS[p]), float(x), float(y),
+                              int(a)))
+    return out
+
+
 def detect_batch(
     images: np.ndarray,
     threshold: float = 0.5,
@@ -287,16 +335,9 @@ def detect_batch(
     extended: bool = False,
 ) -> list[list[Obj]]:
     """:func:`detect` for a batch (N, H, W, 3), vectorised over the batch."""
-    names = _ALL_COLOR_NAMES if extended else _COLOR_NAMES
-    f = _measure(images, threshold, floor, min_peak, min_size, smooth,
-                 _ALL_PALETTE if extended else _PALETTE)
-    shape = _classify(f, extended)
-    color = np.where(f["hue_off"] <= max_hue_off, f["color"], len(names))
-    out: list[list[Obj]] = [[] for _ in range(len(images))]
-    shapes = (ALL_SHAPES if extended else SHAPES) + (UNKNOWN,)
-    colors = names + (UNKNOWN,)
-    for i, c, s, p in zip(f["image"], color, shape, f["position"], strict=False):
-        out[i].append(Obj(colors[c], shapes[s], POSITIONS[p]))
+    found = locate_batch(images, threshold, floor, min_peak, min_size, smooth, max_hue_off,
+                         extended)
+    out = [[loc.obj for loc in objs] for objs in found]
     for objs in out:
         objs.sort(key=lambda o: (_POS_INDEX[o.position], o.color, o.shape))
     return out

@@ -4,7 +4,7 @@ Each video shows one or two coloured shapes (:mod:`jdit.data.shapes`' colours an
 by its :func:`~jdit.data.shapes.shape_mask`, the same size: a box of side ``EXTENT`` x a third
 of the frame) moving in straight lines at one constant speed and bouncing off the frame borders;
 the caption names each object and its initial direction: ``"a red circle moving right"``,
-``"a blue square moving up and a red circle moving down"``. Since every frame follows from the
+``"a red circle moving down and a blue square moving up"``. Since every frame follows from the
 caption and the start positions, :mod:`jdit.eval.moving_shapes` can measure exactly how a
 generated video drifts (colour or shape changes, vanishing or extra objects, wrong motion).
 

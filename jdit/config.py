@@ -90,8 +90,9 @@ SECTIONS: dict[str, dict[str, Any]] = {
     "control": dict(method="none", scale=1.0, guess_mode=False, attend_each_other=False,
                     controlnet_depth=0),
     # Facts of a published architecture's pipeline (architecture configs; jdit aot reads them).
+    # ``frames``: video frames per clip of a video model (None: an image model).
     "pipeline": dict(resolution=REQUIRED, vae_factor=8, latent_scale=REQUIRED,
-                     caption_length=None, flow_shift=None),
+                     caption_length=None, flow_shift=None, frames=None),
 }
 # The ``data`` section, by ``data.name`` (jdit.train.tasks).
 DATA: dict[str, dict[str, Any]] = {

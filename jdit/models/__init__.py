@@ -1,6 +1,7 @@
 """Model families, the published architectures, and loading/saving weights."""
 
 from jdit.models.dit import DiT, DiTBlock
+from jdit.models.latte import Latte, LatteBlock
 from jdit.models.loading import from_pretrained, param_shapes, save_pretrained
 from jdit.models.lumina2 import Lumina2, Lumina2Block
 from jdit.models.pixart import PixArt, PixArtBlock
@@ -11,7 +12,7 @@ from jdit.models.sana_controlnet import SanaControlNet
 from jdit.nn.init import init_params
 
 __all__ = [
-    "FAMILIES", "PRESETS", "DiT", "DiTBlock", "Lumina2", "Lumina2Block", "PixArt", "PixArtBlock", "PixArtControlNet", "architecture", "build",
+    "FAMILIES", "PRESETS", "DiT", "DiTBlock", "Latte", "LatteBlock", "Lumina2", "Lumina2Block", "PixArt", "PixArtBlock", "PixArtControlNet", "architecture", "build",
     "Sana", "SanaBlock", "SanaControlNet", "from_pretrained", "init_params", "param_shapes", "preset",
     "save_pretrained",
 ]

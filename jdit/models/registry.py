@@ -16,6 +16,7 @@ import ml_collections
 from flax import linen as nn
 
 from jdit.models.dit import DiT
+from jdit.models.latte import Latte
 from jdit.models.lumina2 import Lumina2
 from jdit.models.pixart import PixArt
 from jdit.models.pixart_controlnet import PixArtControlNet
@@ -25,7 +26,7 @@ from jdit.models.sana_controlnet import SanaControlNet
 FAMILIES: dict[str, type[nn.Module]] = {"dit": DiT, "pixart": PixArt, "sana": Sana,
                                         "sana_controlnet": SanaControlNet,
                                         "pixart_controlnet": PixArtControlNet,
-                                        "lumina2": Lumina2}
+                                        "lumina2": Lumina2, "latte": Latte}
 
 # Fields that choose how a model runs, not what it computes: not stored in checkpoints.
 RUNTIME_FIELDS = ("scan_layers", "remat_policy", "attention_impl", "dtype", "param_dtype", "precision")
@@ -67,6 +68,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                             num_heads=24, num_kv_heads=8, multiple_of=256, norm_eps=1e-5,
                             axes_dim_rope=(32, 32, 32), axes_lens=(300, 512, 512),
                             caption_channels=2304),
+    # Latte-1 (maxin-cn/Latte-1): PixArt-α XL/2 blocks in spatial + temporal pairs, 16 frames
+    "latte_xl2_512": dict(family="latte", input_size=64, video_length=16, caption_channels=4096,
+                          norm_eps=1e-6, **_XL2),
 }
 
 # What a published architecture's pipeline feeds it: image size, the VAE's downsampling factor
@@ -97,6 +101,7 @@ PIPELINE_FACTS: dict[str, dict[str, Any]] = {
     # the 0.1159 shift_factor lives with the autoencoder (its config.json), not here.
     "lumina2_2b_1024": dict(resolution=1024, vae_factor=8, latent_scale=0.3611,
                             caption_length=256, flow_shift=6.0),
+    "latte_xl2_512": dict(resolution=512, caption_length=120, frames=16, **_SD_VAE),
 }
 
 

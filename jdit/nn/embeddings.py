@@ -36,6 +36,14 @@ def _sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
+def sincos_pos_embed_1d(embed_dim: int, length: int) -> np.ndarray:
+    """``(length, embed_dim)`` float32 sin-cos embedding of the positions ``0 .. length-1``
+    (sines in the first half): Latte's temporal position embedding of the frames."""
+    if embed_dim % 2:
+        raise ValueError(f"1-D sin-cos position embedding needs an even embed_dim, got {embed_dim}")
+    return _sincos_1d(embed_dim, np.arange(length)).astype(np.float32)
+
+
 def sincos_pos_embed_factors(
     embed_dim: int, grid_hw: tuple[int, int], base_size: int, interpolation_scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from flax import linen as nn
 from jdit.nn.attention import Q_NAMES, fitting_spec
 from jdit.nn.layers import Array, Dense, DType, RMSNorm, constrain
 from jdit.nn.mix_ffn import DepthwiseConv
+from jdit.nn.rotary import apply_rotary_interleaved
 
 FP16_MAX = 65504.0
 
@@ -57,15 +58,23 @@ def empty_cache(batch: int, heads: int, head_dim: int, value_dim: int | None = N
 
 
 def linear_attention_chunk(q: Array, k: Array, v: Array, cache: Cache, *,
-                           eps: float = 1e-15) -> tuple[Array, Cache]:
+                           eps: float = 1e-15, rotary: tuple[Array, Array] | None = None
+                           ) -> tuple[Array, Cache]:
     """One chunk of block-causal linear attention from a cache of all earlier chunks: the chunk's
     tokens see each other and everything before. q, k, v (B, C, H, D); returns the chunk's
     output and the cache after it. Chunk by chunk this equals ``linear_attention(...,
-    chunk_size=C)`` over the whole sequence, in constant memory."""
+    chunk_size=C)`` over the whole sequence, in constant memory.
+
+    ``rotary``: (cos, sin), each (B or 1, C, D/2), the chunk's rotary angles (SANA-Video): the
+    numerator uses rotated relu(q), relu(k) (interleaved pairs), the denominator the un-rotated
+    ones, so it stays positive. The cache then holds Σ rot(relu(k))ᵀv and Σ relu(k)."""
     qf, kf = (jnp.maximum(t.astype(jnp.float32), 0.0) for t in (q, k))
-    state = cache[0] + jnp.einsum("bchd,bche->bhde", kf, v.astype(jnp.float32))
+    qn, kn = qf, kf
+    if rotary is not None:
+        qn, kn = (apply_rotary_interleaved(t, *rotary) for t in (qf, kf))
+    state = cache[0] + jnp.einsum("bchd,bche->bhde", kn, v.astype(jnp.float32))
     ksum = cache[1] + jnp.sum(kf, axis=1)
-    num = jnp.einsum("bchd,bhde->bche", qf, state)
+    num = jnp.einsum("bchd,bhde->bche", qn, state)
     den = jnp.einsum("bchd,bhd->bch", qf, ksum)[..., None] + eps
     return (num / den).astype(q.dtype), (state, ksum)
 
@@ -95,8 +104,8 @@ class LinearSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, cache: Cache | None = None, extra_state: Cache | None = None,
-                 return_state: bool = False, identity: Array | None = None
-                 ) -> Array | tuple[Array, Cache]:
+                 return_state: bool = False, identity: Array | None = None,
+                 rotary: tuple[Array, Array] | None = None) -> Array | tuple[Array, Cache]:
         """x (B, L, D) -> (B, L, D). With a ``cache`` (``empty_cache`` to start), x is the next
         chunk of a block-causal sequence: returns its output and the updated cache.
 
@@ -104,7 +113,9 @@ class LinearSelfAttention(nn.Module):
         own, as if they were attended to too (a control condition's, :mod:`jdit.control`);
         ``return_state``: also return these tokens' own state. ``identity`` (B,) bool: rows
         whose attention is the identity map (each token's own value; perturbed-attention
-        guidance's perturbed branch)."""
+        guidance's perturbed branch). ``rotary``: (cos, sin) (1, L, D/2) rotary angles of these
+        tokens applied after the ReLU (SANA-Video, :func:`linear_attention_chunk`); this form
+        has no kernel yet and runs as jnp whatever ``attention_impl`` says."""
         b, n, width = x.shape
         heads, hd = self.num_heads, self.head_dim
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
@@ -117,14 +128,23 @@ class LinearSelfAttention(nn.Module):
             q, k = q.reshape(b, n, heads, hd), k.reshape(b, n, heads, hd)
         q, k, v = (constrain(t, Q_NAMES) for t in (q, k, v))
         if return_state:
+            if rotary is not None:
+                raise ValueError("LinearSelfAttention: return_state with rotary positions is "
+                                 "not supported")
             own = linear_attention_chunk(q[:, :0], k, v, empty_cache(b, heads, hd))[1]
         if extra_state is not None:
             # the extra state enters as the cache of everything "before" these tokens
             if cache is not None:
                 raise ValueError("LinearSelfAttention: extra_state and cache are exclusive")
-            o, _ = linear_attention_chunk(q, k, v, extra_state, eps=self.eps)
+            o, _ = linear_attention_chunk(q, k, v, extra_state, eps=self.eps, rotary=rotary)
         elif cache is not None:
-            o, cache = linear_attention_chunk(q, k, v, cache, eps=self.eps)
+            o, cache = linear_attention_chunk(q, k, v, cache, eps=self.eps, rotary=rotary)
+        elif rotary is not None:
+            if self.chunk_size is not None:
+                raise ValueError("LinearSelfAttention: rotary positions with chunk_size: run "
+                                 "the chunks one by one with a cache")
+            o, _ = linear_attention_chunk(q, k, v, empty_cache(b, heads, hd), eps=self.eps,
+                                          rotary=rotary)
         else:
             o = linear_attention(q, k, v, eps=self.eps, chunk_size=self.chunk_size,
                                  impl=self.attention_impl)

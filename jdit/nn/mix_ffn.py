@@ -4,6 +4,9 @@ The depthwise 3×3 convolution over the token grid (zero padding) is what gives 
 sense of position. The expansion's 2F channels are held as (2, F), value half first and gate
 half second (PyTorch's ``chunk(2)`` order), so a tensor-parallel split of F keeps each value
 channel on the device of its gate.
+
+SANA-Video's variant (``GLUMBTempConv``) runs the same FFN on every frame of a video and adds a
+residual temporal convolution over the frame axis (``frames``, ``temporal_kernel``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from flax import linen as nn
 from jdit.nn.layers import Array, Dense, DType, constrain
 
 HIDDEN_NAMES = ("batch", None, None, None, "act_mlp")  # (B, h, w, 2, F)
+VIDEO_HIDDEN_NAMES = ("batch", "time", None, None, None, "act_mlp")  # (B, T, h, w, 2, F)
+VIDEO_NAMES = ("batch", "time", "length", "act_embed")  # (B, T, h·w, C)
 
 
 def depthwise_conv(x: Array, kernel: Array, bias: Array) -> Array:
@@ -55,8 +60,39 @@ class DepthwiseConv(nn.Module):
         return depthwise_conv(x, kernel.astype(self.dtype), bias.astype(self.dtype))
 
 
+class TemporalConv(nn.Module):
+    """A full (channel-mixing) convolution of k taps over the frame axis of (B, T, L, C), zero
+    'same' padding, no bias: SANA-Video's ``conv_temp``. Zero-initialised, as SANA-Video starts
+    it, so a video model grown from an image model begins as that model frame by frame."""
+
+    kernel_size: int = 3
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    precision: jax.lax.Precision | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k, (t, c) = self.kernel_size, (x.shape[1], x.shape[-1])
+        if k < 1 or k % 2 == 0:
+            raise ValueError(f"TemporalConv: kernel_size must be odd, got {k}")
+        # the input side is split like the second layer of every D -> D map (an MLP's "mlp")
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.zeros_init(), (None, "mlp", "embed")), (k, c, c), self.param_dtype)
+        kernel, r = kernel.astype(self.dtype), k // 2
+        xp = jnp.pad(x.astype(self.dtype), [(0, 0), (r, r), (0, 0), (0, 0)])
+        out = 0.0
+        for i in range(k):
+            out = out + jnp.einsum("btlc,cd->btld", xp[:, i : i + t], kernel[i],
+                                   precision=self.precision)
+        return out
+
+
 class MixFFN(nn.Module):
-    """tokens (B, h·w, C) on a (h, w) grid -> (B, h·w, out_features)."""
+    """tokens (B, h·w, C) on a (h, w) grid -> (B, h·w, out_features).
+
+    Video (``frames`` > 1 or ``temporal_kernel``): tokens (B, T·h·w, C), frame-major; the
+    spatial FFN runs on each frame, then ``x + TemporalConv(x)`` over the frames (SANA-Video).
+    """
 
     hidden_features: int
     out_features: int
@@ -64,6 +100,8 @@ class MixFFN(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     precision: jax.lax.Precision | None = None
+    frames: int = 1
+    temporal_kernel: int = 0  # 0: none; SANA-Video: 3
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -71,8 +109,18 @@ class MixFFN(nn.Module):
         f = self.hidden_features
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         h = Dense((2, f), ("embed",), (None, "mlp"), name="conv_inverted", **common)(x)
-        h = constrain(jax.nn.silu(h).reshape(b, *self.grid_hw, 2, f), HIDDEN_NAMES)
+        video = self.frames > 1 or self.temporal_kernel > 0
+        if video:  # every frame on its own grid
+            h = constrain(jax.nn.silu(h).reshape(b, self.frames, *self.grid_hw, 2, f),
+                          VIDEO_HIDDEN_NAMES).reshape(b * self.frames, *self.grid_hw, 2, f)
+        else:
+            h = constrain(jax.nn.silu(h).reshape(b, *self.grid_hw, 2, f), HIDDEN_NAMES)
         h = DepthwiseConv((None, "mlp"), 3, self.param_dtype, self.dtype, name="conv_depth")(h)
         h = h[..., 0, :] * jax.nn.silu(h[..., 1, :])
-        return Dense(self.out_features, ("mlp",), ("embed",), use_bias=False, name="conv_point",
-                     **common)(h.reshape(b, -1, f))
+        out = Dense(self.out_features, ("mlp",), ("embed",), use_bias=False, name="conv_point",
+                    **common)(h.reshape(b, -1, f))
+        if self.temporal_kernel:
+            h = constrain(out.reshape(b, self.frames, -1, self.out_features), VIDEO_NAMES)
+            h = h + TemporalConv(self.temporal_kernel, name="conv_temp", **common)(h)
+            out = h.reshape(out.shape)
+        return out

@@ -1,4 +1,5 @@
-"""Multi-axis rotary positions with interleaved pairs (Lumina-Image 2.0; FLUX uses the same form).
+"""Multi-axis rotary positions with interleaved pairs (Lumina-Image 2.0; FLUX uses the same form;
+SANA-Video's Wan-style 3-D positions over (frames, rows, columns) too).
 
 A head vector of ``sum(axes_dim)`` channels is split into one slice per position axis; slice
 ``a`` rotates with the token's coordinate on axis ``a``. Channels pair up *adjacently*
@@ -61,3 +62,36 @@ def apply_rotary_interleaved(x: Array, cos: Array, sin: Array) -> Array:
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     out = jnp.stack([real * c - imag * s, real * s + imag * c], axis=-1)
     return out.reshape(b, n, h, d).astype(x.dtype)
+
+
+def wan_axes_dim(head_dim: int) -> tuple[int, int, int]:
+    """Channels per (time, height, width) axis of Wan's 3-D rotary positions (SANA-Video):
+    height and width get ``2·(head_dim // 6)`` each, time the rest (112 -> (40, 36, 36))."""
+    if head_dim % 2:
+        raise ValueError(f"3-D rotary positions need an even head dimension, got {head_dim}")
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rotary_grid(grid: Sequence[int], axes_dim: Sequence[int],
+                theta: float = 10000.0) -> tuple[Array, Array]:
+    """Cosines and sines ``(prod(grid), sum(axes_dim)/2)`` for the tokens of a row-major grid
+    (a video's (frames, rows, columns)); token ``(i, j, ...)`` has coordinate ``i`` on axis 0.
+
+    Built in the graph from the small per-axis tables by broadcasting, so a long video does not
+    embed a large constant in the compiled program.
+    """
+    if len(grid) != len(axes_dim):
+        raise ValueError(f"grid {tuple(grid)} and axes_dim {tuple(axes_dim)} differ in length")
+    n = len(grid)
+    cos, sin = [], []
+    for a, (dim, length) in enumerate(zip(axes_dim, grid, strict=True)):
+        c, s = rotary_table(dim, length, theta)
+        shape = [1] * n + [dim // 2]
+        shape[a] = length
+        full = (*grid, dim // 2)
+        cos.append(jnp.broadcast_to(jnp.asarray(c).reshape(shape), full))
+        sin.append(jnp.broadcast_to(jnp.asarray(s).reshape(shape), full))
+    size = int(np.prod(grid))
+    return (jnp.concatenate(cos, axis=-1).reshape(size, -1),
+            jnp.concatenate(sin, axis=-1).reshape(size, -1))

@@ -9,10 +9,11 @@ from jdit.models.pixart_controlnet import PixArtControlNet
 from jdit.models.registry import FAMILIES, PRESETS, architecture, build, preset
 from jdit.models.sana import Sana, SanaBlock
 from jdit.models.sana_controlnet import SanaControlNet
+from jdit.models.sana_video import SanaVideo, SanaVideoBlock
 from jdit.nn.init import init_params
 
 __all__ = [
     "FAMILIES", "PRESETS", "DiT", "DiTBlock", "Latte", "LatteBlock", "Lumina2", "Lumina2Block", "PixArt", "PixArtBlock", "PixArtControlNet", "architecture", "build",
-    "Sana", "SanaBlock", "SanaControlNet", "from_pretrained", "init_params", "param_shapes", "preset",
+    "Sana", "SanaBlock", "SanaControlNet", "SanaVideo", "SanaVideoBlock", "from_pretrained", "init_params", "param_shapes", "preset",
     "save_pretrained",
 ]

@@ -22,10 +22,12 @@ from jdit.models.pixart import PixArt
 from jdit.models.pixart_controlnet import PixArtControlNet
 from jdit.models.sana import Sana
 from jdit.models.sana_controlnet import SanaControlNet
+from jdit.models.sana_video import SanaVideo
 
 FAMILIES: dict[str, type[nn.Module]] = {"dit": DiT, "pixart": PixArt, "sana": Sana,
                                         "sana_controlnet": SanaControlNet,
                                         "pixart_controlnet": PixArtControlNet,
+                                        "sana_video": SanaVideo,
                                         "lumina2": Lumina2, "latte": Latte}
 
 # Fields that choose how a model runs, not what it computes: not stored in checkpoints.
@@ -68,6 +70,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                             num_heads=24, num_kv_heads=8, multiple_of=256, norm_eps=1e-5,
                             axes_dim_rope=(32, 32, 32), axes_lens=(300, 512, 512),
                             caption_channels=2304),
+    # SANA-Video 2B at 480p (SanaMSVideo_2000M_P2_D20): Wan 2.1 VAE latents (16 channels),
+    # patches 1x2x2, linear heads 20x112, Gemma-2 captions; 81 frames = 21 latent frames
+    "sana_video_2b_480p": dict(family="sana_video", input_size=60, input_width=104,
+                               input_frames=21, patch_size=2, temporal_patch_size=1,
+                               in_channels=16, out_channels=16, hidden_size=2240, depth=20,
+                               num_heads=20, cross_num_heads=20, cross_head_dim=112,
+                               mlp_ratio=3.0, caption_channels=2304, qk_norm=True),
     # Latte-1 (maxin-cn/Latte-1): PixArt-α XL/2 blocks in spatial + temporal pairs, 16 frames
     "latte_xl2_512": dict(family="latte", input_size=64, video_length=16, caption_channels=4096,
                           norm_eps=1e-6, **_XL2),
@@ -101,6 +110,11 @@ PIPELINE_FACTS: dict[str, dict[str, Any]] = {
     # the 0.1159 shift_factor lives with the autoencoder (its config.json), not here.
     "lumina2_2b_1024": dict(resolution=1024, vae_factor=8, latent_scale=0.3611,
                             caption_length=256, flow_shift=6.0),
+    # 480x832 px, 81 frames. Wan 2.1 VAE: 8x in space, 4x in time (81 frames -> 21 latent
+    # frames); its per-channel latent mean and std live with the autoencoder. flow_shift:
+    # diffusers' conversion script (the training config says 7.0, the official scripts pass 8).
+    "sana_video_2b_480p": dict(resolution=480, frames=81, vae_factor=8, caption_length=300,
+                               flow_shift=8.0),
     "latte_xl2_512": dict(resolution=512, caption_length=120, frames=16, **_SD_VAE),
 }
 

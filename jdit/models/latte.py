@@ -274,6 +274,9 @@ class Latte(nn.Module):
         b = x.shape[0]
         check_vector("Latte", "t", t, (b,))
         check_context("Latte", context, context_mask, b, self.caption_channels)
+        if not isinstance(temporal, bool):
+            raise ValueError(f"Latte: temporal must be a Python bool (a static argument under "
+                             f"jit), got {type(temporal).__name__}")
         d, p = self.hidden_size, self.patch_size
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         cond = dict(param_dtype=self.param_dtype, precision=self.precision)

@@ -237,6 +237,7 @@ def good():
     (dict(t=jnp.zeros((2, 3))), r"t must have shape \(2,\), got \(2, 3\)"),
     (dict(context=jnp.zeros((2, 5, 16))), r"context must be text features of shape \(2, L, 8\)"),
     (dict(context_mask=jnp.ones((2, 3, 5))), r"context_mask must have shape \(2, 5\)"),
+    (dict(temporal=jnp.array(True)), r"temporal must be a Python bool"),
 ])
 def test_bad_inputs(change, message):
     with pytest.raises(ValueError, match=message):

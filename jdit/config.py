@@ -90,9 +90,12 @@ SECTIONS: dict[str, dict[str, Any]] = {
     "control": dict(method="none", scale=1.0, guess_mode=False, attend_each_other=False,
                     controlnet_depth=0),
     # Facts of a published architecture's pipeline (architecture configs; jdit aot reads them).
-    # ``frames``: video frames per clip of a video model (None: an image model).
+    # ``frames``: video frames per clip of a video model (None: an image model); ``width``: the
+    # image width when it is not ``resolution`` (SANA-Video: 480x832); ``vae_time_factor``: a
+    # video VAE's downsampling in time (Wan: 4, the first frame alone).
     "pipeline": dict(resolution=REQUIRED, vae_factor=8, latent_scale=REQUIRED,
-                     caption_length=None, flow_shift=None, frames=None),
+                     caption_length=None, flow_shift=None, frames=None, width=None,
+                     vae_time_factor=None),
 }
 # The ``data`` section, by ``data.name`` (jdit.train.tasks).
 DATA: dict[str, dict[str, Any]] = {

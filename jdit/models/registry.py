@@ -113,8 +113,8 @@ PIPELINE_FACTS: dict[str, dict[str, Any]] = {
     # 480x832 px, 81 frames. Wan 2.1 VAE: 8x in space, 4x in time (81 frames -> 21 latent
     # frames); its per-channel latent mean and std live with the autoencoder. flow_shift:
     # diffusers' conversion script (the training config says 7.0, the official scripts pass 8).
-    "sana_video_2b_480p": dict(resolution=480, frames=81, vae_factor=8, caption_length=300,
-                               flow_shift=8.0),
+    "sana_video_2b_480p": dict(resolution=480, width=832, frames=81, vae_factor=8,
+                               vae_time_factor=4, caption_length=300, flow_shift=8.0),
     "latte_xl2_512": dict(resolution=512, caption_length=120, frames=16, **_SD_VAE),
 }
 

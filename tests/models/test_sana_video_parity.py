@@ -180,9 +180,9 @@ def test_preset_is_the_published_2b_architecture():
     assert n == sum(p.numel() for p in ref.parameters()) == 2_056_862_144
     facts = jdit.models.registry.PIPELINE_FACTS["sana_video_2b_480p"]
     # the Wan VAE: 4x in time (the first frame alone), 8x in space; 480x832 px
-    assert (facts["frames"] - 1) // 4 + 1 == module.input_frames
+    assert (facts["frames"] - 1) // facts["vae_time_factor"] + 1 == module.input_frames
     assert facts["resolution"] // facts["vae_factor"] == module.input_size
-    assert 832 // facts["vae_factor"] == module.input_width
+    assert facts["width"] // facts["vae_factor"] == module.input_width
 
 
 def tiny(**kw):

@@ -204,6 +204,9 @@ class Latte(nn.Module):
     mlp_ratio: float = 4.0
     caption_channels: int = 4096
     learn_sigma: bool = True
+    # channels of the prediction when they differ from the input's (0: in_channels): a model
+    # given known frames reads [x, known, mask] (2 C + 1 channels) and predicts C
+    predict_channels: int = 0
     video_length: int = 16  # frames the temporal position embedding covers
     norm_eps: float = 1e-6
     # a factory of the module run right after each temporal attention (ARLON's injection)
@@ -217,7 +220,8 @@ class Latte(nn.Module):
 
     @property
     def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+        c = self.predict_channels or self.in_channels
+        return c * 2 if self.learn_sigma else c
 
     @property
     def pe_interpolation(self) -> float:
@@ -242,6 +246,9 @@ class Latte(nn.Module):
 
     def check_config(self) -> None:
         check_config("Latte", self.hidden_size, self.num_heads, self.depth, self.patch_size)
+        if self.predict_channels < 0:
+            raise ValueError(f"Latte: predict_channels must be >= 0 (0: in_channels), got "
+                             f"{self.predict_channels}")
         if self.video_length < 1:
             raise ValueError(f"Latte: video_length must be >= 1, got {self.video_length}")
         if self.norm_eps <= 0:

@@ -53,9 +53,8 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     in_ch = config_int(cfg, "in_channels")
     out_ch = cfg.get("out_channels")
     out_ch = in_ch if out_ch is None else int(out_ch)
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise ValueError(f"diffusers Latte config: out_channels {out_ch} must be {in_ch} or "
-                         f"{2 * in_ch} (learned sigma)")
+    if out_ch < 1:
+        raise ValueError(f"diffusers Latte config: out_channels must be >= 1, got {out_ch}")
     if cfg.get("cross_attention_dim") != hidden:
         raise ValueError(f"diffusers Latte config: cross_attention_dim "
                          f"{cfg.get('cross_attention_dim')} must equal the inner dim {hidden} "
@@ -69,6 +68,7 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
         num_heads=heads,
         caption_channels=config_int(cfg, "caption_channels"),
         learn_sigma=out_ch == 2 * in_ch,
+        predict_channels=0 if out_ch in (in_ch, 2 * in_ch) else out_ch,
         video_length=config_int(cfg, "video_length", 16),
         norm_eps=config_float(cfg, "norm_eps", 1e-5),
     )

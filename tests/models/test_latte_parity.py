@@ -38,9 +38,9 @@ def tiny(tmp_path_factory):
     return make_diffusers(tmp_path_factory.mktemp("latte"))
 
 
-def inputs(b=2, frames=4, hw=(8, 8), caption_len=6, valid=(6, 3), seed=1):
+def inputs(b=2, frames=4, hw=(8, 8), caption_len=6, valid=(6, 3), seed=1, channels=4):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, 4, frames, *hw, generator=gen)  # diffusers: (B, C, T, H, W)
+    x = torch.randn(b, channels, frames, *hw, generator=gen)  # diffusers: (B, C, T, H, W)
     t = torch.tensor([7.0, 612.5, 999.0][:b])
     ctx = torch.randn(b, caption_len, TINY["caption_channels"], generator=gen)
     mask = torch.zeros(b, caption_len)
@@ -87,6 +87,18 @@ def test_plain_output_non_square_and_interpolated_positions(tmp_path):
     x, t, ctx, mask = inputs(frames=3, hw=(6, 10), caption_len=5, valid=(2, 5))
     out = run_jdit(module, params, x, t, ctx, mask)
     assert out.shape == (2, 3, 6, 10, 4)
+    assert rel_err(out, run_diffusers(model, x, t, ctx, mask)) <= TOL
+
+
+def test_other_output_channels_a_frame_conditioned_model(tmp_path):
+    # [x, known frames, mask] in (2 C + 1 = 7 channels), the C = 3 velocity channels out
+    model, folder = make_diffusers(tmp_path, seed=3, in_channels=7, out_channels=3,
+                                   num_layers=1)
+    module, params = jdit.models.from_pretrained(folder)
+    assert module.predict_channels == 3 and not module.learn_sigma
+    x, t, ctx, mask = inputs(channels=7)
+    out = run_jdit(module, params, x, t, ctx, mask)
+    assert out.shape == (2, 4, 8, 8, 3)
     assert rel_err(out, run_diffusers(model, x, t, ctx, mask)) <= TOL
 
 
@@ -247,7 +259,7 @@ def test_bad_inputs(change, message):
 @pytest.mark.parametrize("change,message", [
     (dict(norm_type="layer_norm"), r"norm_type='layer_norm' is not supported"),
     (dict(activation_fn=None), r"activation_fn='geglu' is not supported"),
-    (dict(out_channels=6), r"out_channels 6 must be 4 or 8"),
+    (dict(out_channels=0), r"out_channels must be >= 1, got 0"),
     (dict(cross_attention_dim=None), r"cross_attention_dim None must equal the inner dim 32"),
     (dict(caption_channels=None), r"caption_channels is required"),
 ])

@@ -8,5 +8,7 @@ from jdit.pipelines.class_to_image import ClassToImage
 from jdit.pipelines.prompts import PromptEncoder
 from jdit.pipelines.schedulers import SamplerSpec, from_diffusers_config
 from jdit.pipelines.text_to_image import TextToImage
+from jdit.pipelines.text_to_video import TextToVideo
 
-__all__ = ["ClassToImage", "PromptEncoder", "SamplerSpec", "TextToImage", "from_diffusers_config"]
+__all__ = ["ClassToImage", "PromptEncoder", "SamplerSpec", "TextToImage", "TextToVideo",
+           "from_diffusers_config"]

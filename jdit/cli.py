@@ -368,6 +368,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "llm": ("llm", "LI-DiT at toy scale: LLM prompt features, raw vs refined (shapes)"),
     "step-cache": ("step_cache", "sampling with step caches vs without (random PixArt, CPU)"),
     "fast": ("fast", "adherence vs seconds per image: teacher, student, caches, diffusers"),
+    "arlon": ("arlon", "ARLON at toy scale: long videos chained vs AR-planned (moving_shapes)"),
 }
 
 

@@ -249,3 +249,33 @@ def test_fast_benchmark_tables_teacher_student_cache_and_diffusers(tmp_path):
     assert all(row["seconds_per_image"] > 0 for row in r["rows"])
     assert r["diffusers"]["max_abs_diff_vs_jdit_20_steps"] < 1e-3  # the same pipeline
     assert r["best"] in {row["name"] for row in r["rows"]} and r["speedup_over_diffusers"] > 0
+
+
+@pytest.mark.slow  # every ARLON stage trained a few steps, then long videos made and scored
+def test_arlon_benchmark_trains_every_stage_and_scores_every_method(tmp_path):
+    """`jdit bench arlon` (ARLON's claim, ~25 minutes) at a toy size: the stages reuse their
+    saved parameters on a second run, every method is scored, the claim is judged."""
+    import copy
+
+    import numpy as np
+
+    from jdit.benchmarks import arlon
+
+    cfg = copy.deepcopy(arlon.EXPERIMENT)
+    for stage in ("dit", "vq", "ar", "inject"):
+        cfg[stage]["steps"] = 2
+    cfg["dit"].update(hidden_size=32, depth=1)
+    cfg.update(eval_videos=2, eval_frames=16)
+    cfg["sample"]["steps"] = 1
+    r = arlon.run(cfg, tmp_path, log=lambda m: None)
+    methods = [k for k in r if isinstance(r[k], dict) and "identity" in r[k]]
+    assert {"ground_truth", "a_chained", "b_arlon/inject", "b20_arlon_corrupted/inject",
+            "oracle_plan/inject_uncertainty"} <= set(methods)
+    assert r["ground_truth"]["identity"] == 1.0 and r["ground_truth"]["frames"] == 16
+    assert set(r["claim"]) == {"inject", "inject_uncertainty"}
+    assert isinstance(r["claim_holds"], bool)
+    again = arlon.run(cfg, tmp_path, log=lambda m: None)
+    assert all(s == {"reused": True} for s in again["stages"].values())
+    np.testing.assert_allclose(again["a_chained"]["count"], r["a_chained"]["count"])
+    with pytest.raises(ValueError, match="unknown experiment key"):
+        arlon._override(copy.deepcopy(arlon.EXPERIMENT), "dit.nope=1")

@@ -230,6 +230,10 @@ def evaluate_all(x: Experiment, params: dict[str, Any], log: Callable[[str], Non
     def long_video(denoise: Any, p: Any, coarse: Any = None) -> np.ndarray:
         def conditions(i: int, start: int, stop: int) -> tuple[Any, ...]:
             plan = jnp.zeros((0,)) if coarse is None else coarse[:, start:stop]
+            if coarse is not None and plan.shape[1] < stop - start:  # the last segment runs
+                # past the video's end (its extra frames are dropped): its last plan frame held
+                plan = jnp.pad(plan, ((0, 0), (0, stop - start - plan.shape[1]), (0, 0), (0, 0),
+                                      (0, 0)), mode="edge")
             return (p, scale, ctx, cmask, null_ctx, null_mask, plan)
         return sample_long_video(denoise, frame, batch=n, total_frames=cfg["eval_frames"],
                                  segment_frames=cfg["clip_frames"],

@@ -22,16 +22,18 @@ VIDEO_HIDDEN_NAMES = ("batch", "time", None, None, None, "act_mlp")  # (B, T, h,
 VIDEO_NAMES = ("batch", "time", "length", "act_embed")  # (B, T, h·w, C)
 
 
-def depthwise_conv(x: Array, kernel: Array, bias: Array) -> Array:
-    """x (B, h, w, *C); kernel (k, k, *C) with k odd; zero 'same' padding. k² shifted
-    multiply-adds, which XLA fuses into one pass on every backend."""
+def depthwise_conv(x: Array, kernel: Array, bias: Array, lead: int = 1) -> Array:
+    """x (*lead, h, w, *C): ``lead`` leading axes (B; or B, T for video); kernel (k, k, *C) with
+    k odd; zero 'same' padding. k² shifted multiply-adds, which XLA fuses into one pass on every
+    backend. Video keeps B and T apart (not one B·T axis): frames split unevenly over a mesh
+    axis cannot be merged with the batch without gathering them."""
     k = kernel.shape[0]
-    h, w, r = x.shape[1], x.shape[2], k // 2
-    xp = jnp.pad(x, [(0, 0), (r, r), (r, r)] + [(0, 0)] * (x.ndim - 3))
-    out = bias
+    h, w, r = x.shape[lead], x.shape[lead + 1], k // 2
+    xp = jnp.pad(x, [(0, 0)] * lead + [(r, r), (r, r)] + [(0, 0)] * (x.ndim - lead - 2))
+    out, at = bias, (slice(None),) * lead
     for i in range(k):
         for j in range(k):
-            out = out + xp[:, i : i + h, j : j + w] * kernel[i, j]
+            out = out + xp[(*at, slice(i, i + h), slice(j, j + w))] * kernel[i, j]
     return out
 
 
@@ -43,10 +45,11 @@ class DepthwiseConv(nn.Module):
     kernel_size: int = 3
     param_dtype: DType = jnp.float32
     dtype: DType = jnp.float32
+    lead: int = 1  # leading axes before (h, w): 1 (B), 2 for video (B, T)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        channels, k = x.shape[3:], self.kernel_size
+        channels, k = x.shape[self.lead + 2:], self.kernel_size
         if k < 1 or k % 2 == 0:
             raise ValueError(f"DepthwiseConv: kernel_size must be odd, got {k}")
 
@@ -57,7 +60,7 @@ class DepthwiseConv(nn.Module):
                             (k, k, *channels), self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(init, self.axes), channels,
                           self.param_dtype)
-        return depthwise_conv(x, kernel.astype(self.dtype), bias.astype(self.dtype))
+        return depthwise_conv(x, kernel.astype(self.dtype), bias.astype(self.dtype), self.lead)
 
 
 class TemporalConv(nn.Module):
@@ -105,22 +108,24 @@ class MixFFN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        b = x.shape[0]
+        b, shape = x.shape[0], x.shape
         f = self.hidden_features
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-        h = Dense((2, f), ("embed",), (None, "mlp"), name="conv_inverted", **common)(x)
         video = self.frames > 1 or self.temporal_kernel > 0
-        if video:  # every frame on its own grid
+        if video:  # (B, T, h·w, C) throughout: frames split over a mesh axis stay split
+            x = constrain(x.reshape(b, self.frames, -1, x.shape[-1]), VIDEO_NAMES)
+        h = Dense((2, f), ("embed",), (None, "mlp"), name="conv_inverted", **common)(x)
+        if video:  # every frame on its own grid (B, T, h, w, 2, F)
             h = constrain(jax.nn.silu(h).reshape(b, self.frames, *self.grid_hw, 2, f),
-                          VIDEO_HIDDEN_NAMES).reshape(b * self.frames, *self.grid_hw, 2, f)
+                          VIDEO_HIDDEN_NAMES)
         else:
             h = constrain(jax.nn.silu(h).reshape(b, *self.grid_hw, 2, f), HIDDEN_NAMES)
-        h = DepthwiseConv((None, "mlp"), 3, self.param_dtype, self.dtype, name="conv_depth")(h)
+        h = DepthwiseConv((None, "mlp"), 3, self.param_dtype, self.dtype, 2 if video else 1,
+                          name="conv_depth")(h)
         h = h[..., 0, :] * jax.nn.silu(h[..., 1, :])
         out = Dense(self.out_features, ("mlp",), ("embed",), use_bias=False, name="conv_point",
-                    **common)(h.reshape(b, -1, f))
+                    **common)(h.reshape(*x.shape[:-1], f))
         if self.temporal_kernel:
-            h = constrain(out.reshape(b, self.frames, -1, self.out_features), VIDEO_NAMES)
-            h = h + TemporalConv(self.temporal_kernel, name="conv_temp", **common)(h)
-            out = h.reshape(out.shape)
-        return out
+            out = constrain(out, VIDEO_NAMES)
+            out = out + TemporalConv(self.temporal_kernel, name="conv_temp", **common)(out)
+        return out.reshape(*shape[:-1], self.out_features)

@@ -4,6 +4,7 @@
   FLOPs, HBM and collective bytes and roofline of a compiled program.
 - :mod:`jdit.aot.train_step`: a config's train step (``jdit aot --config``), what a model-only
   config is assumed to train with, the largest per-device batch that fits.
+- :mod:`jdit.aot.video`: a video pipeline's clips as latents; how ``context`` splits frames.
 - :mod:`jdit.aot.pipeline`: T5 → guided sampler → VAE as one program (``jdit aot --pipeline``).
 - :mod:`jdit.aot.cache`: the feature-caching program of ``jdit cache`` (VAE encoder + T5) as
   one program: memory per chip, roofline images/s per chip, the largest batch that fits

@@ -12,6 +12,10 @@ XLA's cost analysis counts every layer. The memory figures are those of the prog
 Its costs are too, unless the TPU compiler turned FSDP gathers into collective matmul loops
 (large batches): then they come from a recompile without them (``costs_from`` says which;
 :func:`jdit.aot.roofline.loop_free_analysis`).
+
+Video models (Latte, SANA-Video) train on their pipeline's clips (``pipeline.frames`` at
+``resolution`` × ``width``; :mod:`jdit.aot.video`); with a ``context`` mesh axis their frames are
+split over it, and the report says how (``frame_split``, ``examples_per_chip``).
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from jdit.aot.roofline import GiB, analyse, loop_free_analysis, oom_figures, topology_devices
+from jdit.aot.video import frame_split, video_latents
 from jdit.config import apply_overrides, complete, load_config, section
 
 # What a config that holds only a model (e.g. configs/pixart_sigma_xl2_1024.py) is assumed to
@@ -46,7 +51,7 @@ DEFAULT_CAPTION_LENGTH = 300  # PixArt-Σ's and SANA's text length, when a confi
 
 
 # families published as rectified-flow models: a model-only config trains with the flow objective
-FLOW_FAMILIES = ("sana", "lumina2")
+FLOW_FAMILIES = ("sana", "lumina2", "sana_video")
 
 
 def with_defaults(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -88,13 +93,17 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict
     return config, {name: values for name, values in kept.items() if values}
 
 
-def example_batch(module: Any, batch: int, caption_length: int = DEFAULT_CAPTION_LENGTH
-                  ) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes of a training batch for ``module`` (images at its training size)."""
+def example_batch(module: Any, batch: int, caption_length: int = DEFAULT_CAPTION_LENGTH,
+                  pipeline: Mapping[str, Any] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of a training batch for ``module``: images at its training size; a video model's
+    (B, T, H, W, C) latents of the ``pipeline`` facts' clips (:func:`jdit.aot.video.
+    video_latents`), checked against the model before anything compiles."""
     text = hasattr(module, "caption_channels")
     inputs = jax.eval_shape(lambda: module.example_inputs(
         batch, **({"caption_length": caption_length} if text else {})))
     out = {"images": inputs["x"]}
+    if len(inputs["x"].shape) == 5:
+        out["images"] = video_latents(module, inputs["x"], pipeline)
     for k in ("context", "context_mask", "resolution", "aspect_ratio", "labels"):
         if k in inputs:
             out[k] = inputs[k]
@@ -103,20 +112,32 @@ def example_batch(module: Any, batch: int, caption_length: int = DEFAULT_CAPTION
     return out
 
 
-def report(config: Mapping[str, Any], topology: str, per_device_batch: int | None = None, *,
-           caption_length: int | None = None, sampler: bool = False,
-           scan_layers: bool | None = False, assumed: Mapping[str, Any] | None = None
-           ) -> dict[str, Any]:
-    """Compile the train step for ``topology`` and report memory, costs and the roofline.
+class CompiledStep(NamedTuple):
+    """A config's train step compiled for a topology; ``compiled`` None (and ``error`` the
+    compiler's message) when the compiler found it does not fit in HBM."""
 
-    ``config``: a training config, or one holding only a model (:func:`with_defaults` assumes
-    the rest); ``assumed``: what :func:`load` assumed, for the report. ``scan_layers`` None
-    keeps the config's choice."""
+    setup: Any  # jdit.train.loop.TrainSetup: config, module, partitioner
+    devices: list[Any]
+    batch: dict[str, jax.ShapeDtypeStruct]  # the global batch's shapes
+    per_device_batch: int  # examples per batch shard (the mesh's data and fsdp axes)
+    global_batch: int
+    params: Any  # abstract parameters: the model's, or a LoRA step's frozen base
+    lowered: Any
+    compiled: Any
+    error: str | None
+    seconds: float
+    assumed: dict[str, Any]  # what with_defaults assumed for this config
+
+
+def compile_step(config: Mapping[str, Any], topology: str, per_device_batch: int | None = None,
+                 *, caption_length: int | None = None, scan_layers: bool | None = False
+                 ) -> CompiledStep:
+    """Lower and compile the train step of ``config`` (:func:`with_defaults` fills a model-only
+    one) for ``topology`` with the run's shardings; ``scan_layers`` None keeps the config's."""
     from jdit.train.loop import TrainSetup
 
     devices = topology_devices(topology)
-    c, more = with_defaults(config)
-    assumed = {**(assumed or {}), **more}
+    c, assumed = with_defaults(config)
     if scan_layers is not None:
         c["model"]["scan_layers"] = scan_layers
     setup = TrainSetup(c, devices)
@@ -126,7 +147,8 @@ def report(config: Mapping[str, Any], topology: str, per_device_batch: int | Non
             1, int(c["train"].get("batch_size") or part.batch_shards) // part.batch_shards))
     global_batch = per_device_batch * part.batch_shards
     length = caption_length or (c.get("pipeline") or {}).get("caption_length")
-    batch = example_batch(module, global_batch, length or DEFAULT_CAPTION_LENGTH)
+    batch = example_batch(module, global_batch, length or DEFAULT_CAPTION_LENGTH,
+                          c.get("pipeline"))
     null = None
     if "context" in batch:
         _, length, dim = batch["context"].shape
@@ -140,6 +162,7 @@ def report(config: Mapping[str, Any], topology: str, per_device_batch: int | Non
     # a LoRA step also takes the frozen base (sharded like the model's parameters)
     frozen = () if setup.lora is None else (part.abstract_params(module),)
     t0 = time.perf_counter()
+    lowered = compiled = error = None
     try:
         with part.activate():
             lowered = step.lower(abstract_state, abstract_batch, *frozen)
@@ -147,13 +170,29 @@ def report(config: Mapping[str, Any], topology: str, per_device_batch: int | Non
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        compiled = None  # the compiler itself found that it does not fit in HBM
-        error = str(e)
-    compile_seconds = time.perf_counter() - t0
+        error = str(e)  # the compiler itself found that it does not fit in HBM
+    return CompiledStep(setup, devices, batch, per_device_batch, global_batch,
+                        frozen[0] if frozen else abstract_state.params, lowered, compiled, error,
+                        time.perf_counter() - t0, assumed)
+
+
+def report(config: Mapping[str, Any], topology: str, per_device_batch: int | None = None, *,
+           caption_length: int | None = None, sampler: bool = False,
+           scan_layers: bool | None = False, assumed: Mapping[str, Any] | None = None
+           ) -> dict[str, Any]:
+    """Compile the train step for ``topology`` (:func:`compile_step`) and report memory, costs
+    and the roofline. ``assumed``: what :func:`load` assumed, for the report."""
+    r = compile_step(config, topology, per_device_batch, caption_length=caption_length,
+                     scan_layers=scan_layers)
+    setup, devices, batch, lowered, compiled = r.setup, r.devices, r.batch, r.lowered, r.compiled
+    c, module, part = setup.config, setup.module, setup.partitioner
+    per_device_batch, global_batch, compile_seconds = r.per_device_batch, r.global_batch, r.seconds
+    assumed = {**(assumed or {}), **r.assumed}
     if compiled is None:
         return {"topology": topology, "devices": len(devices), "per_device_batch": per_device_batch,
-                "global_batch": global_batch, "fits": False, **oom_figures(error, devices[0]),
-                "compile_seconds": round(compile_seconds, 1), "error": error.splitlines()[0][:500]}
+                "global_batch": global_batch, "fits": False, **oom_figures(r.error, devices[0]),
+                "compile_seconds": round(compile_seconds, 1),
+                "error": r.error.splitlines()[0][:500]}
     scanned = bool(c["model"].get("scan_layers"))
     if scanned:  # the scan over blocks is a loop whatever the compiler does: no recompile
         figures, loops = analyse(compiled, devices[0]), None
@@ -161,20 +200,23 @@ def report(config: Mapping[str, Any], topology: str, per_device_batch: int | Non
     else:
         with part.activate():
             figures, loops, costs_from = loop_free_analysis(lowered, compiled, devices[0])
-    image_tokens = _tokens(module)
+    image_tokens = _tokens(module, batch["images"].shape)
     out = {
         "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
         "mesh": {k: int(v) for k, v in part.mesh.shape.items()}, "rules": c["parallel"]["rules"],
         "per_device_batch": per_device_batch, "global_batch": global_batch,
         "tokens_per_example": image_tokens,
-        "parameters": int(sum(math.prod(a.shape) for a in jax.tree.leaves(
-            frozen[0] if frozen else abstract_state.params))),
+        "parameters": int(sum(math.prod(a.shape) for a in jax.tree.leaves(r.params))),
         "dtype": str(c["model"]["dtype"]), "remat_policy": c["model"]["remat_policy"],
         "scan_layers": bool(c["model"]["scan_layers"]), "optimizer": c["optim"]["name"],
         **figures, "costs_from": costs_from, "compile_seconds": round(compile_seconds, 1),
     }
     if loops is not None:
         out["while_loops"] = loops
+    if len(batch["images"].shape) == 5:  # a video model: a batch shard may span chips
+        out["latents_per_example"] = list(batch["images"].shape[1:])  # (T, H, W, C)
+        out["examples_per_chip"] = global_batch / len(devices)
+        out["frame_split"] = frame_split(batch["images"].shape[1], out["mesh"])
     if "context" in batch:
         out["caption_tokens_per_example"] = int(batch["context"].shape[1])
         if getattr(type(module), "JOINT_ATTENTION", False) and image_tokens is not None:
@@ -182,18 +224,24 @@ def report(config: Mapping[str, Any], topology: str, per_device_batch: int | Non
             out["sequence_tokens_per_example"] = image_tokens + out["caption_tokens_per_example"]
     if setup.lora is not None:  # what trains: the adapters, their moments and EMA
         out["lora"] = {**setup.lora.to_dict(), "trainable_parameters": int(sum(
-            math.prod(a.shape) for a in jax.tree.leaves(abstract_state.params)))}
+            math.prod(a.shape) for a in jax.tree.leaves(setup.abstract_state().params)))}
     if assumed:
         out["assumed"] = assumed
     if sampler:
-        out["sampler"] = sampler_report(module, part, c, frozen[0] if frozen else
-                                        abstract_state.params, batch)
+        out["sampler"] = sampler_report(module, part, c, r.params, batch)
     return out
 
 
-def _tokens(module: Any) -> int | None:
-    size, patch = getattr(module, "input_size", None), getattr(module, "patch_size", None)
-    return None if size is None or patch is None else (size // patch) ** 2
+def _tokens(module: Any, shape: Sequence[int]) -> int | None:
+    """Tokens of one example of latents ``shape``: (B, H, W, C), or (B, T, H, W, C) video
+    (every frame's, after temporal patching)."""
+    patch = getattr(module, "patch_size", None)
+    if patch is None:
+        return None
+    tokens = (shape[-3] // patch) * (shape[-2] // patch)
+    if len(shape) == 5:
+        tokens *= shape[1] // getattr(module, "temporal_patch_size", 1)
+    return tokens
 
 
 def sampler_report(module: Any, part: Any, c: Mapping[str, Any], abstract_params: Any,

@@ -1,7 +1,7 @@
 """The train state and ``train_step``: one pure function, jitted once.
 
 A batch is a dict: ``images`` (B, H, W, C) in the model's input space (pixels in [-1, 1] or VAE
-latents), and either ``context`` (B, L, D) + ``context_mask`` (B, L) for text-conditioned models
+latents; video latents (B, T, H, W, C): nothing here depends on the rank), and either ``context`` (B, L, D) + ``context_mask`` (B, L) for text-conditioned models
 or ``labels`` (B,) for class-conditioned ones. The ``diffusion``, ``train`` and ``distill``
 config sections choose the objective and the step (keys and defaults: :mod:`jdit.config`).
 

@@ -275,6 +275,29 @@ class LatentVQVAE(nn.Module):
         return self._decode_codes(z_st), indices, aux
 
 
+def restart_dead_codes(model: LatentVQVAE, params: Any, x: Array, rng: Array) -> Any:
+    """``params`` with every code that no token of ``x`` chose moved onto one of the encoder
+    outputs of ``x`` its code represents worst (largest quantisation error).
+
+    A VQ-VAE on mostly empty frames collapses to a few codes (the background); restarting the
+    dead codes on the worst-served vectors (SoundStream's and Jukebox's remedy) gives the objects
+    codes of their own. Call it every few hundred steps during training; jittable.
+    """
+    vq = {"params": params}
+    z, _, indices = model.apply(vq, x, method=lambda m, v: m._encode(v))
+    z = z.reshape(-1, z.shape[-1])
+    codebook = l2_normalize(params["codebook"])
+    err = jnp.sum(jnp.square(z - jnp.take(codebook, indices.reshape(-1), axis=0)), -1)
+    counts = jnp.bincount(indices.reshape(-1), length=model.codebook_size)
+    # the worst-served vectors first, a little noise so that equal errors spread out
+    order = jnp.argsort(-(err + 1e-6 * jax.random.uniform(rng, err.shape)))
+    dead = counts == 0
+    slot = jnp.cumsum(dead) - 1  # dead code j takes the slot-th worst vector
+    picks = jnp.take(z, jnp.take(order, slot % z.shape[0]), axis=0)
+    new = jnp.where(dead[:, None], picks.astype(params["codebook"].dtype), params["codebook"])
+    return {**params, "codebook": new}
+
+
 def vq_loss(model: LatentVQVAE, params: Any, x: Array) -> tuple[Array, dict[str, Array]]:
     """``mse(recon, x) + codebook_loss + β · commitment_loss`` and the metrics (every term,
     ``perplexity``, ``usage``): what a VQ-VAE training step differentiates."""

@@ -33,14 +33,14 @@ import numpy as np
 EXPERIMENT: dict[str, Any] = dict(
     seed=0, size=32, clip_frames=8, eval_frames=32, context_frames=2, pair_fraction=0.3,
     eval_videos=32, text_dim=64, max_length=16,
-    dit=dict(hidden_size=96, depth=3, num_heads=4, patch_size=4, steps=900, batch_size=16,
-             lr=2e-3, p_context=0.7, cond_dropout=0.1, shift=3.0),
-    vq=dict(codebook_size=64, code_dim=8, temporal_factor=4, spatial_factor=8, width=64,
-            num_blocks=2, steps=400, batch_size=16, lr=2e-3),
+    dit=dict(hidden_size=96, depth=3, num_heads=4, patch_size=4, steps=1800, batch_size=16,
+             lr=3e-3, ema_decay=0.995, p_context=0.5, cond_dropout=0.1, shift=3.0),
+    vq=dict(codebook_size=256, code_dim=16, temporal_factor=4, spatial_factor=8, width=96,
+            num_blocks=2, steps=800, batch_size=16, lr=2e-3, restart_every=50),
     ar=dict(width=128, num_layers=3, num_heads=4, steps=500, batch_size=32, lr=1e-3,
             temperature=1.0, top_k=8),
-    inject=dict(adapter_width=64, adapter_blocks=2, steps=300, batch_size=16, lr=2e-3,
-                feature_max_std=0.5),
+    inject=dict(adapter_width=64, adapter_blocks=2, steps=300, batch_size=16, lr=3e-3,
+                ema_decay=0.99, feature_max_std=0.5),
     sample=dict(steps=12, guidance_scale=3.0, solver="dpm++2m"),
     corrupt_fraction=0.2,
 )
@@ -121,7 +121,7 @@ def train_all(x: Experiment, workdir: Path | None, log: Callable[[str], None]
     import jax
     import jax.numpy as jnp
 
-    from jdit.autoencoders.vq import vq_loss
+    from jdit.autoencoders.vq import restart_dead_codes, vq_loss
     from jdit.models.ar_prior import ar_loss
     from jdit.models.arlon import arlon_params, trainable_mask
     from jdit.nn.init import init_params
@@ -142,6 +142,7 @@ def train_all(x: Experiment, workdir: Path | None, log: Callable[[str], None]
                                                     init_params(x.dit, jax.random.key(seed)),
                                                     clips(d["batch_size"], cfg["clip_frames"], 1),
                                                     steps=d["steps"], lr=d["lr"], seed=seed,
+                                                    ema_decay=d["ema_decay"],
                                                     desc="video DiT"), log)
 
     vq_init = init_params(x.vq, jax.random.key(seed + 1))
@@ -149,7 +150,9 @@ def train_all(x: Experiment, workdir: Path | None, log: Callable[[str], None]
         workdir, "vq", vq_init,
         lambda: fit(lambda p, b, r: vq_loss(x.vq, p, b["videos"])[0], vq_init,
                     clips(v["batch_size"], cfg["clip_frames"], 2), steps=v["steps"], lr=v["lr"],
-                    seed=seed, desc="VQ-VAE"), log)
+                    seed=seed, desc="VQ-VAE", revise=(v["restart_every"], lambda p, b, r:
+                                                       restart_dead_codes(x.vq, p, b["videos"], r))
+                    ), log)
     encode = jax.jit(lambda vids: x.vq.apply({"params": params["vq"]}, vids, method="encode"))
 
     def ar_batch(k: int) -> dict[str, np.ndarray]:
@@ -195,9 +198,10 @@ def train_all(x: Experiment, workdir: Path | None, log: Callable[[str], None]
         loss = video_flow_loss(x.apply_arlon, **common, coarse_fn=plan(unc))
         params[name], info[name] = _stage(
             workdir, name, start,
-            lambda loss=loss: fit(loss, start, inject_batch,
+            lambda loss=loss, name=name: fit(loss, start, inject_batch,
                                   steps=i["steps"], lr=i["lr"], seed=seed,
-                                  trainable=trainable_mask(start), desc=name), log)
+                                  ema_decay=i["ema_decay"], trainable=trainable_mask(start),
+                                  desc=name), log)
     return params, info
 
 

@@ -16,6 +16,7 @@ frozen parts); :func:`segment_denoiser` turns a (frame-conditioned) video DiT in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,7 +40,7 @@ Apply = Callable[..., Array]
 
 @dataclasses.dataclass
 class Fitted:
-    params: Any
+    params: Any  # the exponential moving average when ``fit`` kept one
     losses: list[float]
     seconds: float
 
@@ -47,11 +48,16 @@ class Fitted:
 def fit(loss_fn: Callable[[Any, Batch, Array], Array], params: Any,
         make_batch: Callable[[int], Mapping[str, np.ndarray]], *, steps: int, lr: float,
         seed: int = 0, warmup: int = 50, trainable: Any = None, weight_decay: float = 0.0,
-        grad_clip: float = 1.0, desc: str = "train", progress: bool = True) -> Fitted:
+        grad_clip: float = 1.0, ema_decay: float = 0.0,
+        revise: tuple[int, Callable[[Any, Batch, Array], Any]] | None = None,
+        desc: str = "train", progress: bool = True) -> Fitted:
     """``steps`` AdamW steps of ``loss_fn(params, batch, rng)`` on ``make_batch(i)``.
 
     ``trainable``: a pytree of bools like ``params``; the others stay exactly as they are (no
-    optimizer state is kept for them)."""
+    optimizer state is kept for them). ``ema_decay > 0``: the result is the exponential moving
+    average of the parameters (what a short run samples best from). ``revise = (every, fn)``:
+    every ``every`` steps the parameters become ``fn(params, batch, rng)`` (a VQ-VAE's dead-code
+    restarts; :func:`jdit.autoencoders.vq.restart_dead_codes`)."""
     if steps < 1:
         raise ValueError(f"{desc}: steps must be >= 1, got {steps}")
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps // 2), steps, lr * 0.1)
@@ -62,11 +68,15 @@ def fit(loss_fn: Callable[[Any, Batch, Array], Array], params: Any,
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     opt_state = tx.init(params)
 
-    @jax.jit
-    def step(params: Any, opt_state: Any, batch: Batch, rng: Array) -> tuple[Any, Any, Array]:
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def step(params: Any, opt_state: Any, ema: Any, batch: Batch, rng: Array
+             ) -> tuple[Any, Any, Any, Array]:
         loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        params = optax.apply_updates(params, updates)
+        if ema_decay:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        return params, opt_state, ema, loss
 
     key, losses = jax.random.key(seed), []
     rows = range(steps)
@@ -74,14 +84,21 @@ def fit(loss_fn: Callable[[Any, Batch, Array], Array], params: Any,
         from tqdm.auto import tqdm
 
         rows = tqdm(rows, desc=desc, unit="step", mininterval=2.0)
+    revise_jit = jax.jit(revise[1]) if revise is not None else None
+    params = jax.tree.map(jnp.array, params)  # donated below: the caller's tree stays intact
+    ema = jax.tree.map(jnp.array, params) if ema_decay else {}
     start = time.perf_counter()
     for i in rows:
-        params, opt_state, loss = step(params, opt_state, make_batch(i), jax.random.fold_in(key, i))
+        batch = make_batch(i)
+        params, opt_state, ema, loss = step(params, opt_state, ema, batch,
+                                            jax.random.fold_in(key, i))
+        if revise is not None and (i + 1) % revise[0] == 0 and i + 1 < steps:
+            params = revise_jit(params, batch, jax.random.fold_in(key, steps + i))
         if i % 25 == 0 or i == steps - 1:
             losses.append(float(loss))
             if not np.isfinite(losses[-1]):
                 raise FloatingPointError(f"{desc}: loss is {losses[-1]} at step {i}")
-    return Fitted(params, losses, time.perf_counter() - start)
+    return Fitted(ema if ema_decay else params, losses, time.perf_counter() - start)
 
 
 def known_frames(rng: Array, batch: int, frames: int, context_frames: int, p_context: float

@@ -14,6 +14,7 @@ from jdit.autoencoders.vq import (
     LatentVQVAE,
     check_tokens,
     l2_normalize,
+    restart_dead_codes,
     tokens_to_grid,
     vector_quantize,
     vq_loss,
@@ -177,3 +178,23 @@ def test_bad_latents_and_tokens_get_clear_errors():
         check_tokens(np.full((2, 8), 70), 64)
     with pytest.raises(ValueError, match=r"expected \(B, 8\)"):
         tokens_to_grid(jnp.zeros((2, 7), jnp.int32), (2, 2, 2))
+
+
+def test_dead_codes_restart_on_the_worst_served_vectors():
+    vq = LatentVQVAE(**TINY)
+    params = init_params(vq, jax.random.key(0))
+    # a collapsed codebook: codes 2.. copies of code 0, never chosen (ties go to the first)
+    params = {**params, "codebook": params["codebook"].at[2:].set(params["codebook"][0])}
+    x = smooth_videos(2, 4, 16, 3)
+    apply = {"params": params}
+    before = np.asarray(vq.apply(apply, x, method="encode"))
+    assert len(np.unique(before)) <= 2
+    revived = jax.jit(lambda p, v, r: restart_dead_codes(vq, p, v, r))(params, x, jax.random.key(1))
+    np.testing.assert_array_equal(revived["codebook"][:2], params["codebook"][:2])  # used: kept
+    after = np.asarray(vq.apply({"params": revived}, x, method="encode"))
+    n_vectors = after.size
+    assert len(np.unique(after)) >= min(n_vectors, TINY["codebook_size"]) // 2  # spread out
+    z = np.asarray(vq.apply(apply, x, method=lambda m, v: m._encode(v))[0]).reshape(-1, 8)
+    moved = np.asarray(revived["codebook"][2:])
+    # every revived code is one of the encoder's outputs
+    assert np.min(np.abs(moved[:, None, :] - z[None]).max(-1), axis=1).max() < 1e-6

@@ -33,6 +33,9 @@ import numpy as np
 EXPERIMENT: dict[str, Any] = dict(
     seed=0, size=32, clip_frames=8, eval_frames=32, context_frames=2, pair_fraction=0.3,
     eval_videos=32, text_dim=64, max_length=16,
+    # a trained image model of the same shapes (a `shapes_tiny` run directory, the README's main
+    # job): the video DiT starts from it, as Latte starts from PixArt-α; "" trains from scratch
+    image_model="",
     dit=dict(hidden_size=96, depth=3, num_heads=4, patch_size=4, steps=1800, batch_size=16,
              lr=3e-3, ema_decay=0.995, p_context=0.5, cond_dropout=0.1, shift=3.0),
     vq=dict(codebook_size=256, code_dim=16, temporal_factor=4, spatial_factor=8, width=96,
@@ -52,17 +55,25 @@ class Experiment:
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         from jdit.autoencoders.vq import LatentVQVAE
-        from jdit.data import moving_shapes
+        from jdit.data import moving_shapes, shapes
         from jdit.models import build
         from jdit.models.ar_prior import ARPrior
         from jdit.models.arlon import ArlonDiT, with_injection
         from jdit.text.words import WordEncoder
 
         self.cfg, self.data = cfg, moving_shapes
-        self.encoder = WordEncoder(tuple(moving_shapes.vocabulary()), dim=cfg["text_dim"],
-                                   max_length=cfg["max_length"])
+        # the shapes words first (an image model's word vectors stay its own), then the motion
+        words = list(shapes.vocabulary())
+        words += [w for w in moving_shapes.vocabulary() if w not in words]
+        self.encoder = WordEncoder(tuple(words), dim=cfg["text_dim"], max_length=cfg["max_length"])
         self.null = self.encoder.encode([""])
         d, v, a = cfg["dit"], cfg["vq"], cfg["ar"]
+        self.image_model = None
+        if cfg["image_model"]:
+            self.image_model = image_model(cfg["image_model"], cfg)
+            m = self.image_model[0]
+            d.update(hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,
+                     patch_size=m.patch_size)
         self.dit = build("latte", input_size=cfg["size"], patch_size=d["patch_size"],
                          in_channels=7, predict_channels=3, hidden_size=d["hidden_size"],
                          depth=d["depth"], num_heads=d["num_heads"],
@@ -93,6 +104,52 @@ class Experiment:
     def apply_arlon(self, params: Any, x: Any, t: Any, ctx: Any, mask: Any, coarse: Any) -> Any:
         return self.arlon.apply({"params": params}, x, t, context=ctx, context_mask=mask,
                                 coarse=coarse)
+
+
+def image_model(path: str, cfg: dict[str, Any]) -> tuple[Any, Any]:
+    """``(module, EMA params)`` of a trained ``shapes`` PixArt run, checked to fit the video."""
+    from jdit.models.pixart import PixArt
+    from jdit.train.loop import load_trained
+
+    run, params, _ = load_trained(path)
+    m = run.module
+    if not isinstance(m, PixArt) or m.in_channels != 3 or m.learn_sigma:
+        raise ValueError(f"{path}: image_model must be a pixel-space PixArt run without learned "
+                         f"sigma (configs/shapes_tiny.py), got {type(m).__name__}")
+    if (m.input_size, m.caption_channels) != (cfg["size"], cfg["text_dim"]):
+        raise ValueError(f"{path}: the image model is {m.input_size} px with {m.caption_channels}-"
+                         f"dim captions; the experiment needs {cfg['size']} px and "
+                         f"{cfg['text_dim']}")
+    return m, params
+
+
+def from_image_model(init: Any, image_params: Any) -> Any:
+    """The video DiT's parameters from an image PixArt's: every spatial block, the embeddings
+    and the final layer taken over (the patch embedding's known-frame channels zero), the
+    temporal blocks' output projections zero, so the video DiT starts as the image model run on
+    each frame (plus Latte's frame embedding)."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(init)
+    image = traverse_util.flatten_dict(image_params)
+    out = {}
+    for key, value in flat.items():
+        if len(key) > 1 and key[1] == "spatial":
+            out[key] = image[(key[0],) + key[2:]]
+        elif len(key) > 1 and key[1] == "temporal":
+            zero = key[2:4] in (("attn", "out"), ("mlp", "fc2"))
+            out[key] = np.zeros_like(value) if zero else value
+        elif key[0] == "patch_embed" and key[-1] == "kernel":
+            src = np.asarray(image[key])
+            w = np.zeros(value.shape, value.dtype)
+            w[..., :src.shape[-2], :] = src  # (p, p, C_in, D): the noisy frame's channels
+            out[key] = w
+        else:
+            out[key] = image[key]
+        if np.shape(out[key]) != np.shape(value):
+            raise ValueError(f"image model parameter {'/'.join(key)} has shape "
+                             f"{np.shape(out[key])}, the video DiT needs {np.shape(value)}")
+    return traverse_util.unflatten_dict(out)
 
 
 def _stage(workdir: Path | None, name: str, like: Any, train: Callable[[], Any],
@@ -137,9 +194,12 @@ def train_all(x: Experiment, workdir: Path | None, log: Callable[[str], None]
     def clips(b: int, frames: int, stream: int) -> Callable[[int], dict[str, np.ndarray]]:
         return lambda k: x.clips(seed * 1000 + stream, k, b, frames)
 
-    params["dit"], info["dit"] = _stage(workdir, "dit", init_params(x.dit, jax.random.key(seed)),
+    dit_init = init_params(x.dit, jax.random.key(seed))
+    if x.image_model is not None:
+        dit_init = from_image_model(dit_init, x.image_model[1])
+    params["dit"], info["dit"] = _stage(workdir, "dit", dit_init,
                                         lambda: fit(video_flow_loss(x.apply_dit, **common),
-                                                    init_params(x.dit, jax.random.key(seed)),
+                                                    dit_init,
                                                     clips(d["batch_size"], cfg["clip_frames"], 1),
                                                     steps=d["steps"], lr=d["lr"], seed=seed,
                                                     ema_decay=d["ema_decay"],

@@ -279,3 +279,34 @@ def test_arlon_benchmark_trains_every_stage_and_scores_every_method(tmp_path):
     np.testing.assert_allclose(again["a_chained"]["count"], r["a_chained"]["count"])
     with pytest.raises(ValueError, match="unknown experiment key"):
         arlon._override(copy.deepcopy(arlon.EXPERIMENT), "dit.nope=1")
+
+
+def test_arlon_video_dit_starts_as_the_image_model_on_every_frame():
+    """from_image_model: with the temporal halves off, the video DiT is the image PixArt run on
+    each frame (the known-frame channels ignored), as Latte starts from PixArt-α."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jdit.benchmarks.arlon import from_image_model
+    from jdit.models import build
+    from jdit.nn.init import init_params, perturbed
+    from jdit.sampling.long_video import condition_frames
+
+    dims = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2,
+                caption_channels=8, learn_sigma=False)
+    image = build("pixart", in_channels=3, pe_interpolation=1.0, **dims)
+    image_params = perturbed(init_params(image, jax.random.key(0)), jax.random.key(1), 0.05)
+    video = build("latte", in_channels=7, predict_channels=3, video_length=4, **dims)
+    params = from_image_model(init_params(video, jax.random.key(2)), image_params)
+    x = jax.random.normal(jax.random.key(3), (2, 4, 8, 8, 3))
+    known = jax.random.normal(jax.random.key(4), x.shape)
+    ctx, t = jax.random.normal(jax.random.key(5), (2, 5, 8)), jnp.array([100.0, 700.0])
+    out = video.apply({"params": params}, condition_frames(x, known, jnp.ones((2, 4))), t,
+                      context=ctx, temporal=False)
+    for f in range(4):
+        ref = image.apply({"params": image_params}, x[:, f], t, context=ctx)
+        np.testing.assert_allclose(np.asarray(out[:, f]), np.asarray(ref), atol=1e-5)
+    with pytest.raises(ValueError, match="has shape"):
+        from_image_model(params, init_params(build("pixart", in_channels=3, pe_interpolation=1.0,
+                                                   **{**dims, "hidden_size": 16}),
+                                             jax.random.key(0)))

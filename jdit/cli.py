@@ -317,10 +317,11 @@ def cmd_aot(args: argparse.Namespace, extra: list[str]) -> int:
     from jdit.aot import train_step
 
     config, assumed = train_step.load(args.config, _config_overrides(extra))
-    if args.mesh:
-        config["parallel"]["mesh"] = args.mesh
-    if args.rules:
-        config["parallel"]["rules"] = args.rules
+    for key in ("mesh", "rules"):  # the flag wins: no longer an assumption
+        if getattr(args, key):
+            config["parallel"][key] = getattr(args, key)
+            assumed.get("parallel", {}).pop(key, None)
+    assumed = {name: values for name, values in assumed.items() if values}
     kwargs = dict(caption_length=args.caption_length, sampler=args.sampler, assumed=assumed,
                   scan_layers=None if args.scan_layers == "config" else args.scan_layers == "on")
     print(f"compiling for {args.topology} ...", file=sys.stderr)

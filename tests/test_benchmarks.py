@@ -44,8 +44,18 @@ def test_compile_benchmark_runs():
 
 @pytest.mark.slow
 def test_train_benchmark_runs_and_checks_the_loss():
-    result = train.run(repeats=1, config=TINY, log=lambda s: None)
+    result = train.run(repeats=1, steps=1, config=TINY, log=lambda s: None)
     assert result["first_loss_rel_err"] <= 1e-4 and result["speedup"] > 0
+    # each library ran in its own process and reported its own ceiling and memory
+    assert result["jax_matmul_gflops"] > 0 and result["torch_matmul_gflops"] > 0
+    assert all(result["peak_rss_mb"][lib] > 50 for lib in ("jdit", "diffusers"))
+
+
+def test_a_failing_benchmark_worker_reports_its_error():
+    from jdit.benchmarks.isolated import run_worker
+
+    with pytest.raises(RuntimeError, match="library must be jdit or diffusers"):
+        run_worker("jdit.benchmarks.train_worker", ["numpy", "x", "y", 1, 1])
 
 
 @pytest.mark.slow
@@ -143,7 +153,7 @@ def test_linear_shapes_recipe_trains_a_few_steps(tmp_path):
 def test_pipeline_benchmark_runs_and_the_images_agree():
     from jdit.benchmarks import pipeline
 
-    result = pipeline.run(repeats=1, num_steps=2, width=16, log=lambda s: None)
+    result = pipeline.run(repeats=1, runs=1, num_steps=2, width=16, log=lambda s: None)
     assert result["max_abs_image_difference"] <= 1e-3 and result["speedup"] > 0
     assert set(result["components_s"]["jdit"]) == {"t5", "step", "vae_decode"}
 

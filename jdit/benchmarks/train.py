@@ -1,40 +1,40 @@
 """``jdit bench train``: one training step (forward, backward, AdamW) of the PixArt benchmark
-model, jdit against diffusers + torch, same weights, same batch, measured in the same run.
+model, jdit against diffusers + torch, same weights, same batch, each library in its own process.
 
-The loss is the MSE of the ε channels against a fixed target; both sides take one AdamW step
-from the same weights first and must agree on the loss before anything is timed.
+The parent builds the model in diffusers with random weights, saves it and the batch to files,
+then starts ``repeats`` worker processes per library, alternating (:mod:`jdit.benchmarks.
+train_worker`): each loads the files, takes one step (jdit compiles), times ``steps`` more, and
+measures its library's float32 matmul ceiling. The loss is the MSE of the ε channels against a
+fixed target; every run's first loss must agree with diffusers' before any figure is reported.
+Figures: medians over runs of each run's median step; peak memory per library.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import sys
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import optax
+import numpy as np
 
-from jdit.benchmarks.forward import CONFIG, _times, forward_flops, matmul_gflops
+from jdit.benchmarks.forward import CONFIG, forward_flops
+from jdit.benchmarks.isolated import run_worker
+
+WORKER = "jdit.benchmarks.train_worker"
 
 
-def run(repeats: int = 5, threads: int = 2, config: dict[str, int] | None = None,
-        log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    log = log or (lambda s: print(s, file=sys.stderr))
+def write_inputs(folder: Path, c: dict[str, int]) -> Path:
+    """The random diffusers model (``folder/model``) and batch (``folder/inputs.npz``)."""
     try:
         import torch
         from diffusers import PixArtTransformer2DModel
     except ImportError as e:
         raise RuntimeError("jdit bench train compares against diffusers: "
                            "pip install 'jdit[test]'") from e
-    import jdit
-
-    torch.set_num_threads(threads)
-    c = dict(CONFIG, **(config or {}))
     ref = PixArtTransformer2DModel(
         num_attention_heads=c["heads"], attention_head_dim=c["width"] // c["heads"],
         in_channels=c["channels"], out_channels=2 * c["channels"], num_layers=c["depth"],
@@ -44,81 +44,78 @@ def run(repeats: int = 5, threads: int = 2, config: dict[str, int] | None = None
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    with tempfile.TemporaryDirectory() as folder:
-        ref.save_pretrained(folder)
-        module, params = jdit.models.from_pretrained(folder)
-    ref.train()
+    ref.save_pretrained(folder / "model")
+    b, ch, s = c["batch"], c["channels"], c["latent"]
+    rng = np.random.default_rng(0)
+    inputs = folder / "inputs.npz"
+    np.savez(inputs, x=rng.standard_normal((b, ch, s, s), np.float32),
+             context=rng.standard_normal((b, c["caption_tokens"], c["caption_channels"]),
+                                         np.float32),
+             t=np.linspace(10.0, 999.0, b, dtype=np.float32),
+             target=rng.standard_normal((b, ch, s, s), np.float32))
+    return inputs
 
-    b, ch = c["batch"], c["channels"]
-    x = torch.randn(b, ch, c["latent"], c["latent"], generator=gen)
-    ctx = torch.randn(b, c["caption_tokens"], c["caption_channels"], generator=gen)
-    t = torch.linspace(10.0, 999.0, b)
-    target = torch.randn(b, ch, c["latent"], c["latent"], generator=gen)
-    lr = 1e-4
-    torch_opt = torch.optim.AdamW(ref.parameters(), lr=lr, weight_decay=0.0)
 
-    def torch_step() -> float:
-        out = ref(x, encoder_hidden_states=ctx, timestep=t).sample
-        loss = torch.mean((out[:, :ch] - target) ** 2)
-        loss.backward()
-        torch_opt.step()
-        torch_opt.zero_grad(set_to_none=True)
-        return float(loss)
-
-    tx = optax.adamw(lr, weight_decay=0.0)
-    jx = jnp.asarray(x.permute(0, 2, 3, 1).numpy())
-    jt, jc = jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy())
-    jtarget = jnp.asarray(target.permute(0, 2, 3, 1).numpy())
-
-    def loss_fn(p: Any) -> jax.Array:
-        out = module.apply({"params": p}, jx, jt, context=jc)
-        return jnp.mean((out[..., :ch] - jtarget) ** 2)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))  # in place, as torch updates
-    def jdit_step(p: Any, opt_state: Any) -> tuple[Any, Any, jax.Array]:
-        loss, grads = jax.value_and_grad(loss_fn)(p)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
-
-    log("first step of each (compiles jdit) and a loss check ...")
-    opt_state = tx.init(params)
-    params, opt_state, jloss = jdit_step(params, opt_state)
-    tloss = torch_step()
-    err = abs(float(jloss) - tloss) / abs(tloss)
+def run(repeats: int = 5, steps: int = 3, threads: int = 2, config: dict[str, int] | None = None,
+        jdit_env: dict[str, str] | None = None, log: Callable[[str], None] | None = None
+        ) -> dict[str, Any]:
+    """``jdit_env``: extra environment of the jdit workers (e.g. ``XLA_FLAGS`` to try)."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    c = dict(CONFIG, **(config or {}))
+    runs: dict[str, list[dict[str, Any]]] = {"diffusers": [], "jdit": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        log("building the diffusers model with random weights ...")
+        inputs = write_inputs(folder, c)
+        for r in range(repeats):
+            # alternate which library goes first, so neither always follows the other
+            order = ("diffusers", "jdit") if r % 2 == 0 else ("jdit", "diffusers")
+            for lib in order:
+                log(f"run {r + 1}/{repeats}: {lib} in its own process ...")
+                runs[lib].append(run_worker(WORKER, [lib, folder / "model", inputs, steps,
+                                                     threads],
+                                            env=jdit_env if lib == "jdit" else None))
+    ref_loss = runs["diffusers"][0]["first_loss"]
+    losses = [r["first_loss"] for rs in runs.values() for r in rs]
+    err = max(abs(v - ref_loss) / abs(ref_loss) for v in losses)
     if err > 1e-4:
-        raise RuntimeError(f"jdit and diffusers losses disagree: {float(jloss)} vs {tloss}")
-
-    state = {"p": params, "o": opt_state}
-
-    def jdit_once() -> None:
-        state["p"], state["o"], loss = jdit_step(state["p"], state["o"])
-        loss.block_until_ready()
-
-    log(f"timing {repeats} alternating steps of each ...")
-    tt, jt_ = [], []
-    for _ in range(repeats):
-        tt += _times(torch_step, 1)
-        jt_ += _times(jdit_once, 1)
+        raise RuntimeError(f"jdit and diffusers first losses disagree: {losses}")
+    med = {lib: statistics.median(r["median_s"] for r in rs) for lib, rs in runs.items()}
     flops = 3 * forward_flops(c)  # forward + backward ≈ 3 forwards
-    t_torch, t_jdit = statistics.median(tt), statistics.median(jt_)
-    # the machine's ceiling: one large float32 matmul in each library, same run
-    jax_peak, torch_peak = matmul_gflops(torch, repeats)
-    return {"benchmark": "train", "config": c, "threads": threads, "first_loss_rel_err": err,
-            "diffusers_s": t_torch, "jdit_s": t_jdit, "speedup": t_torch / t_jdit,
-            "diffusers_gflops": flops / t_torch / 1e9, "jdit_gflops": flops / t_jdit / 1e9,
-            "jax_matmul_gflops": jax_peak, "torch_matmul_gflops": torch_peak,
-            "gflops_needed_for_1_5x": 1.5 * flops / t_torch / 1e9,
-            "diffusers_s_all": tt, "jdit_s_all": jt_}
+
+    def across(lib: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[lib])
+
+    return {"benchmark": "train", "config": c, "threads": threads, "repeats": repeats,
+            "steps_per_run": steps, "jdit_env": jdit_env or {}, "first_loss_rel_err": err,
+            "diffusers_s": med["diffusers"], "jdit_s": med["jdit"],
+            "speedup": med["diffusers"] / med["jdit"],
+            "diffusers_gflops": flops / med["diffusers"] / 1e9,
+            "jdit_gflops": flops / med["jdit"] / 1e9,
+            "jax_matmul_gflops": across("jdit", "matmul_gflops"),
+            "torch_matmul_gflops": across("diffusers", "matmul_gflops"),
+            "jdit_compile_s": across("jdit", "compile_s"),
+            "setup_s": {lib: across(lib, "setup_s") for lib in runs},
+            "peak_rss_mb": {lib: max(r["peak_rss_mb"] for r in runs[lib]) for lib in runs},
+            "diffusers_s_all": [r["median_s"] for r in runs["diffusers"]],
+            "jdit_s_all": [r["median_s"] for r in runs["jdit"]]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="worker processes per library")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--xla-flags", default=None,
+                        help="XLA_FLAGS for the jdit workers (to try a flag; default: as set)")
 
 
 def main(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> int:
-    result = run(repeats=args.repeats, threads=args.threads)
+    env = {"XLA_FLAGS": args.xla_flags} if args.xla_flags is not None else None
+    result = run(repeats=args.repeats, steps=args.steps, threads=args.threads, jdit_env=env)
     emit(result)
     print(f"diffusers {result['diffusers_s']:.2f} s, jdit {result['jdit_s']:.2f} s per training "
-          f"step: jdit is {result['speedup']:.2f}x diffusers", file=sys.stderr)
+          f"step: jdit is {result['speedup']:.2f}x diffusers (matmul ceiling jax "
+          f"{result['jax_matmul_gflops']:.0f} / torch {result['torch_matmul_gflops']:.0f} "
+          f"GFLOP/s; peak memory jdit {result['peak_rss_mb']['jdit']:.0f} / diffusers "
+          f"{result['peak_rss_mb']['diffusers']:.0f} MiB)", file=sys.stderr)
     return 0

@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     config = load_config(args.config, _config_overrides(extra))
     try:
-        metrics = train(config, args.workdir)
+        metrics = train(config, args.workdir, compile_cache=True)
     except RunStopped as e:  # saved: say so, and let `jdit train ... && next` stop here
         print(f"jdit train: {e}", file=sys.stderr)
         return e.exit_code

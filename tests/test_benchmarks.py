@@ -78,14 +78,33 @@ def test_bars_benchmark_trains_evaluates_and_judges(tmp_path):
             c.sample.steps = 2
             return c
     '''))
-    result = bars.run(["shapes_tiny"], config_dir=tmp_path, workdir=tmp_path / "runs")
+    result = bars.run(["shapes_tiny"], config_dir=tmp_path, workdir=tmp_path / "runs", seeds=[5])
     (r,) = result["results"]
+    assert r["seed"] == 5 and (tmp_path / "runs" / "shapes_tiny_seed5" / "metrics.jsonl").exists()
+    assert r["startup_seconds"] >= r["first_step_seconds"] > 0 and r["peak_rss_mb"] > 100
+    assert result["summary"]["shapes_tiny"]["adherence_single_worst"] == \
+        r["metrics"]["adherence_single"]
     assert r["metrics"]["step"] == 3 and r["metrics"]["num_single_images"] >= 200
     assert r["metrics"]["num_pair_prompts"] >= 200
     assert r["passed"]["train_seconds"] and not r["passed"]["adherence_single"]  # 3 steps
     assert result["all_passed"] is False
     with pytest.raises(ValueError, match="bars exist for"):
         bars.run(["imagenet"])
+
+
+def test_bars_summary_gives_the_mean_and_the_worst_seed():
+    from jdit.benchmarks import bars
+
+    def one(seed, seconds, single, pair):
+        return {"recipe": "shapes_tiny", "seed": seed, "train_seconds": seconds,
+                "metrics": {"adherence_single": single, "adherence_pair": pair}}
+
+    s = bars.summary([one(0, 500.0, 0.95, 0.80), one(1, 620.0, 0.91, 0.85),
+                      one(2, 560.0, 0.93, 0.72)])["shapes_tiny"]
+    assert s["train_seconds_worst"] == 620.0 and s["adherence_single_worst"] == 0.91
+    assert s["adherence_pair_worst"] == 0.72
+    assert abs(s["adherence_single_mean"] - 0.93) < 1e-9
+    assert abs(s["train_seconds_mean"] - 560.0) < 1e-9
 
 
 @pytest.mark.slow  # end to end (a training run)

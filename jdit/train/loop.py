@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import math
+import os
 import queue
 import signal
 import sys
@@ -323,9 +324,41 @@ class Run(TrainSetup):
                                       batch_shardings)
 
 
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; None elsewhere): what a user waits
+    before the first step, imports included."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def use_compile_cache(folder: Path) -> bool:
+    """Keep XLA's compiled programs in ``folder`` (JAX's persistent compilation cache), so a
+    resumed run or a re-run of the same config does not compile again. Left alone when the
+    user set a cache directory already; returns whether ``folder`` is now the cache."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    if jax.config.jax_compilation_cache_dir:
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    # JAX decides once per process whether a cache is used, at the first compile (eager
+    # operations included); start that decision again now that there is one
+    compilation_cache.reset_cache()
+    return True
+
+
 def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | None = None,
-          quiet: bool = False) -> dict[str, Any]:
+          quiet: bool = False, compile_cache: bool = False) -> dict[str, Any]:
     """Train (or resume) in ``workdir``; returns the last logged metrics.
+
+    ``compile_cache``: keep compiled programs in ``workdir/compile_cache`` (what ``jdit
+    train`` does; :func:`use_compile_cache`). The first logged metrics row of every call has
+    ``startup_s`` (process start to the end of the first step: imports, setup and compile) and
+    ``first_step_s`` (the first step alone, mostly its compile).
 
     ``stop_after`` ends the run after that many steps in this call, saving a checkpoint, as a
     SIGTERM would (used by the resume tests), and returns. A SIGTERM or Ctrl-C saves, then raises
@@ -354,6 +387,8 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
             multihost_utils.sync_global_devices("jdit.train: run directory checked")
         if primary:
             atomic_write(workdir / "config.json", _config_text(run.config))
+        if compile_cache:
+            use_compile_cache(workdir / "compile_cache")
         try:
             return _train_loop(run, workdir, primary, stop_after, quiet)
         except Exception as e:  # a full disk under a log or sample write: said once, plainly
@@ -416,6 +451,8 @@ def _train_loop(run: Run, workdir: Path, primary: bool, stop_after: int | None,
     last: dict[str, Any] = {}
     batches = prefetch(run.batch, start, steps)
     t0, n0, done = time.perf_counter(), start, start
+    timing: dict[str, float] = {}  # start-up figures, logged once
+    timing_logged = False
     stop_on_nonfinite = tc["nonfinite"] == "stop"
     skipped = 0  # non-finite steps in this call: a device scalar, read when logging
     previous, diverged = None, None
@@ -424,6 +461,14 @@ def _train_loop(run: Run, workdir: Path, primary: bool, stop_after: int | None,
             with part.activate():
                 state, metrics = train_step(state, batch, *run.step_args)
             done = step + 1
+            if done == start + 1:  # the first step of this call: start-up and compile
+                jax.block_until_ready(metrics["loss"])
+                timing["first_step_s"] = time.perf_counter() - t0
+                since = process_seconds()
+                if since is not None:
+                    timing["startup_s"] = since
+                t0 = time.perf_counter()  # the step rate counts compiled steps only
+                n0 = done
             bar.update(1)
             skipped = skipped + ~metrics["finite"]
             # the previous step's flag: read while this step runs, so the device never waits
@@ -434,8 +479,11 @@ def _train_loop(run: Run, workdir: Path, primary: bool, stop_after: int | None,
             if done % log_every == 0 or done == steps:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
                 last["skipped_steps"] = float(skipped)
-                rate = (done - n0) / (time.perf_counter() - t0)
-                last["steps_per_second"] = rate
+                if done > n0:
+                    last["steps_per_second"] = (done - n0) / (time.perf_counter() - t0)
+                if not timing_logged:
+                    last.update(timing)
+                    timing_logged = True
                 if writer is not None:
                     writer.write(done, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
@@ -464,7 +512,7 @@ def _train_loop(run: Run, workdir: Path, primary: bool, stop_after: int | None,
         raise TrainingDiverged(*diverged, ckpt.latest_step())
     if stop.signum is not None:
         raise RunStopped(done, stop.signum)
-    return last
+    return {**timing, **last}
 
 
 def _with_prior(run: Run, workdir: Path | None) -> Any:

@@ -196,3 +196,24 @@ def test_prefetch_keeps_order_raises_errors_and_stops_early():
     gen = prefetch(lambda i: i, 0, 10_000, depth=2)
     assert next(gen) == 0
     gen.close()  # joins the worker: no thread left blocked on a full queue
+
+
+@pytest.mark.slow
+def test_jdit_train_reports_its_start_up_and_a_resumed_run_does_not_compile_again(
+        tmp_path, monkeypatch):
+    """`jdit train` keeps XLA's programs under the run directory: resuming loads them (unless
+    the user has a compilation cache of their own, as the test session does)."""
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+
+    def first_row(steps: int) -> dict:
+        proc = _start(tmp_path, steps=steps, checkpoint_every=100)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-3000:]
+        rows = read_jsonl(tmp_path / "metrics.jsonl")
+        return next(r for r in rows if "startup_s" in r and r["step"] > steps - 3)
+
+    fresh = first_row(3)
+    assert any((tmp_path / "compile_cache").iterdir())
+    assert fresh["startup_s"] >= fresh["first_step_s"] > 0
+    resumed = first_row(6)  # steps 4-6: the same programs, read back instead of compiled
+    assert resumed["first_step_s"] < fresh["first_step_s"]

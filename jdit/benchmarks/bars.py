@@ -4,8 +4,8 @@ Trains ``configs/shapes_tiny.py``, ``shapes_tiny_linear.py`` and/or ``digits_tin
 does (same loop, checkpoints and sample grids included), times the training wall clock, runs
 ``jdit eval`` on the result and compares both with the bars:
 
-- shapes_tiny and shapes_tiny_linear (SANA-style): training <= 15 min, adherence_single >= 0.90,
-  adherence_pair >= 0.70;
+- shapes_tiny: training <= 10 min (issue 24), adherence_single >= 0.90, adherence_pair >= 0.70;
+- shapes_tiny_linear (SANA-style): the same bars in <= 15 min;
 - digits_tiny: training <= 10 min, digit_accuracy >= 0.95.
 
 Takes 15-25 minutes on 2 CPU cores; too long for the test suite, so it is a benchmark.
@@ -24,11 +24,12 @@ from typing import Any
 from jdit.benchmarks.isolated import peak_rss_mb
 
 BARS: dict[str, dict[str, Any]] = {
-    "shapes_tiny": {"max_train_s": 15 * 60, "min": {"adherence_single": 0.90,
+    "shapes_tiny": {"max_train_s": 10 * 60, "min": {"adherence_single": 0.90,
                                                     "adherence_pair": 0.70}},
+    "shapes_tiny_linear": {"max_train_s": 15 * 60, "min": {"adherence_single": 0.90,
+                                                           "adherence_pair": 0.70}},
     "digits_tiny": {"max_train_s": 10 * 60, "min": {"digit_accuracy": 0.95}},
 }
-BARS["shapes_tiny_linear"] = BARS["shapes_tiny"]
 
 
 def run_one(name: str, config_dir: Path, workdir: Path, log: Callable[[str], None],

@@ -357,8 +357,9 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
 
     ``compile_cache``: keep compiled programs in ``workdir/compile_cache`` (what ``jdit
     train`` does; :func:`use_compile_cache`). The first logged metrics row of every call has
-    ``startup_s`` (process start to the end of the first step: imports, setup and compile) and
-    ``first_step_s`` (the first step alone, mostly its compile).
+    ``startup_s`` (from this call to the end of the first step: setup, restore and compile),
+    ``first_step_s`` (the first step alone, mostly its compile) and ``process_s`` (the
+    process's age then, Linux only: for ``jdit train``, imports included).
 
     ``stop_after`` ends the run after that many steps in this call, saving a checkpoint, as a
     SIGTERM would (used by the resume tests), and returns. A SIGTERM or Ctrl-C saves, then raises
@@ -366,6 +367,7 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
     ``train.steps`` below the step the run has reached are refused before anything is compiled
     or written.
     """
+    called = time.perf_counter()
     workdir = Path(workdir)
     primary = is_primary()  # with several hosts, one writes the run's files
     # a run writes, rotates and deletes checkpoints here: never in a folder of the user's files
@@ -390,7 +392,7 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
         if compile_cache:
             use_compile_cache(workdir / "compile_cache")
         try:
-            return _train_loop(run, workdir, primary, stop_after, quiet)
+            return _train_loop(run, workdir, primary, stop_after, quiet, called)
         except Exception as e:  # a full disk under a log or sample write: said once, plainly
             if isinstance(e, DiskFull) or not is_disk_full(e):
                 raise
@@ -403,7 +405,7 @@ def train(config: Mapping[str, Any], workdir: str | Path, *, stop_after: int | N
 
 
 def _train_loop(run: Run, workdir: Path, primary: bool, stop_after: int | None,
-                quiet: bool) -> dict[str, Any]:
+                quiet: bool, called: float) -> dict[str, Any]:
     c, task = run.config, run.task
     tc = c["train"]
     steps, log_every, sample_every = int(tc["steps"]), int(tc["log_every"]), int(tc["sample_every"])
@@ -463,10 +465,11 @@ def _train_loop(run: Run, workdir: Path, primary: bool, stop_after: int | None,
             done = step + 1
             if done == start + 1:  # the first step of this call: start-up and compile
                 jax.block_until_ready(metrics["loss"])
-                timing["first_step_s"] = time.perf_counter() - t0
+                now = time.perf_counter()
+                timing = {"startup_s": now - called, "first_step_s": now - t0}
                 since = process_seconds()
                 if since is not None:
-                    timing["startup_s"] = since
+                    timing["process_s"] = since
                 t0 = time.perf_counter()  # the step rate counts compiled steps only
                 n0 = done
             bar.update(1)

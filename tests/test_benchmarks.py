@@ -286,8 +286,6 @@ def test_arlon_benchmark_trains_every_stage_and_scores_every_method(tmp_path):
     saved parameters on a second run, every method is scored, the claim is judged."""
     import copy
 
-    import numpy as np
-
     from jdit.benchmarks import arlon
 
     cfg = copy.deepcopy(arlon.EXPERIMENT)
@@ -303,9 +301,11 @@ def test_arlon_benchmark_trains_every_stage_and_scores_every_method(tmp_path):
     assert r["ground_truth"]["identity"] == 1.0 and r["ground_truth"]["frames"] == 16
     assert set(r["claim"]) == {"inject", "inject_uncertainty"}
     assert isinstance(r["claim_holds"], bool)
-    again = arlon.run(cfg, tmp_path, log=lambda m: None)
-    assert all(s == {"reused": True} for s in again["stages"].values())
-    np.testing.assert_allclose(again["a_chained"]["count"], r["a_chained"]["count"])
+    # a second run reads every stage back instead of training it (its evaluation is the same
+    # code as above: not run again, to keep the suite short)
+    params, stages = arlon.train_all(arlon.Experiment(cfg), tmp_path, lambda m: None)
+    assert all(s == {"reused": True} for s in stages.values()) and len(stages) == 5
+    assert set(params) == {"dit", "vq", "ar", "inject", "inject_uncertainty"}
     with pytest.raises(ValueError, match="unknown experiment key"):
         arlon._override(copy.deepcopy(arlon.EXPERIMENT), "dit.nope=1")
 
